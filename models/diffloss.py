@@ -1,0 +1,265 @@
+"""MAR's per-token diffusion head ("Diffusion Loss"): an adaLN residual MLP plus its diffusion process.
+
+Each token's continuous latent is sampled by a small MLP denoiser conditioned on the transformer's
+output ``z`` for that token. Parameter names follow the released checkpoints
+(``diffloss.net.time_embed.mlp.0``, ``res_blocks.i.adaLN_modulation.1``, ``final_layer.linear`` ...).
+
+Sampling does the same arithmetic as upstream with the work that cannot change the result hoisted:
+``cond_embed(z)`` is computed once per MAR step instead of once per diffusion step, the timestep
+embedding once per diffusion step instead of once per token, and with guidance only the conditional
+half of ``x`` is carried (upstream evolves an unconditional copy that it throws away at the end; its
+random draws are still made so that the random stream matches).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.diffusion import GaussianDiffusion
+
+TIMESTEP_FREQ_DIM = 256
+TIMESTEP_MAX_PERIOD = 10000
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (original, 0..999) timestep followed by a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = TIMESTEP_FREQ_DIM) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class ResBlock(nn.Module):
+    """Residual MLP block with adaLN: ``x + gate * mlp(modulate(ln(x), shift, scale))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.in_ln = nn.LayerNorm(channels, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels, bias=True),
+            nn.SiLU(),
+            nn.Linear(channels, channels, bias=True),
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels, bias=True))
+
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(shift, scale, gate) from the embedded timestep + condition ``y``."""
+        return self.adaLN_modulation(y).chunk(3, dim=-1)
+
+    def branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The MLP output before gating."""
+        return self.mlp(modulate(self.in_ln(x), shift, scale))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(y)
+        return x + gate * self.branch(x, shift, scale)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear map to ``out_channels`` (eps and variance values)."""
+
+    def __init__(self, model_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(model_channels, out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 2 * model_channels, bias=True))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """The denoiser: ``final(blocks(input_proj(x), y))`` with ``y = time_embed(t) + cond_embed(c)``.
+
+    Args:
+        in_channels: token latent channels (16 for KL-16).
+        model_channels: MLP width (``diffloss_w``).
+        out_channels: ``2 * in_channels`` (eps and learned-range variance values).
+        z_channels: width of the transformer condition.
+        num_res_blocks: depth (``diffloss_d``).
+        grad_checkpointing: trade compute for memory in training.
+    """
+
+    def __init__(self, in_channels: int, model_channels: int, out_channels: int, z_channels: int,
+                 num_res_blocks: int, grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.grad_checkpointing = grad_checkpointing
+        self.time_embed = TimestepEmbedder(model_channels)
+        self.cond_embed = nn.Linear(z_channels, model_channels)
+        self.input_proj = nn.Linear(in_channels, model_channels)
+        self.res_blocks = nn.ModuleList([ResBlock(model_channels) for _ in range(num_res_blocks)])
+        self.final_layer = FinalLayer(model_channels, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output as zero.
+        for block in self.res_blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def forward_embedded(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Denoiser output for noisy tokens ``x`` (n, C) given the embedded ``y`` (n or 1, W)."""
+        x = self.input_proj(x)
+        for block in self.res_blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, y, use_reentrant=False)
+            else:
+                x = block(x, y)
+        return self.final_layer(x, y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Upstream signature: noisy tokens (n, C), original timesteps (n,), conditions (n, D)."""
+        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+
+
+@lru_cache(maxsize=32)
+def respaced_diffusion(num_sampling_steps: int | str) -> GaussianDiffusion:
+    """The sampling process for a step count; cached because schedules are rebuilt from float64 math."""
+    return GaussianDiffusion(num_sampling_steps)
+
+
+class DiffLoss(nn.Module):
+    """Diffusion loss (training) and per-token sampler (inference) on top of :class:`SimpleMLPAdaLN`.
+
+    Args:
+        target_channels: token latent channels.
+        z_channels: width of the transformer condition.
+        depth: number of residual blocks.
+        width: MLP width.
+        num_sampling_steps: respaced sampling steps (``'100'`` or ``100``).
+        grad_checkpointing: checkpoint the residual blocks in training.
+    """
+
+    def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
+                 num_sampling_steps: int | str, grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.in_channels = target_channels
+        self.net = SimpleMLPAdaLN(in_channels=target_channels, model_channels=width,
+                                  out_channels=target_channels * 2, z_channels=z_channels,
+                                  num_res_blocks=depth, grad_checkpointing=grad_checkpointing)
+        self.train_diffusion = GaussianDiffusion(None)
+        self.num_sampling_steps = int(num_sampling_steps)
+        self.gen_diffusion = respaced_diffusion(self.num_sampling_steps)
+
+    def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean diffusion loss of tokens ``target`` (n, C) under conditions ``z`` (n, D), over ``mask``."""
+        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
+        loss = self.train_diffusion.training_losses(self.net, target, t, c=z)
+        if mask is not None:
+            loss = (loss * mask).sum() / mask.sum()
+        return loss.mean()
+
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, *,
+               generator: torch.Generator | None = None, num_steps: int | None = None,
+               model_fn_factory=None) -> torch.Tensor:
+        """Sample one latent per condition.
+
+        Args:
+            z: conditions (n, D), or (2n, D) with guidance: conditional half first.
+            temperature: scale of the injected noise.
+            cfg: guidance scale; 1.0 disables guidance.
+            generator: source of every random draw; ``None`` uses the global generators exactly as
+                upstream (initial noise on the CPU generator, step noise on the device's).
+            num_steps: respaced diffusion steps; ``None`` uses ``num_sampling_steps``.
+            model_fn_factory: ``(head, cond, cfg, n) -> model_fn`` replacing :meth:`guided_model_fn`
+                (the diffusion-head cache plugs in here; the loop stays the same).
+
+        Returns:
+            (n, C) sampled latents of the conditional half.
+        """
+        guided = cfg != 1.0
+        n = z.shape[0] // 2 if guided else z.shape[0]
+        diffusion = self.gen_diffusion if num_steps is None else respaced_diffusion(int(num_steps))
+        noise = _randn((n, self.in_channels), generator, z.device, initial=True)
+        # Each step draws noise for the whole (doubled) batch, as upstream does; only our half is used.
+        draw_rows = 2 * n if guided else n
+
+        def noise_fn(shape: tuple[int, ...]) -> torch.Tensor:
+            return _randn((draw_rows, *shape[1:]), generator, z.device)[: shape[0]]
+
+        cond = self.net.cond_embed(z)  # (n or 2n, W): independent of the diffusion step
+        factory = model_fn_factory or DiffLoss.guided_model_fn
+        model_fn = factory(self, cond, cfg, n, diffusion)
+        return diffusion.p_sample_loop(model_fn, noise, noise_fn=noise_fn, temperature=temperature)
+
+    def time_embedding(self, diffusion: GaussianDiffusion, i: int, device: torch.device) -> torch.Tensor:
+        """(1, W) embedding of respaced step ``i``; shared by every token of the step."""
+        t = torch.tensor([diffusion.timestep_map[i]], device=device)
+        return self.net.time_embed(t)
+
+    def split_output(self, out: torch.Tensor, cfg: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network output -> (eps, variance values) of the conditional half, guidance applied."""
+        C = self.in_channels
+        eps, var_values = out[:, :C], out[:, C:]
+        if cfg != 1.0:
+            cond_eps, uncond_eps = eps[:n], eps[n:]
+            eps = uncond_eps + cfg * (cond_eps - uncond_eps)
+        return eps, var_values[:n]
+
+    @staticmethod
+    def guided_model_fn(head: "DiffLoss", cond: torch.Tensor, cfg: float, n: int, diffusion: GaussianDiffusion):
+        """Plain model function: both guidance halves every step (none with ``cfg == 1``)."""
+        def model_fn(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = head.time_embedding(diffusion, i, x.device) + cond
+            x_in = torch.cat([x, x], dim=0) if cfg != 1.0 else x
+            return head.split_output(head.net.forward_embedded(x_in, y), cfg, n)
+
+        return model_fn
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+           initial: bool = False) -> torch.Tensor:
+    """Standard normal draw from ``generator`` or, when ``None``, from the global generator upstream uses.
+
+    Upstream draws the initial noise on the CPU and moves it; step noise is drawn on the device.
+    """
+    if generator is not None:
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if initial:
+        return torch.randn(shape).to(device)
+    return torch.randn(shape, device=device)

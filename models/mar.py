@@ -1,0 +1,404 @@
+"""MAR: masked autoregressive image generation over continuous tokens (Li et al. 2024).
+
+An MAE-style encoder sees the known tokens plus ``buffer_size`` class tokens; a decoder sees all tokens
+(masked ones as a learned mask token) and emits a condition per token; the DiffLoss head samples each
+token's latent from its condition. Sampling unmasks tokens over ``num_iter`` steps in a random order.
+
+Constructor keywords, parameter names and the random stream follow the released code so that the
+released checkpoints load with ``strict=True`` and ``torch.manual_seed`` reproduces upstream samples.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.stats as stats
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from models.blocks import Block
+from models.diffloss import DiffLoss
+from models.schedules import CFG_SCHEDULES, guidance_scale, next_mask_len
+
+MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
+
+
+class MAR(nn.Module):
+    """Masked autoregressive transformer with a diffusion head.
+
+    Args:
+        img_size: image resolution in pixels.
+        vae_stride: VAE downsampling factor (16 for KL-16).
+        patch_size: latent patch size grouped into one token.
+        encoder_embed_dim / encoder_depth / encoder_num_heads: encoder width, blocks, heads.
+        decoder_embed_dim / decoder_depth / decoder_num_heads: decoder width, blocks, heads.
+        mlp_ratio: MLP hidden width relative to the embedding width.
+        norm_layer: normalisation constructor (the factories use ``LayerNorm(eps=1e-6)``).
+        vae_embed_dim: latent channels of the VAE.
+        mask_ratio_min: lower bound of the training mask ratio.
+        label_drop_prob: probability of replacing the class by ``fake_latent`` in training (for CFG).
+        class_num: number of classes.
+        attn_dropout / proj_dropout: dropout rates in training.
+        buffer_size: number of class-embedding ("buffer") tokens in front of the sequence.
+        diffloss_d / diffloss_w: diffusion head depth and width.
+        num_sampling_steps: diffusion steps at sampling time (``'100'`` or ``100``).
+        diffusion_batch_mul: how many noise draws per token in training.
+        grad_checkpointing: checkpoint transformer blocks in training.
+    """
+
+    def __init__(self, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
+                 encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
+                 decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4.0, norm_layer: Any = nn.LayerNorm, vae_embed_dim: int = 16,
+                 mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1, class_num: int = 1000,
+                 attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
+                 diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: int | str = "100",
+                 diffusion_batch_mul: int = 4, grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        if img_size % (vae_stride * patch_size) != 0:
+            raise ValueError(f"img_size {img_size} must be divisible by vae_stride*patch_size "
+                             f"{vae_stride * patch_size}")
+        if not 0.0 < mask_ratio_min <= 1.0:
+            raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
+        self.vae_embed_dim = vae_embed_dim
+        self.img_size = img_size
+        self.vae_stride = vae_stride
+        self.patch_size = patch_size
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = vae_embed_dim * patch_size ** 2
+        self.grad_checkpointing = grad_checkpointing
+
+        # Class embedding; ``fake_latent`` is the unconditional class used for guidance.
+        self.num_classes = class_num
+        self.class_emb = nn.Embedding(class_num, encoder_embed_dim)
+        self.label_drop_prob = label_drop_prob
+        self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))
+
+        # Training mask ratio: left half of a Gaussian centred at 100% masking, truncated at mask_ratio_min.
+        self.mask_ratio_min = mask_ratio_min
+        self.mask_ratio_generator = stats.truncnorm((mask_ratio_min - 1.0) / MASK_RATIO_STD, 0,
+                                                    loc=1.0, scale=MASK_RATIO_STD)
+
+        # Encoder.
+        self.z_proj = nn.Linear(self.token_embed_dim, encoder_embed_dim, bias=True)
+        self.z_proj_ln = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
+        self.buffer_size = buffer_size
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
+        self.encoder_blocks = nn.ModuleList([
+            Block(encoder_embed_dim, num_heads=encoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                  norm_layer=norm_layer, proj_drop=proj_dropout, attn_drop=attn_dropout)
+            for _ in range(encoder_depth)])
+        self.encoder_norm = norm_layer(encoder_embed_dim)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                  norm_layer=norm_layer, proj_drop=proj_dropout, attn_drop=attn_dropout)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
+
+        self.initialize_weights()
+
+        self.diffloss = DiffLoss(target_channels=self.token_embed_dim, z_channels=decoder_embed_dim,
+                                 width=diffloss_w, depth=diffloss_d, num_sampling_steps=num_sampling_steps,
+                                 grad_checkpointing=grad_checkpointing)
+        self.diffusion_batch_mul = diffusion_batch_mul
+
+    def initialize_weights(self) -> None:
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)  # as the official JAX ViT
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+            if m.weight is not None:
+                nn.init.constant_(m.weight, 1.0)
+
+    # ------------------------------------------------------------------------------ token layout
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) latents -> (B, L, C*p*p) tokens in row-major order."""
+        bsz, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(bsz, c, h // p, p, w // p, p)
+        x = torch.einsum("nchpwq->nhwcpq", x)
+        return x.reshape(bsz, (h // p) * (w // p), c * p ** 2)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C*p*p) tokens -> (B, C, H, W) latents."""
+        bsz = x.shape[0]
+        p, c = self.patch_size, self.vae_embed_dim
+        x = x.reshape(bsz, self.seq_h, self.seq_w, c, p, p)
+        x = torch.einsum("nhwcpq->nchpwq", x)
+        return x.reshape(bsz, c, self.seq_h * p, self.seq_w * p)
+
+    def sample_orders(self, bsz: int, generator: torch.Generator | None = None,
+                      device: torch.device | None = None) -> torch.Tensor:
+        """One random permutation of the token positions per image, (B, L) long.
+
+        Drawn from torch (``generator`` or the global one) so that seeding torch alone fixes a sample;
+        upstream draws orders from numpy, which is why the equivalence vectors inject their orders.
+        """
+        gen_device = generator.device if generator is not None else "cpu"
+        orders = torch.stack([torch.randperm(self.seq_len, generator=generator, device=gen_device)
+                              for _ in range(bsz)])
+        return orders.to(device if device is not None else self.fake_latent.device)
+
+    @staticmethod
+    def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (B, L) that is True at the first ``mask_len`` positions of each order."""
+        mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
+        return mask.scatter(1, orders[:, :mask_len], True)
+
+    def random_masking(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+        """Training mask (B, L) float: a ratio drawn from the truncated Gaussian, positions by ``orders``."""
+        bsz, seq_len, _ = x.shape
+        # Inverse-CDF draw from torch's generator (upstream calls scipy's rvs, i.e. numpy's global
+        # state): same distribution, and seeding torch alone makes training reproducible.
+        mask_rate = float(self.mask_ratio_generator.ppf(torch.rand(1).item()))
+        num_masked = int(np.ceil(seq_len * mask_rate))
+        return self.mask_by_order(num_masked, orders).to(x.dtype)
+
+    # ------------------------------------------------------------------------------ transformer
+    def _with_buffer(self, mask: torch.Tensor) -> torch.Tensor:
+        """Prepend ``buffer_size`` always-known positions to a (B, L) mask."""
+        return torch.cat([torch.zeros(mask.shape[0], self.buffer_size, dtype=mask.dtype, device=mask.device),
+                          mask], dim=1)
+
+    def encoder_input(self, x: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens with class embedding in the buffer, position embedding and norm: (B, buf+L, D)."""
+        x = self.z_proj(x)
+        bsz, _, embed_dim = x.shape
+        x = torch.cat([torch.zeros(bsz, self.buffer_size, embed_dim, device=x.device, dtype=x.dtype), x], dim=1)
+        if self.training:
+            # Label dropout trains the unconditional class used by classifier-free guidance.
+            drop = (torch.rand(bsz, device=x.device) < self.label_drop_prob).unsqueeze(-1).to(x.dtype)
+            class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
+        x[:, :self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
+        return self.z_proj_ln(x + self.encoder_pos_embed_learned)
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor,
+                            class_embedding: torch.Tensor) -> torch.Tensor:
+        """Encode the known tokens (mask == 0) and the buffer: (B, L, Ct) -> (B, buf + known, D)."""
+        bsz = x.shape[0]
+        x = self.encoder_input(x, class_embedding)
+        keep = (1 - self._with_buffer(mask)).nonzero(as_tuple=True)
+        x = x[keep].reshape(bsz, -1, x.shape[-1])  # (B, buf + known, D): same count in every row
+        return self.encoder_norm(self._run_blocks(self.encoder_blocks, x))
+
+    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scatter encoded tokens into a full sequence of mask tokens, add positions: (B, buf+L, Dd)."""
+        x = self.decoder_embed(x)
+        mask_with_buffer = self._with_buffer(mask)
+        full = self.mask_token.to(x.dtype).expand(mask_with_buffer.shape[0], mask_with_buffer.shape[1], -1).clone()
+        full[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[-1])
+        return full + self.decoder_pos_embed_learned
+
+    def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, drop the buffer, add the diffusion position embedding: (B, buf+L, Dd) -> (B, L, Dd)."""
+        x = self.decoder_norm(x)
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode all positions to per-token conditions (B, L, Dd)."""
+        x = self.decoder_input(x, mask)
+        return self.decoder_output(self._run_blocks(self.decoder_blocks, x))
+
+    # ------------------------------------------------------------------------------ training
+    def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, _ = target.shape
+        target = target.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)
+        z = z.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)
+        mask = mask.reshape(bsz * seq_len).repeat(self.diffusion_batch_mul)
+        return self.diffloss(z=z, target=target, mask=mask)
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss on VAE latents ``imgs`` (B, C, h, w) (already scaled) with class ``labels`` (B,)."""
+        class_embedding = self.class_emb(labels)
+        x = self.patchify(imgs)
+        gt_latents = x.clone().detach()
+        orders = self.sample_orders(x.shape[0], device=x.device)
+        mask = self.random_masking(x, orders)
+        x = self.forward_mae_encoder(x, mask, class_embedding)
+        z = self.forward_mae_decoder(x, mask)
+        return self.forward_loss(z=z, target=gt_latents, mask=mask)
+
+    # ------------------------------------------------------------------------------ sampling
+    def class_embeddings(self, bsz: int, labels: torch.Tensor | None, guided: bool) -> torch.Tensor:
+        """Class embeddings (B, D), followed by B unconditional ones when guided."""
+        cond = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
+        if guided:
+            return torch.cat([cond, self.fake_latent.repeat(bsz, 1)], dim=0)
+        return cond
+
+    def transformer(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+        """Plain MAR transformer pass: per-token conditions (B', L, Dd) for the current tokens and mask."""
+        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding), mask)
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
+                      labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
+                      orders: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      accel: Any = None) -> torch.Tensor:
+        """Generate token latents ``(bsz, vae_embed_dim, h, w)`` (scaled VAE space).
+
+        Args:
+            bsz: number of images.
+            num_iter: masked decoding steps.
+            cfg: classifier-free guidance scale; 1.0 disables guidance (no doubled batch).
+            cfg_schedule: ``"linear"`` (ramp with the fraction generated) or ``"constant"``.
+            labels: (bsz,) class labels; ``None`` samples unconditionally (``fake_latent``).
+            temperature: diffusion noise temperature.
+            progress: show a progress bar over steps.
+            orders: (bsz, seq_len) generation orders; drawn at random when ``None``.
+            generator: source of every random draw; ``None`` = torch's global generators, as upstream.
+            accel: acceleration policy (``None`` = plain MAR; a preset name or config, see ``lazymar``).
+        """
+        self._check_sampling_args(bsz, num_iter, cfg, cfg_schedule, labels, temperature, orders)
+        if accel is None:
+            sampler: StepStrategy = PlainSteps(self)
+        else:
+            from lazymar.policy import make_sampler  # lazymar builds on models, not the reverse
+            sampler = make_sampler(self, accel, num_iter=num_iter, cfg=cfg)
+        device = self.fake_latent.device
+        if orders is None:
+            orders = self.sample_orders(bsz, generator, device)
+        orders = orders.to(device)
+        guided = cfg != 1.0
+        class_embedding = self.class_embeddings(bsz, labels.to(device) if labels is not None else None, guided)
+
+        mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
+        steps = tqdm(range(num_iter), desc="MAR steps", leave=False) if progress else range(num_iter)
+        for step in steps:
+            # Which tokens stay masked after this step, and which are predicted now (at the last step:
+            # all remaining). Known before the transformer runs, so policies can plan with it.
+            mask_len = next_mask_len(step, num_iter, self.seq_len, int(mask[0].sum()))
+            mask_next = self.mask_by_order(mask_len, orders)
+            to_pred = mask if step == num_iter - 1 else mask & ~mask_next
+            scale = guidance_scale(cfg, cfg_schedule, mask_len, self.seq_len)
+
+            # Per-token conditions of the tokens predicted now: (n, Dd), or (2n, Dd) with guidance.
+            z = sampler.conditions(step, tokens, mask, to_pred, class_embedding)
+            sampled = sampler.sample_head(step, z, temperature, scale, generator)  # (n, Ct)
+
+            tokens = tokens.clone()
+            tokens[to_pred.nonzero(as_tuple=True)] = sampled.to(tokens.dtype)
+            mask = mask_next
+        return self.unpatchify(tokens)
+
+    def _check_sampling_args(self, bsz: int, num_iter: int, cfg: float, cfg_schedule: str,
+                             labels: torch.Tensor | None, temperature: float,
+                             orders: torch.Tensor | None) -> None:
+        if bsz < 1:
+            raise ValueError(f"bsz must be >= 1, got {bsz}")
+        if num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if labels is not None:
+            if labels.shape != (bsz,):
+                raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"labels must be in [0, {self.num_classes}), got range "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+        if orders is not None:
+            if orders.shape != (bsz, self.seq_len):
+                raise ValueError(f"orders must have shape ({bsz}, {self.seq_len}), got {tuple(orders.shape)}")
+            expected = torch.arange(self.seq_len, device=orders.device).expand(bsz, -1)
+            if not torch.equal(orders.sort(dim=1).values, expected):
+                raise ValueError("each row of orders must be a permutation of range(seq_len)")
+
+
+class StepStrategy(Protocol):
+    """How one MAR step computes its conditions and samples its tokens (plain, or an acceleration policy)."""
+
+    def conditions(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, to_pred: torch.Tensor,
+                   class_embedding: torch.Tensor) -> torch.Tensor:
+        """Conditions of the tokens in ``to_pred`` (row-major), (n, D), or (2n, D) when guided."""
+
+    def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        """Sampled latents (n, C) for conditions ``z``."""
+
+
+class PlainSteps:
+    """The plain MAR step: the whole transformer on both guidance halves, then the full diffusion head."""
+
+    def __init__(self, model: MAR) -> None:
+        self.model = model
+
+    def conditions(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, to_pred: torch.Tensor,
+                   class_embedding: torch.Tensor) -> torch.Tensor:
+        if class_embedding.shape[0] != tokens.shape[0]:  # guided: conditional half first
+            tokens, mask, to_pred = (torch.cat([t, t], dim=0) for t in (tokens, mask, to_pred))
+        z = self.model.transformer(tokens, mask.float(), class_embedding)  # (B', L, D)
+        return z[to_pred.nonzero(as_tuple=True)]
+
+    def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        return self.model.diffloss.sample(z, temperature, cfg, generator=generator)
+
+
+def _mar(**kwargs: Any) -> MAR:
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+    return MAR(**kwargs)
+
+
+def mar_base(**kwargs: Any) -> MAR:
+    """MAR-B (208M): 12+12 blocks of width 768, 12 heads."""
+    return _mar(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12, mlp_ratio=4, **kwargs)
+
+
+def mar_large(**kwargs: Any) -> MAR:
+    """MAR-L (479M): 16+16 blocks of width 1024, 16 heads."""
+    return _mar(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16, mlp_ratio=4, **kwargs)
+
+
+def mar_huge(**kwargs: Any) -> MAR:
+    """MAR-H (943M): 20+20 blocks of width 1280, 16 heads."""
+    return _mar(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+                decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16, mlp_ratio=4, **kwargs)
+
+
+# Released model sizes, with the diffusion-head settings of the released checkpoints.
+MAR_FACTORIES = {"mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
+RELEASED_HEADS = {"mar_base": dict(diffloss_d=6, diffloss_w=1024),
+                  "mar_large": dict(diffloss_d=8, diffloss_w=1280),
+                  "mar_huge": dict(diffloss_d=12, diffloss_w=1536)}
+
+
+def build_released(name: str, **kwargs: Any) -> MAR:
+    """A released model size with its released head (``buffer_size=64``); ``kwargs`` override."""
+    if name not in MAR_FACTORIES:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MAR_FACTORIES)}")
+    settings = dict(buffer_size=64, **RELEASED_HEADS[name])
+    settings.update(kwargs)
+    return MAR_FACTORIES[name](**settings)

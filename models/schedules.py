@@ -1,0 +1,35 @@
+"""Pure schedule functions of MAR's masked decoding (MaskGIT/MUSE cosine masking, guidance ramps).
+
+Everything here is a function of the step index and the step count, so it holds for any ``num_iter``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def next_mask_len(step: int, num_iter: int, seq_len: int, num_masked: int) -> int:
+    """Number of tokens still masked after ``step`` (0-based) of ``num_iter``.
+
+    Cosine schedule ``floor(seq_len * cos(pi/2 * (step+1)/num_iter))``, clamped so that every step unmasks
+    at least one token and at least one stays masked (upstream clamps to [1, num_masked - 1]; at the last
+    step the caller predicts all remaining tokens regardless).
+    """
+    mask_ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+    mask_len = int(np.floor(seq_len * mask_ratio))
+    return max(1, min(num_masked - 1, mask_len))
+
+
+def guidance_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
+    """Classifier-free guidance scale for a step that leaves ``mask_len`` tokens masked.
+
+    ``linear`` ramps from 1 to ``cfg`` with the fraction of tokens generated (MUSE); ``constant`` is ``cfg``.
+    """
+    if schedule == "linear":
+        return 1 + (cfg - 1) * (seq_len - mask_len) / seq_len
+    if schedule == "constant":
+        return cfg
+    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
