@@ -1,0 +1,52 @@
+"""Shared fixtures: the reference vectors folder, tiny model configs, deterministic CPU defaults."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+# A MAR small enough to sample in well under a second on one CPU core.
+TINY_MAR = dict(img_size=64, vae_stride=16, patch_size=1, vae_embed_dim=16, class_num=10,
+                encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=4,
+                decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                mlp_ratio=2.0, buffer_size=4, diffloss_d=2, diffloss_w=48, num_sampling_steps="10")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference vectors not found at {REFERENCE_DIR} (they sit beside the repository in "
+                    f"the project's workspace, not in a user's clone)")
+    return REFERENCE_DIR
+
+
+def load_reference(reference_dir: Path, name: str) -> dict:
+    return torch.load(reference_dir / name, map_location="cpu", weights_only=False)
+
+
+def build_tiny_mar(seed: int = 0, **overrides) -> "MAR":
+    """A tiny randomly initialised MAR in eval mode, with non-zero adaLN weights so the head is not trivial."""
+    from models.mar import MAR
+    torch.manual_seed(seed)
+    config = {**TINY_MAR, **overrides}
+    model = MAR(norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **config).eval()
+    with torch.no_grad():  # adaLN-Zero init would make the head output exactly 0: perturb it
+        for name, p in model.diffloss.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture
+def tiny_mar():
+    return build_tiny_mar()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    torch.set_num_threads(2)
