@@ -1,0 +1,73 @@
+"""LazyMAR's composed configuration and its named presets.
+
+A :class:`LazyMARConfig` switches each of the three caches on (a config) or off (``None``) and holds the
+refresh schedule the transformer caches share. ``PRESETS['lazymar']`` is the released method (schedules
+indexed by absolute step, as released); ``lazymar-scaled`` is the same with schedules that scale with
+the step count; the single-cache presets are the paper's ablations; ``lazymar-off`` has every cache disabled and is plain
+MAR by construction (a test holds it to that).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from lazymar.condition_cache import ConditionCacheConfig
+from lazymar.head_cache import HeadCacheConfig
+from lazymar.schedules import is_refresh_step
+from lazymar.token_cache import TokenCacheConfig
+
+
+@dataclass(frozen=True)
+class LazyMARConfig:
+    """Which LazyMAR caches are on, and when the transformer caches refresh.
+
+    Attributes:
+        token_cache: encoder/decoder token reuse, or None.
+        condition_cache: reuse of the guidance residual in the transformer, or None.
+        head_cache: reuse inside the diffusion head's denoising loop, or None.
+        refresh_warmup: fraction of the MAR steps at the start that are all full. Release: 5/64.
+        refresh_interval: after the warm-up, a full step every ``refresh_interval * num_iter`` steps.
+            Release: 9/64. Smaller = more faithful, slower.
+        schedule_steps: the step count the MAR-step schedules (refresh, token retain ratios) are laid
+            out for. ``64`` reproduces the release at any ``num_iter``: its tables are indexed by absolute
+            step (at 32 steps it refreshes at 0-4, 5, 14, 23 and never drops below 60% retention before
+            step 20). ``None`` scales them with ``num_iter`` (progress ``step / num_iter``), identical at
+            64 steps and proportionate at others.
+    """
+
+    token_cache: TokenCacheConfig | None = field(default_factory=TokenCacheConfig)
+    condition_cache: ConditionCacheConfig | None = field(default_factory=ConditionCacheConfig)
+    head_cache: HeadCacheConfig | None = field(default_factory=HeadCacheConfig)
+    refresh_warmup: float = 5 / 64
+    refresh_interval: float = 9 / 64
+    schedule_steps: int | None = 64
+
+    def __post_init__(self) -> None:
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be None or >= 1, got {self.schedule_steps}")
+        if not 0.0 <= self.refresh_warmup <= 1.0:
+            raise ValueError(f"refresh_warmup must be in [0, 1], got {self.refresh_warmup}")
+        if not 0.0 < self.refresh_interval <= 1.0:
+            raise ValueError(f"refresh_interval must be in (0, 1], got {self.refresh_interval}")
+
+    def schedule_length(self, num_iter: int) -> int:
+        """The step count the MAR-step schedules are evaluated against."""
+        return self.schedule_steps if self.schedule_steps is not None else num_iter
+
+    def is_refresh(self, step: int, num_iter: int) -> bool:
+        return is_refresh_step(step, self.schedule_length(num_iter), self.refresh_warmup, self.refresh_interval)
+
+    @property
+    def caches_transformer(self) -> bool:
+        return self.token_cache is not None or self.condition_cache is not None
+
+
+LAZYMAR = LazyMARConfig()
+
+PRESETS: dict[str, LazyMARConfig] = {
+    "lazymar": LAZYMAR,
+    "lazymar-token": replace(LAZYMAR, condition_cache=None, head_cache=None),
+    "lazymar-cond": replace(LAZYMAR, token_cache=None, head_cache=None),
+    "lazymar-head": replace(LAZYMAR, token_cache=None, condition_cache=None),
+    "lazymar-scaled": replace(LAZYMAR, schedule_steps=None),
+    "lazymar-off": LazyMARConfig(token_cache=None, condition_cache=None, head_cache=None),
+}

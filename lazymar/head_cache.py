@@ -1,0 +1,114 @@
+"""LazyMAR diffusion-head cache: reuse work across the denoising steps of one MAR step.
+
+Within one MAR step the head denoises the same tokens under the same conditions for 100 steps, and its
+internal features drift slowly. On a refresh head step the full head runs on both guidance halves and
+stores, for the conditional half: the guidance residual of eps (``cond - uncond``), every residual
+block's MLP output, and for ``residual_blocks`` the block's whole residual (``out - in``). On the other
+head steps only the conditional half runs: ``residual_blocks`` add their stored residual; the other
+blocks recompute their adaLN modulation for the new timestep and apply it to the stored MLP output
+(``x + gate * mlp``), except during the first ``mlp_warmup`` of the steps where the MLP is recomputed;
+the final layer always runs, and ``eps_uncond = eps_cond - residual``.
+
+It plugs into :meth:`models.diffloss.DiffLoss.sample` as a model-function factory, so the diffusion
+loop, and with it the random stream, is the plain one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lazymar.schedules import head_mlp_recompute, is_head_refresh_step
+
+
+@dataclass(frozen=True)
+class HeadCacheConfig:
+    """Diffusion-head cache settings (defaults: the LazyMAR release at 100 head steps).
+
+    Attributes:
+        interval: refresh every ``interval * num_steps`` head steps (and at the first). Release: 7/100.
+        mlp_warmup: fraction of head steps after the first during which cached steps still recompute
+            the MLPs of the blocks not in ``residual_blocks``. Release: ``t > 90`` = 9/100.
+        residual_blocks: 0-based residual blocks whose whole residual is reused on cached steps (no
+            modulation, no MLP). Release: (1, 2, 3, 4); indices beyond the head depth are ignored.
+        guidance: reuse the guidance residual of eps on cached steps (run the conditional half only).
+            Without guidance (cfg 1) it has no effect.
+    """
+
+    interval: float = 0.07
+    mlp_warmup: float = 0.09
+    residual_blocks: tuple[int, ...] = (1, 2, 3, 4)
+    guidance: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.interval <= 1.0:
+            raise ValueError(f"interval must be in (0, 1], got {self.interval}")
+        if not 0.0 <= self.mlp_warmup <= 1.0:
+            raise ValueError(f"mlp_warmup must be in [0, 1], got {self.mlp_warmup}")
+        if any(b < 0 for b in self.residual_blocks):
+            raise ValueError(f"residual_blocks must be >= 0, got {self.residual_blocks}")
+
+
+@dataclass
+class HeadCache:
+    """What a refresh head step leaves for the cached ones (rows: those that run on cached steps)."""
+
+    eps_residual: torch.Tensor | None = None
+    mlp_out: list[torch.Tensor] = field(default_factory=list)
+    block_residual: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def head_cache_factory(config: HeadCacheConfig):
+    """A ``model_fn_factory`` for :meth:`DiffLoss.sample` that applies the head cache."""
+
+    def factory(head, cond: torch.Tensor, cfg: float, n: int, diffusion):
+        net, C = head.net, head.in_channels
+        guided = cfg != 1.0
+        cache = HeadCache()
+        T = diffusion.num_timesteps
+        # Rows that run on cached steps: the conditional half when the guidance residual is reused.
+        cached_rows = n if (guided and config.guidance) else cond.shape[0]
+
+        def refresh(x: torch.Tensor, y: torch.Tensor):
+            h = net.input_proj(torch.cat([x, x], dim=0) if guided else x)
+            cache.mlp_out.clear()
+            cache.block_residual.clear()
+            for j, block in enumerate(net.res_blocks):
+                shift, scale, gate = block.modulation(y)
+                m = block.branch(h, shift, scale)
+                h_next = h + gate * m
+                cache.mlp_out.append(m[:cached_rows])
+                if j in config.residual_blocks:
+                    cache.block_residual[j] = (h_next - h)[:cached_rows]
+                h = h_next
+            out = net.final_layer(h, y)
+            if guided:
+                cache.eps_residual = out[:n, :C] - out[n:, :C]
+            return head.split_output(out, cfg, n)
+
+        def cached(x: torch.Tensor, y: torch.Tensor, recompute_mlp: bool):
+            h = net.input_proj(x if cached_rows == n else torch.cat([x, x], dim=0))
+            y = y[:cached_rows]
+            for j, block in enumerate(net.res_blocks):
+                if j in cache.block_residual:
+                    h = h + cache.block_residual[j]
+                    continue
+                shift, scale, gate = block.modulation(y)
+                m = block.branch(h, shift, scale) if recompute_mlp else cache.mlp_out[j]
+                h = h + gate * m
+            out = net.final_layer(h, y)
+            if not (guided and config.guidance):
+                return head.split_output(out, cfg, n)
+            eps_cond = out[:, :C]
+            eps_uncond = eps_cond - cache.eps_residual
+            return eps_uncond + cfg * (eps_cond - eps_uncond), out[:, C:]
+
+        def model_fn(x: torch.Tensor, i: int):
+            y = head.time_embedding(diffusion, i, x.device) + cond
+            if is_head_refresh_step(i, T, config.interval):
+                return refresh(x, y)
+            return cached(x, y, head_mlp_recompute(i, T, config.mlp_warmup))
+
+        return model_fn
+
+    return factory

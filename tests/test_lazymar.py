@@ -1,0 +1,279 @@
+"""LazyMAR: the release reproduced, each cache alone, exactness where it must be exact, any shape."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import build_tiny_mar, load_reference
+from lazymar.config import PRESETS, LazyMARConfig
+from lazymar.head_cache import HeadCacheConfig
+from lazymar.policy import LazyMARSteps, resolve_accel
+from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, is_refresh_step
+from lazymar.token_cache import RELEASED_RETAIN, EncoderCache, TokenCacheConfig, encode
+from test_reference import TOL, reference_mar, rel_err, sample_run
+
+# 8x8 tokens + 4 buffer: large enough that the decoder's token selection really drops tokens.
+LAZY_TINY = dict(img_size=128, buffer_size=4, decoder_depth=5, num_sampling_steps="100")
+
+
+def lazy_model(**overrides):
+    return build_tiny_mar(seed=0, **{**LAZY_TINY, **overrides})
+
+
+def run(model, accel, num_iter=16, cfg=3.0, bsz=2, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, labels=torch.arange(bsz) % 10,
+                               accel=accel, **kwargs)
+
+
+# ------------------------------------------------------------------------------- the release
+@pytest.fixture(scope="module")
+def lazy_ref(reference_dir):
+    ref = load_reference(reference_dir, "lazymar_tiny.pt")
+    return reference_mar(ref), ref
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_release_reproduced(lazy_ref, index):
+    model, ref = lazy_ref
+    r = ref["results"][index]
+    assert rel_err(sample_run(model, r, accel="lazymar"), r["tokens_lazymar"]) < 1e-4
+
+
+def test_release_baseline_64_steps_without_accel(lazy_ref):
+    model, ref = lazy_ref
+    r = ref["results"][0]
+    assert rel_err(sample_run(model, r, accel=None), r["tokens_baseline"]) < TOL
+
+
+# ------------------------------------------------------------------------------- schedules
+def test_release_refresh_steps_at_64():
+    full = [s for s in range(64) if LazyMARConfig().is_refresh(s, 64)]
+    assert full == [0, 1, 2, 3, 4, 5, 14, 23, 32, 41, 50, 59]
+    assert full == [s for s in range(64) if s < 5 or (s - 5) % 9 == 0]
+
+
+def test_release_retain_table_at_64():
+    expected = [1.0] * 20 + [0.6] + [0.5] * 4 + [0.4] * 5 + [0.15] * 5 + [0.12] * 5 + [0.05] * 24
+    assert [TokenCacheConfig().retain_at(s, 64) for s in range(64)] == expected
+
+
+def test_release_head_schedule_at_100():
+    full = [t for t in range(100) if is_head_refresh_step(t, 100, 0.07)]
+    assert full == [t for t in range(100) if t == 99 or t % 7 == 0]
+    assert [t for t in range(100) if head_mlp_recompute(t, 100, 0.09)] == list(range(91, 100))
+
+
+def test_scaled_refresh_fraction_falls_with_step_count():
+    cfg = PRESETS["lazymar-scaled"]
+    fractions = [sum(cfg.is_refresh(s, n) for s in range(n)) / n for n in (16, 32, 64, 100, 256)]
+    assert fractions == sorted(fractions, reverse=True), fractions
+    assert 0.1 < fractions[-1] and fractions[0] < 0.6 and fractions[2] == 12 / 64
+
+
+@pytest.mark.parametrize("num_iter", [16, 32, 100, 256])
+def test_scaled_retain_schedule_is_proportionate(num_iter):
+    cfg = PRESETS["lazymar-scaled"]
+    assert cfg.is_refresh(0, num_iter)
+    retain = [cfg.token_cache.retain_at(s, cfg.schedule_length(num_iter)) for s in range(num_iter)]
+    assert retain[0] == 1.0 and retain[-1] == 0.05 and retain == sorted(retain, reverse=True)
+
+
+def test_scaled_equals_release_at_64_steps():
+    model = lazy_model()
+    torch.testing.assert_close(run(model, "lazymar", num_iter=64), run(model, "lazymar-scaled", num_iter=64),
+                               rtol=0, atol=0)
+
+
+def test_refresh_step_is_pure_and_total():
+    for n in (1, 2, 7, 64, 300):
+        assert is_refresh_step(0, n, 0.0, 0.5)  # the first step always refreshes
+        assert [is_refresh_step(s, n, 5 / 64, 9 / 64) for s in range(n)] == \
+               [is_refresh_step(s, n, 5 / 64, 9 / 64) for s in range(n)]
+
+
+# ------------------------------------------------------------------------------- exactness
+def test_every_cache_disabled_equals_plain_exactly():
+    model = lazy_model()
+    assert torch.equal(run(model, "lazymar-off"), run(model, None))
+
+
+def test_refresh_every_step_equals_plain():
+    model = lazy_model()
+    always = replace(PRESETS["lazymar"], refresh_warmup=1.0, head_cache=HeadCacheConfig(interval=1e-6))
+    torch.testing.assert_close(run(model, always, num_iter=32), run(model, None, num_iter=32),
+                               rtol=1e-5, atol=1e-5 * float(run(model, None, num_iter=32).abs().max()))
+
+
+def test_incremental_encoder_equals_full_recompute_when_nothing_is_stale():
+    """After a refresh over known set K, recomputing only buffer + a few of K reproduces the full pass:
+    the other tokens' cached keys/values were computed in the same context, so nothing is stale."""
+    model = lazy_model()
+    torch.manual_seed(0)
+    R, L = 2, model.seq_len
+    tokens = torch.randn(R, L, model.token_embed_dim)
+    mask = torch.ones(R, L)
+    for r in range(R):
+        mask[r, torch.randperm(L)[:20]] = 0
+    cls = torch.randn(R, model.class_emb.embedding_dim)
+    with torch.no_grad():
+        full = model.forward_mae_encoder(tokens, mask, cls)
+        cache = EncoderCache()
+        first = encode(model, tokens, mask, cls, cache, None)
+        known = (mask == 0).nonzero(as_tuple=True)[1].reshape(R, -1) + model.buffer_size
+        buffer = torch.arange(model.buffer_size).expand(R, -1)
+        compute = torch.cat([buffer, known[:, :5]], dim=1)
+        again = encode(model, tokens, mask, cls, cache, compute)
+    torch.testing.assert_close(first, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, full, rtol=1e-5, atol=1e-5)
+
+
+def test_incremental_encoder_keys_values_exact_for_one_layer_with_new_tokens():
+    """With one encoder block a token's keys/values depend on itself only, so after new tokens arrive the
+    incrementally cached keys/values equal a full recompute, and so do the outputs of the tokens that
+    were recomputed (buffer + new). Older tokens keep their earlier outputs by design."""
+    model = lazy_model(encoder_depth=1)
+    torch.manual_seed(0)
+    R, L = 2, model.seq_len
+    tokens = torch.randn(R, L, model.token_embed_dim)
+    order = torch.stack([torch.randperm(L) for _ in range(R)])
+    before, after = torch.ones(R, L), torch.ones(R, L)
+    new = torch.zeros(R, L, dtype=torch.bool)
+    for r in range(R):
+        before[r, order[r, :10]] = 0
+        after[r, order[r, :14]] = 0
+        new[r, order[r, 10:14]] = True
+    cls = torch.randn(R, model.class_emb.embedding_dim)
+    compute = (~model._with_buffer(~new)).nonzero(as_tuple=True)[1].reshape(R, -1)
+    known = (model._with_buffer(after) == 0).nonzero(as_tuple=True)[1].reshape(R, -1)
+    with torch.no_grad():
+        cache, fresh = EncoderCache(), EncoderCache()
+        encode(model, tokens, before, cls, cache, None)
+        encode(model, tokens, after, cls, cache, compute)
+        encode(model, tokens, after, cls, fresh, None)
+    pick = known[:, None, :, None].expand(-1, cache.k[0].shape[1], -1, cache.k[0].shape[3])
+    torch.testing.assert_close(cache.k[0].gather(2, pick), fresh.k[0].gather(2, pick))
+    torch.testing.assert_close(cache.v[0].gather(2, pick), fresh.v[0].gather(2, pick))
+    rows = compute[..., None].expand(-1, -1, cache.out.shape[-1])
+    torch.testing.assert_close(cache.out.gather(1, rows), fresh.out.gather(1, rows), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- each cache alone
+@pytest.mark.parametrize("preset", ["lazymar-token", "lazymar-cond", "lazymar-head"])
+def test_each_cache_alone_is_active_and_close(preset):
+    model = lazy_model()
+    config = replace(PRESETS[preset], schedule_steps=None)
+    plain, fast = run(model, None, num_iter=32), run(model, config, num_iter=32)
+    err = rel_err(fast, plain)
+    assert 0 < err < 0.2, err  # different (the cache is used) but the same picture
+
+
+def test_token_cache_recomputes_only_the_kept_tokens(monkeypatch):
+    model = lazy_model()
+    counts = []
+    import lazymar.policy as policy
+    original = policy.select_tokens
+
+    def spy(v, prev_v, pinned, count, score):
+        kept = original(v, prev_v, pinned, count, score)
+        counts.append((kept.shape[1], v.shape[2], int(pinned[0].sum())))
+        assert torch.all(pinned.gather(1, kept).sum(dim=1) == pinned.sum(dim=1))  # pinned always kept
+        return kept
+
+    monkeypatch.setattr(policy, "select_tokens", spy)
+    run(model, replace(PRESETS["lazymar"], schedule_steps=None), num_iter=64)
+    assert counts, "the decoder never dropped a token"
+    assert all(kept < total for kept, total, _ in counts)
+    assert min(kept for kept, _, _ in counts) <= 0.4 * counts[0][1]
+
+
+# ------------------------------------------------------------------------------- any shape
+@pytest.mark.parametrize("num_iter", [8, 16, 32, 64, 100])
+@pytest.mark.parametrize("preset", ["lazymar", "lazymar-scaled"])
+def test_any_step_count(num_iter, preset):
+    model = lazy_model()
+    out = run(model, preset, num_iter=num_iter, bsz=2)
+    assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all() and (out != 0).all()
+
+
+@pytest.mark.parametrize("overrides", [dict(decoder_depth=2), dict(decoder_depth=6, encoder_depth=3),
+                                       dict(diffloss_d=6), dict(buffer_size=0)])
+def test_other_depths_and_buffers(overrides):
+    model = lazy_model(**overrides)
+    out = run(model, "lazymar-scaled", num_iter=24, bsz=3)
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset", ["lazymar", "lazymar-token", "lazymar-cond", "lazymar-head"])
+def test_guidance_off(preset):
+    model = lazy_model()
+    out = run(model, preset, num_iter=16, cfg=1.0, bsz=3)
+    assert torch.isfinite(out).all()
+    if preset == "lazymar-cond":  # nothing to cache without guidance: exactly plain
+        assert torch.equal(out, run(model, None, num_iter=16, cfg=1.0, bsz=3))
+
+
+def test_no_state_leaks_between_calls():
+    model = lazy_model()
+    a = run(model, "lazymar", num_iter=32, seed=3)
+    run(model, "lazymar", num_iter=16, seed=9, bsz=3)  # a different call in between
+    b = run(model, "lazymar", num_iter=32, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_explicit_generator(monkeypatch):
+    model = lazy_model()
+    torch.manual_seed(1)
+    a = model.sample_tokens(2, num_iter=16, cfg=2.0, accel="lazymar", generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(2)
+    b = model.sample_tokens(2, num_iter=16, cfg=2.0, accel="lazymar", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+
+
+def test_kv_cached_in_activation_dtype():
+    model = lazy_model()
+    tokens, mask = torch.randn(1, model.seq_len, 16), torch.ones(1, model.seq_len)
+    mask[0, :7] = 0
+    cache = EncoderCache()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        encode(model, tokens, mask, torch.randn(1, 32), cache, None)
+        out = run(model, "lazymar", num_iter=8, bsz=1)
+    assert cache.k[0].dtype == torch.bfloat16 and len(cache.k) == len(model.encoder_blocks)
+    assert cache.k[0].shape[2] == model.seq_len + model.buffer_size
+    assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------- config errors
+def test_unknown_preset_and_bad_types():
+    with pytest.raises(ValueError, match="unknown acceleration preset 'fast'.*lazymar"):
+        resolve_accel("fast")
+    with pytest.raises(TypeError, match="accel must be"):
+        resolve_accel(3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TokenCacheConfig(similarity_layer=-1),
+    lambda: TokenCacheConfig(retain=((0.5, 1.0),)),
+    lambda: TokenCacheConfig(retain=((0.0, 1.5),)),
+    lambda: HeadCacheConfig(interval=0.0),
+    lambda: LazyMARConfig(refresh_interval=0.0),
+    lambda: LazyMARConfig(schedule_steps=0),
+])
+def test_config_validation(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_presets_are_frozen():
+    with pytest.raises(Exception):
+        PRESETS["lazymar"].refresh_warmup = 0.5
+    assert PRESETS["lazymar"].token_cache.retain == RELEASED_RETAIN
+
+
+def test_state_is_created_per_call():
+    model = lazy_model()
+    s1 = LazyMARSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
+    s2 = LazyMARSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
+    assert s1.encoder_cache is not s2.encoder_cache and s1.decoder_cache is not s2.decoder_cache
