@@ -1,0 +1,106 @@
+"""Latency and FLOPs of the baseline and each policy, side by side, on one model in one run.
+
+    python -m lazymar.bench --model mar_base --num_iter 64 --bsz 1 --policies lazymar lazymar-token
+
+Random weights (cost does not depend on them). Latency per image is the median of ``--repeats`` timed
+generations after an untimed warm-up generation, synchronized on GPU; FLOPs come from
+:func:`lazymar.flops.estimate` (exact for this code). The VAE decode is excluded from both, as in the
+papers' step-time comparisons (it is the same for every policy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lazymar.config import PRESETS
+from lazymar.flops import estimate
+from models.mar import MAR_FACTORIES, build_released
+from util.timing import median_time
+
+
+@dataclass
+class BenchRow:
+    policy: str
+    seconds_per_image: float
+    tflops_per_image: float
+    speedup: float = 1.0
+    flops_ratio: float = 1.0
+
+    @property
+    def efficiency(self) -> float:
+        """Measured speedup as a fraction of the FLOPs ratio."""
+        return self.speedup / self.flops_ratio
+
+
+def bench(model, policies: list[str | None], *, num_iter: int, cfg: float, bsz: int, repeats: int,
+          device: torch.device, seed: int = 0, warmup_iter: int | None = None) -> list[BenchRow]:
+    """Time ``sample_tokens`` for each policy (None = baseline first) and pair it with its FLOPs."""
+    labels = torch.arange(bsz, device=device) % model.num_classes
+    rows = []
+    for policy in policies:
+        def run(n=num_iter, policy=policy):
+            gen = torch.Generator(device).manual_seed(seed)
+            with torch.no_grad():
+                model.sample_tokens(bsz, num_iter=n, cfg=cfg, labels=labels, generator=gen, accel=policy)
+
+        warm = (lambda: run(warmup_iter)) if warmup_iter else None
+        seconds = median_time(run, device, repeats, warmup=warm) / bsz
+        flops = estimate(model, num_iter=num_iter, cfg=cfg, accel=policy, bsz=bsz).total / 1e12
+        rows.append(BenchRow(policy or "baseline", seconds, flops))
+    base = rows[0]
+    for r in rows:
+        r.speedup = base.seconds_per_image / r.seconds_per_image
+        r.flops_ratio = base.tflops_per_image / r.tflops_per_image
+    return rows
+
+
+def format_rows(rows: list[BenchRow]) -> str:
+    out = [f"{'policy':<16}{'s/image':>10}{'TFLOPs':>9}{'speedup':>9}{'FLOPs ratio':>13}{'efficiency':>12}",
+           "-" * 69]
+    for r in rows:
+        out.append(f"{r.policy:<16}{r.seconds_per_image:>10.2f}{r.tflops_per_image:>9.2f}{r.speedup:>8.2f}x"
+                   f"{r.flops_ratio:>12.2f}x{r.efficiency:>11.0%}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mar_base", choices=sorted(MAR_FACTORIES))
+    p.add_argument("--num_iter", type=int, default=64)
+    p.add_argument("--bsz", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--num_sampling_steps", type=int, default=100)
+    p.add_argument("--policies", nargs="+", default=["lazymar"], choices=sorted(PRESETS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup_iter", type=int, default=4,
+                   help="MAR steps of the untimed warm-up generation (0: a full-length one)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype on GPU (float32: no autocast)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
+    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    with autocast:
+        rows = bench(model, [None, *args.policies], num_iter=args.num_iter, cfg=args.cfg, bsz=args.bsz,
+                     repeats=args.repeats, device=device, warmup_iter=args.warmup_iter or None)
+    if args.json:
+        print(json.dumps([asdict(r) | {"efficiency": r.efficiency} for r in rows], indent=2))
+        return 0
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model}, {args.num_iter} steps, batch {args.bsz}, cfg {args.cfg}, {args.num_sampling_steps} "
+          f"diffusion steps, {name}, {args.dtype}; median of {args.repeats}")
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

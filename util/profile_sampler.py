@@ -1,0 +1,68 @@
+"""Time the plain MAR sampler by component (encoder, decoder, diffusion head, VAE decode).
+
+Random weights: the cost of sampling does not depend on the weights, so any released size can be timed
+without its checkpoint. Example (CPU, MAR-B, 64 steps)::
+
+    python -m util.profile_sampler --model mar_base --num_iter 64 --bsz 1 --cfg 3.0
+
+The first run is a short warm-up and is not timed; on GPU the clock is read after synchronizing.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from models.mar import MAR_FACTORIES, build_released
+from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
+from util.timing import ComponentTimer, time_call
+
+PARTS = (("forward_mae_encoder", "encoder"), ("forward_mae_decoder", "decoder"))
+
+
+def profile(model, vae, *, bsz: int, num_iter: int, cfg: float, device: torch.device,
+            accel=None, seed: int = 0) -> tuple[dict[str, float], float]:
+    """Seconds per component and in total for one generation of ``bsz`` images."""
+    timer = ComponentTimer(device)
+    labels = torch.arange(bsz, device=device) % model.num_classes
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad(), timer.wrap(model, *PARTS[0]), timer.wrap(model, *PARTS[1]), \
+            timer.wrap(model.diffloss, "sample", "diffusion_head"), timer.wrap(vae, "decode", "vae_decode"):
+        def run():
+            tokens = model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, labels=labels, generator=gen, accel=accel)
+            return vae.decode(tokens / VAE_LATENT_SCALE)
+        total, _ = time_call(run, device)
+    seconds = dict(timer.seconds)
+    seconds["other"] = total - sum(seconds.values())
+    return seconds, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mar_base", choices=sorted(MAR_FACTORIES))
+    p.add_argument("--num_iter", type=int, default=64)
+    p.add_argument("--bsz", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--num_sampling_steps", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
+    vae = AutoencoderKL(**KL16_CONFIG).to(device).eval()
+    profile(model, vae, bsz=args.bsz, num_iter=2, cfg=args.cfg, device=device)  # warm-up, not timed
+    seconds, total = profile(model, vae, bsz=args.bsz, num_iter=args.num_iter, cfg=args.cfg, device=device)
+    print(f"{args.model}, {args.num_iter} steps, batch {args.bsz}, cfg {args.cfg}, "
+          f"{args.num_sampling_steps} diffusion steps, {device} ({torch.get_num_threads()} threads)")
+    print(f"{'component':<16}{'seconds':>10}{'per image':>11}{'share':>8}")
+    for name, s in seconds.items():
+        print(f"{name:<16}{s:>10.2f}{s / args.bsz:>11.2f}{s / total:>8.1%}")
+    print(f"{'total':<16}{total:>10.2f}{total / args.bsz:>11.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
