@@ -17,8 +17,8 @@ import torch
 
 from lazymar.config import PRESETS
 from lazymar.flops import estimate
-from models.mar import MAR_FACTORIES, build_released
-from util.timing import median_time
+from models.mar import build_released
+from util.timing import add_sampler_args, apply_threads, median_time
 
 
 @dataclass
@@ -68,23 +68,16 @@ def format_rows(rows: list[BenchRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mar_base", choices=sorted(MAR_FACTORIES))
-    p.add_argument("--num_iter", type=int, default=64)
-    p.add_argument("--bsz", type=int, default=1)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--num_sampling_steps", type=int, default=100)
+    add_sampler_args(p)
     p.add_argument("--policies", nargs="+", default=["lazymar"], choices=sorted(PRESETS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup_iter", type=int, default=4,
                    help="MAR steps of the untimed warm-up generation (0: a full-length one)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype on GPU (float32: no autocast)")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()

@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from models.mar import MAR_FACTORIES, build_released
+from models.mar import build_released
 from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
-from util.timing import ComponentTimer, time_call
+from util.timing import ComponentTimer, add_sampler_args, apply_threads, time_call
 
 PARTS = (("forward_mae_encoder", "encoder"), ("forward_mae_decoder", "decoder"))
 
@@ -39,16 +39,9 @@ def profile(model, vae, *, bsz: int, num_iter: int, cfg: float, device: torch.de
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mar_base", choices=sorted(MAR_FACTORIES))
-    p.add_argument("--num_iter", type=int, default=64)
-    p.add_argument("--bsz", type=int, default=1)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--num_sampling_steps", type=int, default=100)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_sampler_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()

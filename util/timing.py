@@ -1,6 +1,7 @@
 """Wall-clock timing that is honest on GPUs: synchronize before reading the clock, skip warm-up."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections import defaultdict
@@ -59,3 +60,20 @@ class ComponentTimer:
             yield
         finally:
             delattr(obj, attr)  # back to the class's method
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """The options the sampler benchmarks share: which released size, how it samples, where it runs."""
+    from models.mar import MAR_FACTORIES
+    parser.add_argument("--model", default="mar_base", choices=sorted(MAR_FACTORIES))
+    parser.add_argument("--num_iter", type=int, default=64)
+    parser.add_argument("--bsz", type=int, default=1)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--num_sampling_steps", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
