@@ -86,7 +86,7 @@ class LazyMARSteps:
             enc = model.forward_mae_encoder(tokens, mask, class_embedding)
         x = model.decoder_input(enc, mask)
         if tc is None or not tc.decoder:
-            return model._run_blocks(model.decoder_blocks, x)
+            return model.run_blocks(model.decoder_blocks, x)
         cache = self.decoder_cache if refresh else self.decoder_cache.rows(R)
         choose = None if refresh else self._token_chooser(step, to_pred, cache)
         return decode(model, x, cache, self.similarity_layer, choose)
@@ -94,7 +94,7 @@ class LazyMARSteps:
     def _encoder_positions(self, rows: int) -> torch.Tensor:
         """Buffer positions and the tokens generated at the previous step: (R, buf + n) ascending."""
         prev = self.prev_pred.repeat(rows // self.prev_pred.shape[0], 1)
-        return positions(~self.model._with_buffer(~prev))
+        return positions(~self.model.with_buffer(~prev))
 
     def _token_chooser(self, step: int, to_pred: torch.Tensor, cache: DecoderCache):
         tc, model = self.token_cache, self.model
@@ -105,7 +105,7 @@ class LazyMARSteps:
                            int(prev[0].sum()), tc.extra_tokens)
         if count >= n_tokens:
             return None  # everything is recomputed: skip the similarity bookkeeping
-        pinned = model._with_buffer(to_pred | prev)
+        pinned = model.with_buffer(to_pred | prev)
 
         def choose(v: torch.Tensor) -> torch.Tensor:
             return select_tokens(v, cache.prev_v, pinned, count, tc.pinned_score)

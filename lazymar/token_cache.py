@@ -109,7 +109,7 @@ def encode(model, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: tor
         (R, buffer + known, D) encoder outputs of the known positions in position order, as
         ``forward_mae_encoder`` returns them.
     """
-    known = positions(model._with_buffer(mask) == 0)  # (R, buf + known)
+    known = positions(model.with_buffer(mask) == 0)  # (R, buf + known)
     P = mask.shape[1] + model.buffer_size
     x = gather_tokens(model.encoder_input(tokens, class_embedding), known if compute is None else compute)
     write_at = known if compute is None else compute

@@ -175,7 +175,7 @@ class MAR(nn.Module):
         return self.mask_by_order(num_masked, orders).to(x.dtype)
 
     # ------------------------------------------------------------------------------ transformer
-    def _with_buffer(self, mask: torch.Tensor) -> torch.Tensor:
+    def with_buffer(self, mask: torch.Tensor) -> torch.Tensor:
         """Prepend ``buffer_size`` always-known positions to a (B, L) mask."""
         return torch.cat([torch.zeros(mask.shape[0], self.buffer_size, dtype=mask.dtype, device=mask.device),
                           mask], dim=1)
@@ -192,7 +192,7 @@ class MAR(nn.Module):
         x[:, :self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
         return self.z_proj_ln(x + self.encoder_pos_embed_learned)
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
@@ -205,14 +205,14 @@ class MAR(nn.Module):
         """Encode the known tokens (mask == 0) and the buffer: (B, L, Ct) -> (B, buf + known, D)."""
         bsz = x.shape[0]
         x = self.encoder_input(x, class_embedding)
-        keep = (1 - self._with_buffer(mask)).nonzero(as_tuple=True)
+        keep = (1 - self.with_buffer(mask)).nonzero(as_tuple=True)
         x = x[keep].reshape(bsz, -1, x.shape[-1])  # (B, buf + known, D): same count in every row
-        return self.encoder_norm(self._run_blocks(self.encoder_blocks, x))
+        return self.encoder_norm(self.run_blocks(self.encoder_blocks, x))
 
     def decoder_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scatter encoded tokens into a full sequence of mask tokens, add positions: (B, buf+L, Dd)."""
         x = self.decoder_embed(x)
-        mask_with_buffer = self._with_buffer(mask)
+        mask_with_buffer = self.with_buffer(mask)
         full = self.mask_token.to(x.dtype).expand(mask_with_buffer.shape[0], mask_with_buffer.shape[1], -1).clone()
         full[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[-1])
         return full + self.decoder_pos_embed_learned
@@ -225,7 +225,7 @@ class MAR(nn.Module):
     def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decode all positions to per-token conditions (B, L, Dd)."""
         x = self.decoder_input(x, mask)
-        return self.decoder_output(self._run_blocks(self.decoder_blocks, x))
+        return self.decoder_output(self.run_blocks(self.decoder_blocks, x))
 
     # ------------------------------------------------------------------------------ training
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -146,8 +146,8 @@ def test_incremental_encoder_keys_values_exact_for_one_layer_with_new_tokens():
         after[r, order[r, :14]] = 0
         new[r, order[r, 10:14]] = True
     cls = torch.randn(R, model.class_emb.embedding_dim)
-    compute = (~model._with_buffer(~new)).nonzero(as_tuple=True)[1].reshape(R, -1)
-    known = (model._with_buffer(after) == 0).nonzero(as_tuple=True)[1].reshape(R, -1)
+    compute = (~model.with_buffer(~new)).nonzero(as_tuple=True)[1].reshape(R, -1)
+    known = (model.with_buffer(after) == 0).nonzero(as_tuple=True)[1].reshape(R, -1)
     with torch.no_grad():
         cache, fresh = EncoderCache(), EncoderCache()
         encode(model, tokens, before, cls, cache, None)
