@@ -1,0 +1,134 @@
+"""The demo model's speed/quality table: step count x policy -> FLOPs, CPU latency, class accuracy, demo FID.
+
+    python -m demo.evaluate --steps 16 32 64 --policies none lazymar lazymar-scaled --per_class 50
+
+Every row generates the same class-balanced labels from the same seeds, so rows differ only by the
+policy and step count. Class accuracy and demo FID come from the demo classifier (``demo.fidelity``);
+the "real data" row is the same measurement on held-out real images, the floor any generator can reach.
+Latency is per image on this machine, excluding the first (warm-up) batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
+from demo.fidelity import demo_metrics
+
+REFERENCE_PER_CLASS = 500
+
+
+@dataclass
+class Row:
+    policy: str
+    num_iter: int
+    tflops_per_image: float
+    seconds_per_image: float
+    class_accuracy: float
+    demo_fid: float
+    num_images: int
+
+
+def generate(mar, vae, latent_scale: float, labels: torch.Tensor, *, num_iter: int, cfg: float,
+             cfg_schedule: str, temperature: float, accel, bsz: int, seed: int) -> tuple[np.ndarray, float]:
+    """uint8 images (N, H, W, 3) for ``labels`` and seconds per image excluding the first batch.
+
+    Batch ``b`` draws all its randomness from a generator seeded with ``(seed, b)``.
+    """
+    device = next(mar.parameters()).device
+    images, timed, timed_n = [], 0.0, 0
+    for b, start in enumerate(range(0, len(labels), bsz)):
+        batch = labels[start:start + bsz].to(device)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            tokens = mar.sample_tokens(len(batch), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                                       labels=batch, temperature=temperature, generator=gen, accel=accel)
+            x = vae.decode(tokens / latent_scale)
+        if b > 0:
+            timed += time.perf_counter() - t0
+            timed_n += len(batch)
+        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(images), (timed / timed_n if timed_n else float("nan"))
+
+
+def evaluate(mar, vae, latent_scale: float, *, steps: list[int], policies: list[str | None], per_class: int,
+             sampling: dict, bsz: int, seed: int, classifier_path: str, reference: np.ndarray) -> list[Row]:
+    from lazymar.flops import estimate
+    labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES
+    rows = []
+    for num_iter in steps:
+        for policy in policies:
+            images, seconds = generate(mar, vae, latent_scale, labels, num_iter=num_iter, accel=policy,
+                                       bsz=bsz, seed=seed, **sampling)
+            m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference, compute_is=False)
+            flops = estimate(mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
+            rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
+                            len(images)))
+    return rows
+
+
+def format_markdown(rows: list[Row], floor: dict | None) -> str:
+    lines = ["| steps | policy | TFLOPs / image | CPU s / image | class accuracy | demo FID |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.num_iter} | {r.policy} | {r.tflops_per_image:.4f} | {r.seconds_per_image:.3f} | "
+                     f"{r.class_accuracy:.1%} | {r.demo_fid:.3f} |")
+    if floor:
+        lines.append(f"| - | real held-out data | - | - | {floor['class_accuracy']:.1%} | {floor['demo_fid']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, load_demo
+    from lazymar.config import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--policies", nargs="+", default=["none", "lazymar", "lazymar-scaled"],
+                   choices=["none", *sorted(PRESETS)])
+    p.add_argument("--per_class", type=int, default=50, help="generated images per class and row")
+    p.add_argument("--bsz", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=None, help=f"default: the demo default")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and rows (.json) here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mar, vae, scale = load_demo(args.device)
+    sampling = dict(cfg=DEMO_DEFAULTS["cfg"] if args.cfg is None else args.cfg,
+                    cfg_schedule=DEMO_DEFAULTS["cfg_schedule"],
+                    temperature=DEMO_DEFAULTS["temperature"] if args.temperature is None else args.temperature)
+    classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
+    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED)
+    real, real_labels = make_split(args.per_class, FLOOR_SEED)
+    floor = demo_metrics(real, classifier, labels=real_labels, reference=reference, compute_is=False)
+    policies = [None if x == "none" else x for x in args.policies]
+    rows = evaluate(mar, vae, scale, steps=args.steps, policies=policies, per_class=args.per_class,
+                    sampling=sampling, bsz=args.bsz, seed=args.seed, classifier_path=classifier, reference=reference)
+    table = format_markdown(rows, floor)
+    header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "
+              f"{sampling['cfg_schedule']}, temperature {sampling['temperature']}, reference: "
+              f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images, {torch.get_num_threads()} CPU threads")
+    print(header)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"settings": vars(args) | {"out": str(args.out)} | sampling, "floor": floor,
+             "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
