@@ -1,0 +1,449 @@
+"""Class-conditional generation + FID / IS, as in the MAR and LazyMAR evaluations.
+
+    python eval.py --model mar_huge --num_iter 64 --cfg 3.25 --lazy_mar --fid_stats fid_stats/adm_in256_stats.npz
+    torchrun --nproc_per_node=8 eval.py --model mar_huge ...       # same images, 8x faster
+
+What it does (see docs/REPRODUCING.md for the paper commands):
+
+* Labels are class-balanced: image ``i`` has class ``i % num_classes`` (``--num_images`` must be a multiple
+  of the class count unless ``--unbalanced``).
+* Global batches: batch ``b`` holds images ``[b*eval_bsz, (b+1)*eval_bsz)``; batches go round-robin to
+  the ranks, and batch ``b`` draws ALL its randomness (orders, diffusion noise) from its own
+  ``torch.Generator(device).manual_seed(batch_seed(seed, b))``. The images therefore do not depend on
+  the number of processes (they do depend on ``--eval_bsz`` and the device, which is why both are in
+  the output folder name).
+* Every image is written as ``<output_dir>/<run_name>/images/<global_index>.png`` with the index
+  zero-padded to 6 digits (more when ``--num_images`` exceeds 10^6), via a temporary file and
+  ``os.replace``. A rerun skips the batches whose PNGs all exist, so a killed run resumes and ends with
+  exactly the files of an uninterrupted one; stale temporary files are removed at start.
+* ``run_name`` encodes every setting that changes the images (see :func:`run_name`).
+* Timing as in the papers: per-image latency and throughput over the batches generated in this run,
+  excluding each process's first (warm-up) batch, synchronized on GPU; peak memory; FLOPs per image from
+  :func:`lazymar.flops.estimate`. Metrics on rank 0: torch-fidelity Inception-v3 (``inception-v3-compat``)
+  IS, and FID against ``--fid_stats`` (an ``.npz`` with ``mu`` (2048,) / ``sigma`` (2048, 2048), e.g. MAR's
+  ``fid_stats/adm_in256_stats.npz``) or against ``--fid_ref_dir`` (a folder of reference images); the demo
+  model gets :func:`demo.fidelity.demo_metrics` (demo FID, demo IS, class accuracy). Everything goes to
+  ``metrics.json`` in the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lazymar.config import PRESETS
+from util.loading import DEMO_MODEL, MODEL_CHOICES, decode_images, load_generator
+from util.timing import synchronize
+
+INCEPTION_NAME = "inception-v3-compat"
+FID_LAYER = "2048"
+ISC_LAYER = "logits_unbiased"
+FID_DIM = 2048
+DEFAULT_FID_STATS = Path("fid_stats/adm_in256_stats.npz")
+DIST_TIMEOUT_MIN = 30
+TMP_MARK = ".tmp-"
+
+
+# ------------------------------------------------------------------------------------------- args
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="mar_huge", choices=MODEL_CHOICES)
+    p.add_argument("--num_images", type=int, default=50000)
+    p.add_argument("--eval_bsz", type=int, default=64, help="images per global batch (per process)")
+    p.add_argument("--num_iter", type=int, default=64, help="MAR steps")
+    p.add_argument("--cfg", type=float, default=3.25)
+    p.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--num_sampling_steps", type=int, default=100, help="diffusion steps of the head")
+    p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
+    p.add_argument("--accel", default=None, choices=sorted(PRESETS), help="acceleration preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="output/eval", help="root; each setting gets its own subfolder")
+    p.add_argument("--resume", "--ckpt", dest="ckpt", default=None, help="MAR checkpoint (default: released path)")
+    p.add_argument("--vae_path", default=None, help="VAE checkpoint (default: released path)")
+    p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
+    p.add_argument("--fid_stats", default=None,
+                   help=f"reference statistics .npz with mu/sigma (default: {DEFAULT_FID_STATS} if present)")
+    p.add_argument("--fid_ref_dir", default=None, help="folder of reference images (instead of --fid_stats)")
+    p.add_argument("--inception_weights", default=None,
+                   help="torch-fidelity Inception weights file (default: torch-fidelity downloads them)")
+    p.add_argument("--isc_splits", type=int, default=10)
+    p.add_argument("--metrics_bsz", type=int, default=64)
+    p.add_argument("--unbalanced", action="store_true", help="allow num_images not divisible by the class count")
+    p.add_argument("--no_metrics", action="store_true", help="only generate (and time)")
+    p.add_argument("--stop_after_batches", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return p
+
+
+def accel_name(args: argparse.Namespace) -> str | None:
+    if args.lazy_mar and args.accel not in (None, "lazymar"):
+        raise SystemExit(f"--lazy_mar conflicts with --accel {args.accel}")
+    return "lazymar" if args.lazy_mar else args.accel
+
+
+def _short_hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def run_name(args: argparse.Namespace, device: torch.device) -> str:
+    """Subfolder name: every setting that changes the images.
+
+    ``<model>[-ckpt<hash>][-raw]-it<num_iter>-cfg<cfg>-<schedule>-temp<T>-ds<diffusion steps>-<accel>[-<cfg hash>]
+    -bsz<eval_bsz>-<device type>-seed<seed>-n<num_images>``; ``accel`` is ``base`` without acceleration, else the
+    preset name plus a hash of the preset's config ``repr`` (so editing a preset changes the folder).
+    """
+    accel = accel_name(args)
+    parts = [args.model]
+    if args.ckpt is not None or args.vae_path is not None:
+        parts.append("ckpt" + _short_hash(f"{Path(args.ckpt).resolve() if args.ckpt else ''}|"
+                                          f"{Path(args.vae_path).resolve() if args.vae_path else ''}", 6))
+    if args.no_ema:
+        parts.append("raw")
+    parts += [f"it{args.num_iter}", f"cfg{_fmt(args.cfg)}", args.cfg_schedule, f"temp{_fmt(args.temperature)}",
+              f"ds{args.num_sampling_steps}"]
+    parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
+    parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
+    return "-".join(parts)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of global batch ``batch``: a hash of (seed, batch), 63 bits."""
+    return int.from_bytes(hashlib.sha256(f"lazymar-eval:{seed}:{batch}".encode()).digest()[:8], "little") >> 1
+
+
+def index_width(num_images: int) -> int:
+    return max(6, len(str(max(num_images - 1, 0))))
+
+
+def class_labels(num_images: int, num_classes: int) -> np.ndarray:
+    """Image ``i`` gets class ``i % num_classes``."""
+    return np.arange(num_images, dtype=np.int64) % num_classes
+
+
+# ------------------------------------------------------------------------------------ distributed
+def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return rank, world, device
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------- writing
+def _save_png(image: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _remove_stale_tmp(folder: Path) -> int:
+    n = 0
+    for name in os.listdir(folder):
+        if TMP_MARK in name:
+            (folder / name).unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def load_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (2048,) and ``sigma`` (2048, 2048) from an ``.npz``, with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--fid_stats {path}: no such file (MAR's ADM statistics live in the MAR "
+                                f"repository under fid_stats/adm_in256_stats.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:  # zip/format errors of all kinds
+        raise ValueError(f"--fid_stats {path} is not a readable .npz file ({type(e).__name__}: {e})") from e
+    missing = [k for k in ("mu", "sigma") if k not in data]
+    if missing:
+        raise ValueError(f"--fid_stats {path} lacks {missing}; it holds {sorted(data)}. Expected 'mu' "
+                         f"({FID_DIM},) and 'sigma' ({FID_DIM}, {FID_DIM}) of Inception pool features.")
+    mu, sigma = data["mu"], data["sigma"]
+    if mu.shape != (FID_DIM,) or sigma.shape != (FID_DIM, FID_DIM):
+        raise ValueError(f"--fid_stats {path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected "
+                         f"({FID_DIM},) and ({FID_DIM}, {FID_DIM}) (Inception-v3 2048-d pool features)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"--fid_stats {path} contains non-finite values")
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def inception_metrics(image_dir: Path, *, fid_stats: str | Path | None, fid_ref_dir: str | Path | None,
+                      inception_weights: str | None, cuda: bool, batch_size: int, isc_splits: int,
+                      verbose: bool = False) -> dict[str, Any]:
+    """IS and FID with torch-fidelity's Inception-v3 (as in MAR's evaluation).
+
+    With ``fid_stats``: features are extracted once through torch-fidelity's own extractor and loader;
+    IS is torch-fidelity's ``isc_featuresdict_to_metric`` and FID its ``fid_statistics_to_metric`` against
+    the file's mu/sigma. With ``fid_ref_dir``: ``torch_fidelity.calculate_metrics(isc=True, fid=True)``.
+    """
+    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from demo.fidelity import IndexedPNGFolder
+
+    samples = IndexedPNGFolder(image_dir)
+    fe_kwargs: dict[str, Any] = {}
+    if inception_weights is not None:
+        fe_kwargs["feature_extractor_weights_path"] = str(inception_weights)
+    out: dict[str, Any] = {"num_samples": len(samples)}
+    if fid_ref_dir is not None:
+        m = torch_fidelity.calculate_metrics(
+            input1=samples, input2=str(fid_ref_dir), isc=True, fid=True, cuda=cuda, batch_size=batch_size,
+            isc_splits=isc_splits, feature_extractor=INCEPTION_NAME, verbose=verbose, cache=False,
+            save_cpu_ram=True, **fe_kwargs)
+        out.update(fid=float(m[torch_fidelity.KEY_METRIC_FID]), inception_score=float(m[torch_fidelity.KEY_METRIC_ISC_MEAN]),
+                   inception_score_std=float(m[torch_fidelity.KEY_METRIC_ISC_STD]), fid_reference=str(fid_ref_dir))
+        return out
+    mu_sigma = load_fid_stats(fid_stats) if fid_stats is not None else None
+    fe = create_feature_extractor(INCEPTION_NAME, [FID_LAYER, ISC_LAYER], cuda=cuda, verbose=verbose, **fe_kwargs)
+    feats = get_featuresdict_from_dataset(samples, fe, batch_size, cuda, True, verbose)
+    isc = isc_featuresdict_to_metric(feats, ISC_LAYER, isc_splits=isc_splits, samples_shuffle=True,
+                                     rng_seed=2020, verbose=verbose)
+    out.update(inception_score=float(isc[torch_fidelity.KEY_METRIC_ISC_MEAN]),
+               inception_score_std=float(isc[torch_fidelity.KEY_METRIC_ISC_STD]))
+    if mu_sigma is not None:
+        ours = fid_features_to_statistics(feats[FID_LAYER])
+        ours = {k: v.astype(np.float64) for k, v in ours.items()}
+        ref = {"mu": mu_sigma[0], "sigma": mu_sigma[1]}
+        out.update(fid=float(fid_statistics_to_metric(ours, ref, verbose)[torch_fidelity.KEY_METRIC_FID]),
+                   fid_reference=str(fid_stats))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    accel = accel_name(args)
+    if args.num_images < 1 or args.eval_bsz < 1:
+        raise SystemExit("--num_images and --eval_bsz must be >= 1")
+    if args.fid_stats is not None and args.fid_ref_dir is not None:
+        raise SystemExit("give --fid_stats or --fid_ref_dir, not both")
+    if args.fid_stats is not None and not args.no_metrics:
+        load_fid_stats(args.fid_stats)  # fail before hours of sampling, not after
+    rank, world, device = init_distributed(args.device)
+    try:
+        return _run(args, accel, rank, world, device)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
+         device: torch.device) -> dict[str, Any]:
+    gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
+                         device=device, num_sampling_steps=args.num_sampling_steps)
+    mar = gen.mar
+    if gen.is_random and rank == 0:
+        print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")
+    num_classes = mar.num_classes
+    if args.num_images % num_classes != 0 and not args.unbalanced:
+        raise SystemExit(f"--num_images {args.num_images} is not a multiple of the {num_classes} classes; the "
+                         f"evaluation is class-balanced (pass --unbalanced to allow it)")
+    labels_all = class_labels(args.num_images, num_classes)
+
+    run_dir = Path(args.output_dir) / run_name(args, device)
+    image_dir = run_dir / "images"
+    if rank == 0:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        stale = _remove_stale_tmp(image_dir)
+        if stale:
+            print(f"removed {stale} partial files from an interrupted run")
+    _barrier()
+
+    width = index_width(args.num_images)
+    num_batches = math.ceil(args.num_images / args.eval_bsz)
+    mine = list(range(rank, num_batches, world))
+    existing = set(os.listdir(image_dir))
+
+    def paths(b: int) -> list[Path]:
+        return [image_dir / f"{i:0{width}d}.png" for i in range(b * args.eval_bsz,
+                                                                 min((b + 1) * args.eval_bsz, args.num_images))]
+
+    todo = [b for b in mine if not all(p.name in existing for p in paths(b))]
+    if rank == 0:
+        print(f"{run_dir}: {num_batches} batches of {args.eval_bsz}, {world} process(es); "
+              f"{len(mine) - len(todo)} of rank 0's {len(mine)} batches already done")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    timed_images, sample_s, total_s, generated = 0, 0.0, 0.0, 0
+    bar = tqdm(todo, desc="batches", disable=rank != 0)
+    for k, b in enumerate(bar):
+        if args.stop_after_batches is not None and k >= args.stop_after_batches:
+            print(f"rank {rank}: stopping after {k} batches (--stop_after_batches)", flush=True)
+            sys.exit(3)
+        out_paths = paths(b)
+        start = b * args.eval_bsz
+        labels = torch.from_numpy(labels_all[start:start + len(out_paths)]).to(device)
+        g = torch.Generator(device).manual_seed(batch_seed(args.seed, b))
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            tokens = mar.sample_tokens(len(out_paths), num_iter=args.num_iter, cfg=args.cfg,
+                                       cfg_schedule=args.cfg_schedule, labels=labels,
+                                       temperature=args.temperature, generator=g, accel=accel)
+            synchronize(device)
+            t1 = time.perf_counter()
+            images = decode_images(gen, tokens)  # ends with a copy to the CPU (synchronizes)
+        t2 = time.perf_counter()
+        if k > 0:  # the first batch of each process is warm-up
+            timed_images += len(out_paths)
+            sample_s += t1 - t0
+            total_s += t2 - t0
+        for img, p in zip(images, out_paths):
+            _save_png(img, p)
+        generated += len(out_paths)
+
+    timing = {"images_generated": generated, "images_timed": timed_images, "sample_s": sample_s,
+              "sample_vae_s": total_s, "peak_memory_bytes": _peak_memory_bytes(device),
+              "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS peak"}
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, timing)
+    else:
+        gathered = [timing]
+    _barrier()
+    if rank != 0:
+        return {}
+
+    missing = [i for i in range(args.num_images) if not (image_dir / f"{i:0{width}d}.png").is_file()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images missing after generation (e.g. {missing[:5]})")
+    result: dict[str, Any] = {
+        "settings": {**{k: v for k, v in vars(args).items() if k != "stop_after_batches"}, "accel": accel,
+                     "accel_config": repr(PRESETS[accel]) if accel else None, "world_size": world,
+                     "device": str(device), "device_name": (torch.cuda.get_device_name(device)
+                                                          if device.type == "cuda" else "cpu"),
+                     "run_dir": str(run_dir), "image_name": f"<index zero-padded to {width}>.png",
+                     "labels": "image i has class i % num_classes", "num_classes": num_classes},
+        "timing": _summarize_timing(gathered, args.eval_bsz),
+        "flops": _flops(gen, args, accel),
+    }
+    if not args.no_metrics:
+        result["metrics"] = _metrics(args, gen, image_dir, labels_all, device)
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    print(format_table(result))
+    print(f"wrote {run_dir / 'metrics.json'}")
+    return result
+
+
+def _summarize_timing(per_rank: list[dict[str, Any]], eval_bsz: int) -> dict[str, Any]:
+    timed = [t for t in per_rank if t["images_timed"] > 0]
+    out: dict[str, Any] = {"per_rank": per_rank, "batch_size": eval_bsz,
+                           "peak_memory_gib": max(t["peak_memory_bytes"] for t in per_rank) / 2 ** 30,
+                           "peak_memory_kind": per_rank[0]["peak_memory_kind"]}
+    if timed:
+        # Per process: seconds per image at this batch size; all processes: images per second in total.
+        out["latency_s_per_image"] = float(np.mean([t["sample_s"] / t["images_timed"] for t in timed]))
+        out["latency_with_vae_s_per_image"] = float(np.mean([t["sample_vae_s"] / t["images_timed"] for t in timed]))
+        out["throughput_images_per_s"] = float(sum(t["images_timed"] / t["sample_vae_s"] for t in timed))
+    else:
+        out["latency_s_per_image"] = out["latency_with_vae_s_per_image"] = out["throughput_images_per_s"] = None
+        out["note"] = "nothing timed: every process generated at most its warm-up batch (resumed run?)"
+    return out
+
+
+def _flops(gen, args: argparse.Namespace, accel: str | None) -> dict[str, Any]:
+    from lazymar.flops import estimate
+    rep = estimate(gen.mar, num_iter=args.num_iter, cfg=args.cfg, accel=accel, bsz=args.eval_bsz, vae=gen.vae)
+    out = {"per_image": rep.total, "per_image_with_vae": rep.total_with_vae,
+           "components": {k: float(v) for k, v in rep.components.items()}}
+    if accel is not None:
+        base = estimate(gen.mar, num_iter=args.num_iter, cfg=args.cfg, accel=None, bsz=args.eval_bsz)
+        out["baseline_per_image"] = base.total
+        out["speedup_vs_baseline"] = base.total / rep.total
+    return out
+
+
+def _metrics(args: argparse.Namespace, gen, image_dir: Path, labels_all: np.ndarray,
+             device: torch.device) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    if args.model == DEMO_MODEL:
+        from demo.fidelity import demo_metrics
+        from demo.registry import DEMO_DIR, DEMO_FILES
+        return demo_metrics(image_dir, Path(DEMO_DIR) / DEMO_FILES["classifier"], labels=labels_all,
+                            batch_size=args.metrics_bsz, device=device, isc_splits=args.isc_splits)
+    fid_stats = args.fid_stats
+    if fid_stats is None and args.fid_ref_dir is None:
+        if DEFAULT_FID_STATS.is_file():
+            fid_stats = DEFAULT_FID_STATS
+        else:
+            print(f"warning: no --fid_stats / --fid_ref_dir (and no {DEFAULT_FID_STATS}); computing IS only")
+    return inception_metrics(image_dir, fid_stats=fid_stats, fid_ref_dir=args.fid_ref_dir,
+                             inception_weights=args.inception_weights, cuda=cuda, batch_size=args.metrics_bsz,
+                             isc_splits=args.isc_splits)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    s, t, f = result["settings"], result["timing"], result["flops"]
+    rows = [("model", s["model"]), ("accel", s["accel"] or "none"),
+            ("steps / cfg / schedule / temp", f"{s['num_iter']} / {s['cfg']:g} / {s['cfg_schedule']} / "
+                                              f"{s['temperature']:g}"),
+            ("images / processes", f"{s['num_images']} / {s['world_size']}"),
+            ("GFLOPs per image (no VAE)", f"{f['per_image'] / 1e9:.2f}"),
+            ("GFLOPs per image (with VAE)", f"{f['per_image_with_vae'] / 1e9:.2f}")]
+    if "speedup_vs_baseline" in f:
+        rows.append(("FLOPs reduction", f"{f['speedup_vs_baseline']:.2f}x"))
+    if t["latency_s_per_image"] is not None:
+        rows += [("latency s/image (bsz %d)" % t["batch_size"], f"{t['latency_s_per_image']:.4f}"),
+                 ("latency s/image incl. VAE", f"{t['latency_with_vae_s_per_image']:.4f}"),
+                 ("throughput images/s (all)", f"{t['throughput_images_per_s']:.2f}")]
+    rows.append(("peak memory GiB", f"{t['peak_memory_gib']:.2f}"))
+    for k, v in result.get("metrics", {}).items():
+        rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+if __name__ == "__main__":
+    from util.checkpoint import CheckpointError
+    try:
+        main(build_parser().parse_args())
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")

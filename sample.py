@@ -1,0 +1,158 @@
+"""Write a grid of class-conditional samples (rows = classes).
+
+    python sample.py                                   # demo model, its 12 classes, CPU, < 1 minute
+    python sample.py --model mar_huge --classes 207 360 387 974 88 979 417 279 --cfg 3.2 --device cuda
+    python sample.py --compare                         # baseline | LazyMAR from the same seeds
+
+``--compare`` samples the same batch twice from the same seed (same orders, same noise), without and
+with acceleration (``--accel``, default ``lazymar``), and writes both grids side by side, each labelled
+with its latency and FLOPs per image.
+
+Without the demo model's files (``pretrained_models/demo``, see ``demo/registry.py``) the default run
+falls back to the ``tiny-random`` model (untrained: its images are noise) and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from lazymar.config import PRESETS
+from util.loading import DEMO_MODEL, MODEL_CHOICES, TINY_MODEL, Generator, decode_images, load_generator
+from util.timing import synchronize
+
+LABEL_HEIGHT = 24
+IMAGENET_EXAMPLE = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEMO_MODEL, choices=MODEL_CHOICES)
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="class ids, one row each (default: all classes of the demo / tiny model, "
+                        f"{IMAGENET_EXAMPLE} for ImageNet models)")
+    p.add_argument("--num_per_class", type=int, default=4)
+    p.add_argument("--num_iter", type=int, default=None, help="MAR steps (default: demo defaults / 64)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance (default: demo defaults / 3.0)")
+    p.add_argument("--cfg_schedule", default=None, choices=["linear", "constant"])
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--num_sampling_steps", type=int, default=None,
+                   help="diffusion steps (released models; default 100, 20 for tiny-random; the demo has its own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accel", default=None, choices=sorted(PRESETS))
+    p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
+    p.add_argument("--compare", action="store_true", help="baseline and accelerated grids side by side")
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ckpt", default=None, help="MAR checkpoint (released models)")
+    p.add_argument("--vae_path", default=None, help="VAE checkpoint (released models)")
+    return p
+
+
+def _defaults(model: str) -> dict[str, Any]:
+    if model == DEMO_MODEL:
+        from demo.registry import DEMO_DEFAULTS
+        return dict(DEMO_DEFAULTS)
+    if model == TINY_MODEL:
+        return dict(num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+    return dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+
+
+def _load(args: argparse.Namespace) -> Generator:
+    if args.model == DEMO_MODEL:
+        try:
+            return load_generator(DEMO_MODEL, device=args.device)
+        except FileNotFoundError as e:
+            print(f"NOTICE: the demo model is not available ({e}).\n"
+                  f"NOTICE: falling back to '{TINY_MODEL}', an UNTRAINED model: the grid will show noise.")
+            args.model = TINY_MODEL
+    steps = args.num_sampling_steps or (20 if args.model == TINY_MODEL else 100)
+    return load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, device=args.device,
+                          num_sampling_steps=steps)
+
+
+def generate(gen: Generator, labels: torch.Tensor, settings: dict[str, Any], seed: int, accel: Any,
+             device: torch.device) -> tuple[np.ndarray, float]:
+    """Images (B, H, W, 3) and seconds per image (sampling + decode)."""
+    g = torch.Generator(device).manual_seed(seed)
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        tokens = gen.mar.sample_tokens(len(labels), num_iter=settings["num_iter"], cfg=settings["cfg"],
+                                       cfg_schedule=settings["cfg_schedule"], labels=labels.to(device),
+                                       temperature=settings["temperature"], generator=g, accel=accel)
+        images = decode_images(gen, tokens)
+    return images, (time.perf_counter() - t0) / len(labels)
+
+
+def make_grid(images: np.ndarray, rows: int, cols: int) -> Image.Image:
+    b, h, w, _ = images.shape
+    grid = images.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
+    return Image.fromarray(np.ascontiguousarray(grid))
+
+
+def _labelled(grid: Image.Image, lines: list[str]) -> Image.Image:
+    out = Image.new("RGB", (grid.width, grid.height + LABEL_HEIGHT), "white")
+    out.paste(grid, (0, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((2, 1 + 11 * i), line, fill="black")
+    return out
+
+
+def main(args: argparse.Namespace) -> Image.Image:
+    if args.lazy_mar and args.accel not in (None, "lazymar"):
+        raise SystemExit(f"--lazy_mar conflicts with --accel {args.accel}")
+    accel = "lazymar" if args.lazy_mar else args.accel
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    gen = _load(args)
+    settings = _defaults(args.model)
+    for k in ("num_iter", "cfg", "cfg_schedule", "temperature"):
+        if getattr(args, k) is not None:
+            settings[k] = getattr(args, k)
+    num_classes = gen.mar.num_classes
+    classes = args.classes
+    if classes is None:
+        classes = IMAGENET_EXAMPLE if num_classes == 1000 else list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise SystemExit(f"classes {bad} out of range for {args.model} ({num_classes} classes)")
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(args.num_per_class)
+    print(f"{args.model}: {len(classes)} classes x {args.num_per_class}, {settings}")
+
+    if not args.compare:
+        images, sec = generate(gen, labels, settings, args.seed, accel, device)
+        grid = make_grid(images, len(classes), args.num_per_class)
+        print(f"{sec:.3f} s/image{' with ' + accel if accel else ''}")
+    else:
+        from lazymar.flops import estimate
+        accel = accel or "lazymar"
+        halves = []
+        for name, a in (("baseline", None), (accel, accel)):
+            images, sec = generate(gen, labels, settings, args.seed, a, device)
+            flops = estimate(gen.mar, num_iter=settings["num_iter"], cfg=settings["cfg"], accel=a,
+                             bsz=len(labels)).total
+            print(f"{name}: {sec:.3f} s/image, {flops / 1e9:.3f} GFLOPs/image")
+            halves.append(_labelled(make_grid(images, len(classes), args.num_per_class),
+                                    [name, f"{sec * 1e3:.0f} ms, {flops / 1e9:.3g} GFLOPs / img"]))
+        grid = Image.new("RGB", (halves[0].width * 2, halves[0].height), "white")
+        grid.paste(halves[0], (0, 0))
+        grid.paste(halves[1], (halves[0].width, 0))
+    grid.save(args.out)
+    print(f"wrote {args.out} ({grid.width}x{grid.height}) in {time.perf_counter() - t_start:.1f} s")
+    return grid
+
+
+if __name__ == "__main__":
+    from util.checkpoint import CheckpointError
+    try:
+        main(build_parser().parse_args())
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,213 @@
+"""eval.py / sample.py end to end on the tiny random model (CPU, offline).
+
+Numerics: torchrun gives each process OMP_NUM_THREADS=1, and CPU kernels may round differently with
+other thread counts, so every generation here runs single-threaded for byte-level comparisons.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as eval_script  # noqa: E402
+import sample as sample_script  # noqa: E402
+
+BASE = ["--model", "tiny-random", "--num_images", "20", "--eval_bsz", "8", "--num_iter", "4",
+        "--num_sampling_steps", "10", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_eval(*extra: str, metrics: bool = False) -> dict:
+    flags = [*BASE, *extra] + ([] if metrics else ["--no_metrics"])
+    return eval_script.main(eval_script.build_parser().parse_args(flags))
+
+
+def run_dir(root: Path) -> Path:
+    (d,) = [p for p in root.iterdir() if p.is_dir()]
+    return d
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted single-process run; returns its run folder."""
+    root = tmp_path_factory.mktemp("ref")
+    torch.set_num_threads(1)
+    run_eval("--output_dir", str(root))
+    return run_dir(root)
+
+
+def test_reference_run_layout(reference_run):
+    names = sorted(os.listdir(reference_run / "images"))
+    assert names == [f"{i:06d}.png" for i in range(20)]
+    assert (reference_run / "metrics.json").is_file()
+    with Image.open(reference_run / "images" / "000000.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_torchrun_two_processes_match_single(reference_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "eval.py"), *BASE, "--no_metrics", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_dir(tmp_path)
+    assert out.name == reference_run.name
+    assert folder_bytes(out / "images") == folder_bytes(reference_run / "images")
+
+
+def test_killed_run_resumes_to_identical_files(reference_run, tmp_path):
+    with pytest.raises(SystemExit):
+        run_eval("--output_dir", str(tmp_path), "--stop_after_batches", "1")
+    images = run_dir(tmp_path) / "images"
+    assert 0 < len(os.listdir(images)) < 20
+    (images / f"000019.png{eval_script.TMP_MARK}12345").write_bytes(b"partial")  # what a kill mid-write leaves
+    run_eval("--output_dir", str(tmp_path))
+    assert folder_bytes(images) == folder_bytes(reference_run / "images")
+
+
+def test_unbalanced_needs_flag(tmp_path):
+    with pytest.raises(SystemExit, match="--unbalanced"):
+        run_eval("--output_dir", str(tmp_path), "--num_images", "15")
+    run_eval("--output_dir", str(tmp_path), "--num_images", "3", "--eval_bsz", "2", "--unbalanced")
+    assert sorted(os.listdir(run_dir(tmp_path) / "images")) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_bad_fid_stats_fail_clearly(tmp_path):
+    d = eval_script.FID_DIM
+    np.savez(tmp_path / "nosigma.npz", mu=np.zeros(d))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(10), sigma=np.eye(10))
+    (tmp_path / "junk.npz").write_bytes(b"not an npz file")
+    with pytest.raises(ValueError, match="lacks \\['sigma'\\]"):
+        eval_script.load_fid_stats(tmp_path / "nosigma.npz")
+    with pytest.raises(ValueError, match="expected"):
+        eval_script.load_fid_stats(tmp_path / "shape.npz")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        eval_script.load_fid_stats(tmp_path / "junk.npz")
+    with pytest.raises(FileNotFoundError):
+        eval_script.load_fid_stats(tmp_path / "missing.npz")
+    # main() checks the file before generating anything
+    with pytest.raises(ValueError):
+        run_eval("--output_dir", str(tmp_path / "out"), "--fid_stats", str(tmp_path / "shape.npz"), metrics=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_name_encodes_every_image_setting():
+    parse = eval_script.build_parser().parse_args
+    cpu = torch.device("cpu")
+    base = ["--model", "tiny-random"]
+    variants = [[], ["--model", "mar_base"], ["--num_iter", "32"], ["--cfg", "2.9"], ["--cfg_schedule", "constant"],
+                ["--temperature", "0.9"], ["--num_sampling_steps", "50"], ["--lazy_mar"], ["--accel", "lazymar-token"],
+                ["--seed", "1"], ["--num_images", "100"], ["--eval_bsz", "32"], ["--no_ema"], ["--ckpt", "x.pth"]]
+    names = [eval_script.run_name(parse([*base, *v]), cpu) for v in variants]
+    assert len(set(names)) == len(names), names
+    assert eval_script.run_name(parse([*base, "--accel", "lazymar"]), cpu) == names[7]
+    assert eval_script.run_name(parse(base), torch.device("cuda")) != names[0]
+    # settings that do not change images do not change the folder
+    assert eval_script.run_name(parse([*base, "--no_metrics", "--output_dir", "elsewhere"]), cpu) == names[0]
+
+
+def _random_inception_weights(path: Path) -> None:
+    """A state dict for torch-fidelity's Inception-v3 with random (He-initialised) weights, no download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fei
+    with mock.patch.object(fei, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fei.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        fe = fei.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in fe.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, (2.0 / (m.weight[0].numel())) ** 0.5, generator=g)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, m.in_features ** -0.5, generator=g)
+    torch.save(fe.state_dict(), path)
+
+
+def test_fid_and_is_offline_match_direct_computation(tmp_path):
+    import torch_fidelity.feature_extractor_inceptionv3 as fei
+
+    weights = tmp_path / "inception.pth"
+    _random_inception_weights(weights)
+    d = eval_script.FID_DIM
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((d, 64)) * 0.1
+    stats = tmp_path / "ref_stats.npz"
+    np.savez(stats, mu=rng.standard_normal(d) * 0.1, sigma=a @ a.T / 64)
+
+    # Inception at 299x299 on CPU dominates: 10 images.
+    out = run_eval("--output_dir", str(tmp_path / "out"), "--num_images", "10", "--eval_bsz", "10",
+                   "--fid_stats", str(stats), "--inception_weights", str(weights), "--isc_splits", "1",
+                   "--metrics_bsz", "10", metrics=True)
+    metrics = out["metrics"]
+    assert metrics["num_samples"] == 10
+    folder = run_dir(tmp_path / "out")
+    assert json.loads((folder / "metrics.json").read_text())["metrics"] == metrics
+
+    # Direct: the same network on the PNGs, then the formulas written out.
+    fe = fei.FeatureExtractorInceptionV3("x", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights))
+    files = sorted((folder / "images").iterdir())
+    batch = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    with torch.no_grad():
+        feats, logits = fe(batch)
+    x = feats.double().numpy()
+    mu_ref, sigma_ref = np.load(stats)["mu"], np.load(stats)["sigma"]
+    xc = x - x.mean(0)
+    # tr sqrt(S1 S2) with S1 = Xc^T Xc / (n-1): the non-zero eigenvalues of S1 S2 are those of Xc S2 Xc^T / (n-1)
+    small = xc @ sigma_ref @ xc.T / (len(x) - 1)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    diff = x.mean(0) - mu_ref
+    fid = diff @ diff + np.trace(xc.T @ xc / (len(x) - 1)) + np.trace(sigma_ref) - 2 * tr_covmean
+    assert fid > 1.0 and metrics["fid"] == pytest.approx(fid, rel=1e-4)
+
+    p = torch.softmax(logits.double(), dim=1).numpy()
+    kl = (p * (np.log(p + 1e-30) - np.log(p.mean(0, keepdims=True) + 1e-30))).sum(1).mean()
+    assert metrics["inception_score"] == pytest.approx(np.exp(kl), rel=1e-4)
+
+
+def test_sample_grid_size(tmp_path):
+    out = tmp_path / "grid.png"
+    args = sample_script.build_parser().parse_args(
+        ["--model", "tiny-random", "--classes", "0", "1", "2", "--num_per_class", "2", "--num_iter", "4",
+         "--num_sampling_steps", "5", "--out", str(out)])
+    sample_script.main(args)
+    with Image.open(out) as im:
+        assert im.size == (2 * 32, 3 * 32)
+
+
+def test_sample_compare_has_two_differing_halves(tmp_path):
+    single, both = tmp_path / "single.png", tmp_path / "compare.png"
+    common = ["--model", "tiny-random", "--classes", "0", "1", "--num_per_class", "2", "--num_iter", "16",
+              "--num_sampling_steps", "5"]
+    parse = sample_script.build_parser().parse_args
+    sample_script.main(parse([*common, "--out", str(single)]))
+    sample_script.main(parse([*common, "--compare", "--out", str(both)]))
+    with Image.open(single) as a, Image.open(both) as b:
+        assert b.width == 2 * a.width
+        assert b.height == a.height + sample_script.LABEL_HEIGHT
+        arr, ref = np.asarray(b), np.asarray(a)
+    left = arr[sample_script.LABEL_HEIGHT:, :a.width]
+    right = arr[sample_script.LABEL_HEIGHT:, a.width:]
+    assert np.array_equal(left, ref)  # the baseline half is the plain grid from the same seed
+    assert not np.array_equal(left, right)  # LazyMAR changes the samples

@@ -1,0 +1,124 @@
+"""One entry point for "give me a generator": MAR + VAE + latent scale, for the scripts.
+
+``load_generator(name)`` understands
+
+* ``mar_base`` / ``mar_large`` / ``mar_huge`` - the released architectures with the released weights
+  (default paths from :mod:`util.checkpoint`; ``ckpt`` / ``vae_path`` override them). Missing or
+  malformed files raise :class:`util.checkpoint.CheckpointError`, whose message says how to download.
+* ``demo`` - the small model trained on the demo data set (:func:`demo.registry.load_demo`). Raises
+  ``FileNotFoundError`` when its files (or the registry itself) are not there.
+* ``tiny-random`` - a tiny randomly initialised MAR (32x32 images, VAE stride 4 -> 8x8 = 64 tokens,
+  2+2 blocks of width 32, head 2x32, 10 classes) with a tiny random KL autoencoder of matching stride.
+  Deterministic (seeded, without touching the global RNG state). Used by the tests and as the
+  documented fallback of ``sample.py`` when the demo files are missing. Its images are noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.mar import MAR, MAR_FACTORIES, build_released
+from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
+
+RELEASED_MODELS = tuple(sorted(MAR_FACTORIES))  # ('mar_base', 'mar_huge', 'mar_large')
+DEMO_MODEL = "demo"
+TINY_MODEL = "tiny-random"
+MODEL_CHOICES = (*RELEASED_MODELS, DEMO_MODEL, TINY_MODEL)
+
+TINY_SEED = 0
+TINY_MAR = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, class_num=10,
+                encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=4,
+                decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                mlp_ratio=2.0, buffer_size=4, diffloss_d=2, diffloss_w=32)
+TINY_VAE = dict(embed_dim=16, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, resolution=32)
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A ready-to-sample model: ``vae.decode(mar.sample_tokens(...) / latent_scale)`` gives images.
+
+    Attributes:
+        mar: the MAR, in eval mode, on the requested device.
+        vae: the matching autoencoder, in eval mode, same device.
+        latent_scale: factor between VAE latents and MAR tokens (tokens = latents * scale).
+        name: the model name it was loaded as.
+        is_random: True for untrained weights (``tiny-random``): its images carry no meaning.
+    """
+
+    mar: MAR
+    vae: nn.Module
+    latent_scale: float
+    name: str
+    is_random: bool
+
+
+def _tiny_random(num_sampling_steps: int) -> tuple[MAR, AutoencoderKL]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        mar = MAR(norm_layer=partial(nn.LayerNorm, eps=1e-6), num_sampling_steps=str(num_sampling_steps),
+                  **TINY_MAR)
+        # adaLN-Zero init makes the head output exactly 0; perturb it so samples depend on the model
+        # (and an acceleration policy visibly changes them).
+        with torch.no_grad():
+            for name, p in mar.diffloss.named_parameters():
+                if "adaLN_modulation" in name or "final_layer.linear" in name:
+                    p.normal_(0, 0.02)
+        vae = AutoencoderKL(**TINY_VAE)
+    return mar, vae
+
+
+def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str | Path | None = None,
+                   use_ema: bool = True, device: str | torch.device = "cpu",
+                   num_sampling_steps: int = 100) -> Generator:
+    """Build and load a generator by name (see the module docstring).
+
+    Args:
+        model: one of :data:`MODEL_CHOICES`.
+        ckpt: MAR checkpoint override (released models only).
+        vae_path: VAE checkpoint override (released models only).
+        use_ema: load the EMA weights of the MAR checkpoint (what the papers evaluate).
+        device: where to put the modules.
+        num_sampling_steps: diffusion steps of the head (released and tiny models; the demo uses its own).
+    """
+    device = torch.device(device)
+    if model in RELEASED_MODELS:
+        from util.checkpoint import load_mar_weights, load_vae_weights, mar_checkpoint_path, vae_checkpoint_path
+        mar = build_released(model, num_sampling_steps=str(num_sampling_steps))
+        load_mar_weights(mar, ckpt if ckpt is not None else mar_checkpoint_path(model), use_ema=use_ema,
+                         model_name=model)
+        vae = AutoencoderKL(**KL16_CONFIG)
+        load_vae_weights(vae, vae_path if vae_path is not None else vae_checkpoint_path())
+        scale, is_random = VAE_LATENT_SCALE, False
+    elif model == DEMO_MODEL:
+        if ckpt is not None or vae_path is not None:
+            raise ValueError("--ckpt / --vae_path apply to the released models; the demo loads its own files")
+        try:
+            from demo.registry import load_demo
+        except ImportError as e:
+            raise FileNotFoundError(f"the demo model registry (demo/registry.py) is not available: {e}") from e
+        mar, vae, scale = load_demo(device="cpu")
+        is_random = False
+    elif model == TINY_MODEL:
+        if ckpt is not None or vae_path is not None:
+            raise ValueError("tiny-random has no checkpoint; drop --ckpt / --vae_path")
+        mar, vae = _tiny_random(num_sampling_steps)
+        scale, is_random = VAE_LATENT_SCALE, True
+    else:
+        raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_CHOICES)}")
+    mar = mar.to(device).eval()
+    vae = vae.to(device).eval()
+    return Generator(mar=mar, vae=vae, latent_scale=float(scale), name=model, is_random=is_random)
+
+
+@torch.no_grad()
+def decode_images(gen: Generator, tokens: torch.Tensor) -> np.ndarray:
+    """Decode MAR tokens (B, C, h, w) to uint8 images (B, H, W, 3), as upstream MAR saves them."""
+    vae_dtype = next(gen.vae.parameters()).dtype
+    images = gen.vae.decode(tokens.to(vae_dtype) / gen.latent_scale)
+    images = ((images.float().clamp(-1, 1) + 1) / 2 * 255).round()
+    return images.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
