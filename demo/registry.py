@@ -1,0 +1,168 @@
+"""Where the demo checkpoints live, how to load them, and the demo model's default sampling settings.
+
+The demo MAR generates 32x32 images of the procedural shapes dataset (:mod:`demo.dataset`). The demo
+tokenizer (:mod:`demo.tokenizer`) maps them to 4x16x16 latents; the MAR sees each latent position as a
+token (``patch_size=1``), i.e. 256 tokens of 4 dims, as many as the released models. See
+demo/TRAINING.md for why and how the files are made (and why ``mar.pt`` is not shipped yet). ``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size
+``mar.img_size``; :func:`to_classifier_size` upsamples them (bilinear) to the 64x64 the demo
+classifier expects (bilinear 32->64 renders are classified 100% correctly).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEMO_DIR = Path("pretrained_models/demo")
+DEMO_FILES = {"mar": "mar.pt", "tokenizer": "tokenizer.pt", "classifier": "classifier.pt"}
+
+# Default sampling settings of the demo model (chosen by class accuracy, see demo/TRAINING.md).
+DEMO_DEFAULTS: dict = dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+
+# The commands that reproduce each file (run from the repository root).
+REPRODUCE = {
+    "tokenizer": "python -m demo.tokenizer --out pretrained_models/demo/tokenizer.pt --num_per_class 800 "
+                 "--epochs 5 --batch_size 16 --lr 2e-3 --warmup_steps 100 --threads 2",
+    "mar": "python train.py --model demo --num_per_class 5000 --epochs 40 --batch_size 512 --lr 1e-3 "
+           "--min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --high_t_fraction 0.2 "
+           "--output_dir output/demo_mar && "
+           "python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt",
+    "classifier": "python -m demo.classifier --out pretrained_models/demo/classifier.pt "
+                  "--epochs 6 --num_per_class 2000 --seed 0",
+}
+
+
+def demo_path(name: str) -> Path:
+    return DEMO_DIR / DEMO_FILES[name]
+
+
+def _require(name: str, path: Path) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"demo {name} checkpoint not found: {path}. Reproduce it with "
+                                f"`{REPRODUCE[name]}` (see demo/TRAINING.md).")
+
+
+def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The demo MAR (EMA weights, fp32, eval mode) from an exported ``mar.pt``."""
+    from train import build_mar
+    from util.checkpoint import CheckpointError, check_state_dict, read_checkpoint
+    path = Path(path) if path is not None else demo_path("mar")
+    _require("mar", path)
+    ckpt = read_checkpoint(path)
+    if "model_ema" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} holds {sorted(ckpt)}; expected an export of train.py "
+                              f"('model_ema' and 'config')")
+    model = build_mar(dict(ckpt["config"]))
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["model_ema"].items()}
+    check_state_dict(model, sd, path)
+    model.load_state_dict(sd, strict=True)
+    model.latent_scale = float(ckpt.get("latent_scale", 1.0))
+    model.tokenizer_sha = ckpt.get("tokenizer_sha")
+    return model.to(device).eval()
+
+
+def load_demo(device: str | torch.device = "cpu"):
+    """``(mar, vae, latent_scale)``: demo MAR (EMA, eval), demo tokenizer (eval) and its latent scale."""
+    from demo.tokenizer import load_demo_tokenizer
+    mar_path, tok_path = demo_path("mar"), demo_path("tokenizer")
+    _require("tokenizer", tok_path)
+    _require("mar", mar_path)
+    mar = load_demo_mar(mar_path, device)
+    vae, scale = load_demo_tokenizer(tok_path, device)
+    from util.checkpoint import CheckpointError
+    from util.latents import file_sha256
+    want = mar.tokenizer_sha
+    if want is not None and want != file_sha256(tok_path):
+        raise CheckpointError(
+            f"{mar_path} was trained on the latents of another tokenizer than {tok_path} (SHA-256 "
+            f"{want[:12]}... expected). Use the matching pair, or retrain the MAR with "
+            f"`{REPRODUCE['mar']}`.")
+    if mar.vae_embed_dim != vae.embed_dim or mar.vae_stride != vae.stride:
+        raise CheckpointError(f"{mar_path} expects {mar.vae_embed_dim}-channel latents at stride "
+                              f"{mar.vae_stride}; {tok_path} gives {vae.embed_dim} at stride {vae.stride}")
+    return mar, vae, scale
+
+
+def to_classifier_size(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """Resize float NCHW images (any range) to ``size`` with bilinear interpolation (no-op if already)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def decode_uint8(vae, tokens: torch.Tensor, latent_scale: float, size: int | None = None):
+    """Scaled latents -> uint8 NHWC numpy images (optionally resized to ``size``, e.g. 64)."""
+    x = vae.decode(tokens / latent_scale)
+    if size is not None:
+        x = to_classifier_size(x, size)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: float | None = None,
+                   num_iter: int | None = None, seed: int = 0, batch_size: int = 60,
+                   grid: str | Path | None = None, device: str = "cpu") -> dict:
+    """Sample ``per_class`` images of every class with the demo model and classify them.
+
+    Samples are decoded, upsampled to 64x64 (bilinear) and fed to the demo classifier. Optionally
+    writes a PNG grid (rows = classes). Settings default to :data:`DEMO_DEFAULTS`.
+    """
+    import numpy as np
+
+    from demo.classifier import load_classifier, predict
+    from demo.dataset import NUM_CLASSES
+    settings = dict(DEMO_DEFAULTS)
+    for k, v in dict(cfg=cfg, temperature=temperature, num_iter=num_iter).items():
+        if v is not None:
+            settings[k] = v
+    mar, vae, scale = load_demo(device)
+    _require("classifier", demo_path("classifier"))
+    clf = load_classifier(demo_path("classifier")).to(device).eval()
+    labels = torch.arange(NUM_CLASSES * per_class) % NUM_CLASSES
+    gen = torch.Generator().manual_seed(seed)
+    imgs = []
+    for i in range(0, len(labels), batch_size):
+        lab = labels[i:i + batch_size]
+        tokens = mar.sample_tokens(len(lab), labels=lab.to(device), generator=gen, **settings)
+        imgs.append(decode_uint8(vae, tokens, scale, size=64))
+    imgs = np.concatenate(imgs)
+    _, logits = predict(clf, imgs)
+    pred = logits.argmax(1)
+    acc = float((pred == labels.numpy()).mean())
+    per = [float((pred[labels.numpy() == c] == c).mean()) for c in range(NUM_CLASSES)]
+    if grid is not None:
+        from PIL import Image
+        cols = min(per_class, 10)
+        canvas = np.full((NUM_CLASSES * 66, cols * 66, 3), 255, np.uint8)
+        for c in range(NUM_CLASSES):
+            for j in range(cols):
+                canvas[c * 66:c * 66 + 64, j * 66:j * 66 + 64] = imgs[j * NUM_CLASSES + c]
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(canvas).save(grid)
+    return dict(accuracy=acc, per_class=per, n=len(labels), settings=settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description="Class accuracy (demo classifier) of demo MAR samples")
+    p.add_argument("--per_class", type=int, default=10)
+    p.add_argument("--cfg", type=float, nargs="+", default=[None])
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--num_iter", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="PNG grid path (rows = classes); '{cfg}' is filled in")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for cfg in args.cfg:
+        grid = args.grid.format(cfg=cfg) if args.grid else None
+        r = class_accuracy(args.per_class, cfg, args.temperature, args.num_iter, args.seed, grid=grid)
+        print(json.dumps(dict(accuracy=r["accuracy"], n=r["n"], settings=r["settings"],
+                              per_class=[round(x, 2) for x in r["per_class"]], grid=grid)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Demo training pipeline: tokenizer, latent cache, train.py (resume = uninterrupted run), export, EMA."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train as train_mod
+from demo import registry
+from demo.tokenizer import load_demo_tokenizer, train_tokenizer
+from util.ema import ParamEMA
+from util.latents import load_or_build_latents
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
+    torch.set_num_threads(1)
+    summary = train_tokenizer(out, num_per_class=2, epochs=1, batch_size=8, max_steps=3, progress=False,
+                              psnr_images=12)
+    assert len(summary["losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
+    return out
+
+
+def test_tokenizer_trains_and_loads(tiny_tokenizer):
+    ckpt = torch.load(tiny_tokenizer, weights_only=True)
+    assert set(ckpt) >= {"model", "config", "latent_scale", "recon_psnr"}
+    vae, scale = load_demo_tokenizer(tiny_tokenizer)
+    assert scale > 0 and not vae.training
+    x = torch.zeros(1, 3, ckpt["image_size"], ckpt["image_size"])
+    z = vae.encode(x).mean
+    assert z.shape[-1] == ckpt["image_size"] // vae.stride
+    assert vae.decode(z).shape == x.shape
+
+
+def test_latent_cache_built_then_reused(tiny_tokenizer, tmp_path):
+    a = load_or_build_latents(tiny_tokenizer, 2, 0, cache_dir=tmp_path, verbose=False)
+    assert a["built"] and Path(a["path"]).is_file()
+    b = load_or_build_latents(tiny_tokenizer, 2, 0, cache_dir=tmp_path, verbose=False)
+    assert not b["built"] and b["path"] == a["path"]
+    assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"])
+    assert a["labels"].tolist() == [i % 12 for i in range(24)]
+    c = load_or_build_latents(tiny_tokenizer, 3, 0, cache_dir=tmp_path, verbose=False)
+    assert c["built"] and c["path"] != a["path"]
+
+
+def _args(tok: Path, tmp: Path, out: str, **kw):
+    argv = ["--tokenizer", str(tok), "--num_per_class", "2", "--cache_dir", str(tmp / "cache"),
+            "--model", "tiny", "--epochs", "3", "--batch_size", "8", "--output_dir", str(tmp / out),
+            "--no_progress", "--save_every", "2", "--warmup_steps", "2", "--dropout", "0.1"]
+    for k, v in kw.items():
+        argv += [f"--{k}", str(v)]
+    return train_mod.get_args_parser().parse_args(argv)
+
+
+def _log(path: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in path.read_text().splitlines()]
+
+
+def test_resume_is_identical_and_export_samples(tiny_tokenizer, tmp_path):
+    full = train_mod.main(_args(tiny_tokenizer, tmp_path, "full"))
+    assert full["step"] == 9  # 24 images / 8 = 3 steps/epoch x 3 epochs
+    part = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", stop_after=4))
+    assert part["step"] == 4
+    rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed"))
+    assert rest["step"] == 9
+    assert full["losses"] == part["losses"] + rest["losses"]
+    assert _log(tmp_path / "full" / "log.jsonl") == _log(tmp_path / "resumed" / "log.jsonl")
+    a = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=True)
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert isinstance(a["args"], dict) and "norm_layer" not in a["config"]
+
+    out = tmp_path / "mar.pt"
+    train_mod.main(train_mod.get_args_parser().parse_args(
+        ["--output_dir", str(tmp_path / "full"), "--export", str(out)]))
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) >= {"model_ema", "config", "latent_scale", "tokenizer_sha"}
+    mar = registry.load_demo_mar(out)
+    assert not mar.training
+    for k, v in mar.state_dict().items():
+        assert torch.equal(v, a["model_ema"][k])
+    vae, scale = load_demo_tokenizer(tiny_tokenizer)
+    torch.manual_seed(0)
+    tokens = mar.sample_tokens(2, num_iter=4, cfg=2.0, labels=torch.tensor([0, 5]))
+    imgs = registry.decode_uint8(vae, tokens, scale, size=64)
+    assert imgs.shape == (2, 64, 64, 3)
+
+
+def test_ema_math():
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema = ParamEMA(lin, rate=0.9)
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    ema.update(lin)
+    assert torch.allclose(ema.state_dict()["weight"], torch.full((1, 2), 0.9 * 1 + 0.1 * 3))
+    ema.update(lin)
+    assert torch.allclose(ema.state_dict()["weight"], torch.full((1, 2), 0.9 * 1.2 + 0.1 * 3))
+    other = ParamEMA(lin, rate=0.9)
+    other.load_state_dict(ema.full_state())
+    assert other.num_updates == 2 and torch.equal(other.state_dict()["weight"], ema.state_dict()["weight"])
+    warm = ParamEMA(lin, rate=0.999, warmup=True)
+    assert warm.current_rate() == pytest.approx(0.1)
+    ema.copy_to(lin)
+    assert torch.allclose(lin.weight, ema.state_dict()["weight"])
+
+
+def test_missing_demo_file_names_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "DEMO_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="demo.tokenizer"):
+        registry.load_demo()
+
+
+@pytest.mark.skipif(not (registry.DEMO_DIR / "mar.pt").is_file()
+                    or not (registry.DEMO_DIR / "tokenizer.pt").is_file(),
+                    reason="demo checkpoints not trained here")
+def test_real_demo_checkpoints_sample():
+    mar, vae, scale = registry.load_demo()
+    torch.manual_seed(0)
+    d = registry.DEMO_DEFAULTS
+    tokens = mar.sample_tokens(2, num_iter=8, cfg=d["cfg"], cfg_schedule=d["cfg_schedule"],
+                               temperature=d["temperature"], labels=torch.tensor([0, 1]))
+    imgs = vae.decode(tokens / scale)
+    assert imgs.shape == (2, 3, mar.img_size, mar.img_size)
+    assert torch.isfinite(imgs).all()
+
+
+def _head_timesteps(head, monkeypatch, n: int = 4000) -> torch.Tensor:
+    """The timesteps DiffLoss.forward draws for ``n`` tokens (seed 0)."""
+    seen = []
+    orig = head.train_diffusion.training_losses
+
+    def spy(net, x, t, c):
+        seen.append(t.clone())
+        return orig(net, x, t, c=c)
+    monkeypatch.setattr(head.train_diffusion, "training_losses", spy)
+    target, z = torch.randn(n, 4), torch.randn(n, 8)
+    torch.manual_seed(0)
+    head(target, z)
+    return seen[0]
+
+
+def test_high_t_fraction(monkeypatch):
+    from models.diffloss import DiffLoss
+    head = DiffLoss(4, 8, depth=1, width=16, num_sampling_steps=10)
+    assert head.high_t_fraction == 0.0  # upstream objective unless asked
+    torch.manual_seed(0)
+    upstream = torch.randint(0, 1000, (4000,))
+    assert torch.equal(_head_timesteps(head, monkeypatch), upstream)
+    head.high_t_fraction = 1.0
+    assert (_head_timesteps(head, monkeypatch) >= 1000 - head.high_t_window).all()
+    head.high_t_fraction = 0.5
+    t = _head_timesteps(head, monkeypatch)
+    frac_high = (t >= 990).float().mean().item()
+    assert 0.45 < frac_high < 0.56  # 0.5 drawn high + 0.5 * 1% of the uniform ones
+
+
+@pytest.mark.parametrize("flag,value", [("high_t_fraction", 1.5), ("high_t_fraction", -0.1),
+                                        ("batch_size", 0), ("epochs", 0), ("lr", 0)])
+def test_bad_training_flags_fail_before_work(tmp_path, flag, value):
+    args = _args(tmp_path / "missing_tokenizer.pt", tmp_path, "bad", **{flag: value})
+    with pytest.raises(ValueError, match=f"--{flag}"):
+        train_mod.main(args)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_and_high_t_training_runs(tiny_tokenizer, tmp_path):
+    out = train_mod.main(_args(tiny_tokenizer, tmp_path, "bf16", precision="bf16", high_t_fraction=0.5,
+                               epochs=1))
+    assert out["step"] == 3 and all(torch.isfinite(torch.tensor(out["losses"])))
+    ck = torch.load(tmp_path / "bf16" / "checkpoint-last.pth", weights_only=True)
+    assert ck["args"]["precision"] == "bf16" and ck["args"]["high_t_fraction"] == 0.5
+    assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())

@@ -1,0 +1,375 @@
+"""Train a MAR on cached demo-tokenizer latents (single process, or DDP under ``torchrun``).
+
+The demo MAR recipe (one GPU; see demo/TRAINING.md for what it reaches so far)::
+
+    python train.py --model demo --num_per_class 5000 --epochs 40 --batch_size 512 --lr 1e-3 \
+        --min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --high_t_fraction 0.2 \
+        --output_dir output/demo_mar
+
+Several processes: ``torchrun --standalone --nproc_per_node=N train.py ...`` (``--batch_size`` is per
+process; gloo on CPU, nccl on GPU).
+
+Export the EMA weights for sampling (``demo.registry.load_demo`` reads this file)::
+
+    python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt
+
+Reproducibility: every random draw of a training step (posterior noise, masks, mask ratio, label
+dropout, diffusion noise/timesteps, dropout) comes from torch's global RNG re-seeded at the start of
+the step from ``(seed, step, rank)``, and the data order of an epoch is a ``DistributedSampler``
+permutation seeded by ``(seed, epoch)``. So a run stopped after any step and auto-resumed from
+``<output_dir>/checkpoint-last.pth`` continues with exactly the losses and weights of an
+uninterrupted run (same thread count/hardware). The RNG state is also stored (``rng``) and restored.
+
+Checkpoints (written atomically: tmp file + ``os.replace``) hold ``{'model', 'model_ema',
+'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'rng',
+'ema_state', 'latent_scale', 'tokenizer_sha'}``. Per-step losses go to ``<output_dir>/log.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DistributedSampler
+
+from models.mar import MAR
+from util.ema import ParamEMA
+
+# Model sizes: transformer width/depth/heads and head size. ``demo`` is the shipped demo model.
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
+                 decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, buffer_size=4, diffloss_d=1,
+                 diffloss_w=32),
+    "demo": dict(encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, decoder_embed_dim=128,
+                 decoder_depth=4, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=16, diffloss_d=3,
+                 diffloss_w=192),
+    "small": dict(encoder_embed_dim=256, encoder_depth=6, encoder_num_heads=4, decoder_embed_dim=256,
+                  decoder_depth=6, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=32, diffloss_d=3,
+                  diffloss_w=512),
+}
+CHECKPOINT_NAME = "checkpoint-last.pth"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train MAR on cached demo latents", add_help=True)
+    # data
+    p.add_argument("--tokenizer", default="pretrained_models/demo/tokenizer.pt")
+    p.add_argument("--num_per_class", type=int, default=1500, help="training images per class")
+    p.add_argument("--data_seed", type=int, default=0, help="dataset split seed (0 = demo.dataset.TRAIN_SEED)")
+    p.add_argument("--cache_dir", default="output/latent_cache")
+    # model
+    p.add_argument("--model", default="demo", choices=sorted(MODEL_SIZES))
+    p.add_argument("--width", type=int, default=None, help="override encoder and decoder width")
+    p.add_argument("--depth", type=int, default=None, help="override encoder and decoder depth")
+    p.add_argument("--num_heads", type=int, default=None)
+    p.add_argument("--buffer_size", type=int, default=None)
+    p.add_argument("--diffloss_d", type=int, default=None)
+    p.add_argument("--diffloss_w", type=int, default=None)
+    p.add_argument("--patch_size", type=int, default=1,
+                   help="latent patch size grouped into one MAR token (demo tokenizer: stride 2, 16x16x4 "
+                        "latents -> 16x16 tokens of 4 dims, 256 tokens as in the released models)")
+    p.add_argument("--diffusion_batch_mul", type=int, default=4)
+    p.add_argument("--num_sampling_steps", default="100")
+    p.add_argument("--label_drop_prob", type=float, default=0.1)
+    p.add_argument("--mask_ratio_min", type=float, default=0.7)
+    p.add_argument("--dropout", type=float, default=0.0, help="attention and projection dropout")
+    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--high_t_fraction", type=float, default=0.0,
+                   help="fraction of head training tokens with t drawn from the last 10 diffusion steps "
+                        "(models.diffloss.DiffLoss.high_t_fraction; 0 = upstream objective)")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the forward pass (GPU training; weights and optimizer stay fp32)")
+    p.add_argument("--weight_decay", type=float, default=0.02)
+    p.add_argument("--grad_clip", type=float, default=3.0, help="max grad norm (0 = off)")
+    p.add_argument("--ema_rate", type=float, default=0.998)
+    p.add_argument("--ema_warmup", action="store_true", help="timm-style EMA warm-up (min(rate,(1+n)/(10+n)))")
+    p.add_argument("--seed", type=int, default=0)
+    # bookkeeping
+    p.add_argument("--output_dir", default="output/demo_mar")
+    p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps (and each epoch end)")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="stop (after saving) once this many steps are done in total (resume later)")
+    p.add_argument("--time_limit", type=float, default=None, help="stop (after saving) after this many minutes")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--export", default=None, help="write the EMA weights of the last checkpoint here and exit")
+    p.add_argument("--export_dtype", default="fp32", choices=["fp16", "fp32"],
+                   help="fp32 by default: the first sampling step amplifies head errors ~316x")
+    return p
+
+
+def model_config(args: argparse.Namespace, latent_channels: int, image_size: int, vae_stride: int,
+                 class_num: int) -> dict[str, Any]:
+    """MAR constructor kwargs (without ``norm_layer``) as plain values."""
+    cfg = dict(MODEL_SIZES[args.model])
+    if args.width is not None:
+        cfg["encoder_embed_dim"] = cfg["decoder_embed_dim"] = args.width
+    if args.depth is not None:
+        cfg["encoder_depth"] = cfg["decoder_depth"] = args.depth
+    if args.num_heads is not None:
+        cfg["encoder_num_heads"] = cfg["decoder_num_heads"] = args.num_heads
+    for k in ("buffer_size", "diffloss_d", "diffloss_w"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    cfg.update(img_size=image_size, vae_stride=vae_stride, patch_size=args.patch_size,
+               vae_embed_dim=latent_channels,
+               class_num=class_num, mask_ratio_min=args.mask_ratio_min, label_drop_prob=args.label_drop_prob,
+               attn_dropout=args.dropout, proj_dropout=args.dropout, num_sampling_steps=str(args.num_sampling_steps),
+               diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=bool(args.grad_checkpointing))
+    return cfg
+
+
+def build_mar(config: dict[str, Any]) -> MAR:
+    return MAR(norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **config)
+
+
+def lr_at(step: int, total_steps: int, args: argparse.Namespace) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    p = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
+    floor = args.min_lr_ratio
+    return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63 - 1)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not log_path.is_file():
+        return
+    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    log_path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
+    """Write ``{'model_ema', 'config', 'latent_scale', 'tokenizer_sha'}`` from a training checkpoint.
+
+    ``fp16`` halves the file (:func:`demo.registry.load_demo_mar` loads it into an fp32 model), but
+    its rounding alone is of the order of the eps precision the first sampling step needs.
+    """
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"no training checkpoint at {checkpoint}: train first (train.py "
+                                f"--output_dir {Path(checkpoint).parent}), then export")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    sd = ckpt["model_ema"]
+    if dtype == "fp16":
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    out = Path(out)
+    atomic_save(dict(model_ema=sd, config=ckpt["config"], latent_scale=ckpt["latent_scale"],
+                     tokenizer_sha=ckpt["tokenizer_sha"], step=ckpt["step"], dtype=dtype), out)
+    print(f"exported EMA weights of step {ckpt['step']} ({dtype}) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return out
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag values that would silently train something else than asked (before any work)."""
+    if not 0.0 <= args.high_t_fraction <= 1.0:
+        raise ValueError(f"--high_t_fraction must be in [0, 1], got {args.high_t_fraction}")
+    for name in ("epochs", "batch_size", "num_per_class", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    out_dir = Path(args.output_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if args.export:
+        export(ckpt_path, args.export, args.export_dtype)
+        return {}
+    check_args(args)
+
+    torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    main_proc = rank == 0
+
+    from demo.dataset import NUM_CLASSES
+    from util.latents import load_or_build_latents
+    if main_proc:
+        data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
+                                     device=device)
+    if distributed:
+        dist.barrier()
+    if not main_proc:
+        data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir)
+    mean, std, labels = data["mean"], data["std"], data["labels"]
+    scale = float(data["latent_scale"])
+    n, c, h, _ = mean.shape
+    image_size = int(data["image_size"])
+    config = model_config(args, c, image_size, image_size // h, NUM_CLASSES)
+
+    torch.manual_seed(args.seed)
+    model = build_mar(config).to(device)
+    model.diffloss.high_t_fraction = args.high_t_fraction
+    ema = ParamEMA(model, args.ema_rate, warmup=args.ema_warmup)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name or "fake_latent" in name
+         else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n} images over {world} processes give no batch of {args.batch_size}")
+    total_steps = steps_per_epoch * args.epochs
+    step = 0
+    log_path = out_dir / "log.jsonl"
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("tokenizer_sha") != data["tokenizer_sha"] or dict(ck["config"]) != config:
+            raise RuntimeError(
+                f"{ckpt_path} was trained with another tokenizer or model config; use a fresh "
+                f"--output_dir (or delete it) to start over")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema_state"])
+        opt.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        _set_rng_state(ck["rng"])
+        if main_proc:
+            print(f"resumed from {ckpt_path} at step {step} (epoch {ck['epoch']})")
+            _truncate_log(log_path, step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed:
+        dist.barrier()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if main_proc:
+        print(f"MAR {n_params / 1e6:.2f}M params; {n} latents {tuple(mean.shape[1:])}, scale {scale:.4f}; "
+              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; world {world}")
+    train_model: nn.Module = model
+    if distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(epoch: int) -> None:
+        if not main_proc:
+            return
+        atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema.full_state(),
+                         optimizer=opt.state_dict(), step=step, epoch=epoch, config=config, args=vars(args),
+                         rng=_rng_state(), latent_scale=scale, tokenizer_sha=data["tokenizer_sha"],
+                         n_params=n_params), ckpt_path)
+
+    progress = None
+    if main_proc and not args.no_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    losses: list[float] = []
+    stopped = False
+    model.train()
+    while step < total_steps and not stopped:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+        for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            torch.manual_seed(step_seed(args.seed, step, rank))
+            x = ((mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale).to(device)
+            y = labels[idx].to(device)
+            lr = lr_at(step, total_steps, args)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = train_model(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                     if args.grad_clip > 0 else torch.tensor(0.0))
+            opt.step()
+            ema.update(model)
+            step += 1
+            loss_val = loss.detach()
+            if distributed:
+                dist.all_reduce(loss_val)
+                loss_val /= world
+            loss_f = float(loss_val)
+            losses.append(loss_f)
+            if main_proc:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(dict(step=step, epoch=epoch, loss=loss_f, lr=lr,
+                                            grad_norm=float(gnorm), time=time.perf_counter() - t_start)) + "\n")
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(epoch=epoch, loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
+            if not math.isfinite(loss_f):
+                raise FloatingPointError(f"loss is {loss_f} at step {step}")
+            end_of_epoch = i == steps_per_epoch - 1
+            out_of_time = args.time_limit is not None and time.perf_counter() - t_start > 60 * args.time_limit
+            stop_now = (args.stop_after is not None and step >= args.stop_after) or out_of_time
+            if distributed:
+                flag = torch.tensor(float(stop_now), device=device)
+                dist.all_reduce(flag)
+                stop_now = bool(flag.item() > 0)
+            if step % args.save_every == 0 or end_of_epoch or stop_now or step == total_steps:
+                save(epoch + 1 if end_of_epoch else epoch)
+            if stop_now:
+                stopped = True
+                break
+    if progress is not None:
+        progress.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    if main_proc:
+        print(f"done: step {step}/{total_steps} in {time.perf_counter() - t_start:.0f}s this run")
+    return dict(step=step, losses=losses, checkpoint=str(ckpt_path), n_params=n_params)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
