@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
 from models.mar import MAR
+from util.checkpoint import atomic_save
 from util.ema import ParamEMA
 
 # Model sizes: transformer width/depth/heads and head size. ``demo`` is the shipped demo model.
@@ -150,14 +151,6 @@ def lr_at(step: int, total_steps: int, args: argparse.Namespace) -> float:
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63 - 1)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from demo.dataset import CLASS_NAMES, DEFAULT_SIZE, HELDOUT_SEED, NUM_CLASSES, TRAIN_SEED, make_split
+from util.checkpoint import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +275,7 @@ def train_classifier(out: str | os.PathLike | None = DEFAULT_CLASSIFIER_PATH, ep
     logger.info("held-out accuracy %.4f on %d images; per class: %s", heldout_accuracy, len(held_y),
                 ", ".join(f"{k}={v:.3f}" for k, v in per_class.items()))
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out)
+        out = atomic_save(ckpt, out)
         logger.info("saved %s (%.2f MB)", out, out.stat().st_size / 2 ** 20)
     return ckpt
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per_class", type=int, default=50, help="generated images per class and row")
     p.add_argument("--bsz", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=None, help=f"default: the demo default")
+    p.add_argument("--cfg", type=float, default=None, help="default: the demo default")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")

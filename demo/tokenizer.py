@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.vae import AutoencoderKL
+from util.checkpoint import atomic_save
 
 DEMO_IMAGE_SIZE = 32  # demo resolution (see the module docstring and demo/TRAINING.md)
 DEMO_VAE_CONFIG: dict[str, Any] = dict(embed_dim=4, ch_mult=(1, 2), ch=32, num_res_blocks=1, resolution=32)
@@ -71,15 +71,6 @@ def build_demo_vae(config: dict[str, Any] | None = None) -> AutoencoderKL:
 
 def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path`` and ``os.replace`` it in."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_demo_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu"

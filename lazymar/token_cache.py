@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
-from lazymar.schedules import keep_count, piecewise_constant
+from lazymar.schedules import piecewise_constant
 
 # The release's decoder retain ratios at 64 steps: (first step / 64, fraction of tokens kept).
 RELEASED_RETAIN = ((0.0, 1.0), (20 / 64, 0.6), (21 / 64, 0.5), (25 / 64, 0.4), (30 / 64, 0.15),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -24,6 +25,19 @@ logger = logging.getLogger(__name__)
 
 PRETRAINED_DIR = Path("pretrained_models")
 VAE_RELPATH = Path("vae/kl16.ckpt")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it in.
+
+    A run killed while saving leaves the previous file intact, never a truncated one under the name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 class CheckpointError(RuntimeError):

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from util.checkpoint import atomic_save
+
 DEFAULT_CACHE_DIR = Path("output/latent_cache")  # git-ignored
 
 
@@ -73,10 +75,7 @@ def load_or_build_latents(tokenizer_path: str | os.PathLike, num_per_class: int,
     mean, std, labels = encode_split(vae, num_per_class, seed, image_size)
     data = dict(mean=mean, std=std, labels=labels, latent_scale=float(scale), tokenizer_sha=sha,
                 image_size=image_size, num_per_class=int(num_per_class), seed=int(seed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    atomic_save(data, path)
     if verbose:
         print(f"encoded {len(labels)} images into {path} in {time.perf_counter() - t0:.1f}s")
     data.update(path=str(path), built=True)
