@@ -43,6 +43,7 @@ from torch.utils.data import DistributedSampler
 from models.mar import MAR
 from util.checkpoint import atomic_save
 from util.ema import ParamEMA
+from util.lr import warmup_cosine
 
 # Model sizes: transformer width/depth/heads and head size. ``demo`` is the shipped demo model.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -140,13 +141,9 @@ def build_mar(config: dict[str, Any]) -> MAR:
 
 
 def lr_at(step: int, total_steps: int, args: argparse.Namespace) -> float:
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
+    if args.lr_schedule == "constant" and step >= args.warmup_steps:
         return args.lr
-    p = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
-    floor = args.min_lr_ratio
-    return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+    return warmup_cosine(step, total_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -230,7 +227,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     main_proc = rank == 0
 
     from demo.dataset import NUM_CLASSES
-    from util.latents import load_or_build_latents
+    from util.latents import draw_latents, load_or_build_latents
     if main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
                                      device=device)
@@ -313,7 +310,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             torch.manual_seed(step_seed(args.seed, step, rank))
-            x = ((mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale).to(device)
+            x = draw_latents(mean[idx], std[idx], scale).to(device)
             y = labels[idx].to(device)
             lr = lr_at(step, total_steps, args)
             for g in opt.param_groups:

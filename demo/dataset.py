@@ -455,6 +455,11 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t / 127.5 - 1.0
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float NCHW images in [-1, 1] (clamped) -> uint8 NHWC numpy: the inverse of :func:`to_model_input`."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 class ShapesDataset(Dataset):
     """Torch dataset over a procedural split: items are (float tensor (3, H, W) in [-1, 1], label).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
+from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split, to_uint8
 from demo.fidelity import demo_metrics
 
 REFERENCE_PER_CLASS = 500
@@ -54,7 +54,7 @@ def generate(mar, vae, latent_scale: float, labels: torch.Tensor, *, num_iter: i
         if b > 0:
             timed += time.perf_counter() - t0
             timed_n += len(batch)
-        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        images.append(to_uint8(x))
     return np.concatenate(images), (timed / timed_n if timed_n else float("nan"))
 
 

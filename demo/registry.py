@@ -67,7 +67,6 @@ def load_demo(device: str | torch.device = "cpu"):
     from demo.tokenizer import load_demo_tokenizer
     mar_path, tok_path = demo_path("mar"), demo_path("tokenizer")
     _require("tokenizer", tok_path)
-    _require("mar", mar_path)
     mar = load_demo_mar(mar_path, device)
     vae, scale = load_demo_tokenizer(tok_path, device)
     from util.checkpoint import CheckpointError
@@ -94,10 +93,11 @@ def to_classifier_size(images: torch.Tensor, size: int = 64) -> torch.Tensor:
 @torch.no_grad()
 def decode_uint8(vae, tokens: torch.Tensor, latent_scale: float, size: int | None = None):
     """Scaled latents -> uint8 NHWC numpy images (optionally resized to ``size``, e.g. 64)."""
+    from demo.dataset import to_uint8
     x = vae.decode(tokens / latent_scale)
     if size is not None:
         x = to_classifier_size(x, size)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(x)
 
 
 @torch.no_grad()
@@ -113,6 +113,7 @@ def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: f
 
     from demo.classifier import load_classifier, predict
     from demo.dataset import NUM_CLASSES
+    from demo.fidelity import class_accuracy as accuracy
     settings = dict(DEMO_DEFAULTS)
     for k, v in dict(cfg=cfg, temperature=temperature, num_iter=num_iter).items():
         if v is not None:
@@ -130,7 +131,7 @@ def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: f
     imgs = np.concatenate(imgs)
     _, logits = predict(clf, imgs)
     pred = logits.argmax(1)
-    acc = float((pred == labels.numpy()).mean())
+    acc = accuracy(logits, labels.numpy())
     per = [float((pred[labels.numpy() == c] == c).mean()) for c in range(NUM_CLASSES)]
     if grid is not None:
         from PIL import Image

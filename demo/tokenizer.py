@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from models.vae import AutoencoderKL
 from util.checkpoint import atomic_save
+from util.lr import warmup_cosine
 
 DEMO_IMAGE_SIZE = 32  # demo resolution (see the module docstring and demo/TRAINING.md)
 DEMO_VAE_CONFIG: dict[str, Any] = dict(embed_dim=4, ch_mult=(1, 2), ch=32, num_res_blocks=1, resolution=32)
@@ -93,15 +94,10 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * math.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
 def measure_psnr(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 100) -> float:
     """Reconstruction PSNR (posterior mean, decoded, quantised to uint8) on uint8 NHWC images."""
-    from demo.dataset import to_model_input
+    from demo.dataset import to_model_input, to_uint8
     vae.eval()
     recs = []
     for i in range(0, len(images), batch_size):
@@ -187,12 +183,6 @@ def train_tokenizer(out: str | os.PathLike, *, num_per_class: int = 800, seed: i
         with torch.no_grad():
             vae.quant_conv.bias[vae.embed_dim:].fill_(float(logvar_init))
 
-    def lr_at(s: int) -> float:
-        if s < warmup_steps:
-            return lr * (s + 1) / warmup_steps
-        p = (s - warmup_steps) / max(1, total_steps - warmup_steps)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
     stop = False
     for epoch in range(start_epoch, epochs):
         vae.train()
@@ -203,7 +193,7 @@ def train_tokenizer(out: str | os.PathLike, *, num_per_class: int = 800, seed: i
             idx = perm[i * batch_size:(i + 1) * batch_size].numpy()
             x = to_model_input(images[idx])
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = warmup_cosine(step, total_steps, lr, warmup_steps, floor=0.1)
             loss, parts = tokenizer_loss(vae, x, kl_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
