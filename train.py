@@ -44,6 +44,7 @@ from models.mar import MAR
 from util.checkpoint import atomic_save
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
+from util.pos_embed import init_mar_pos_embed_sincos
 
 # Model sizes: transformer width/depth/heads and head size. ``demo`` is the shipped demo model.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -80,10 +81,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "latents -> 16x16 tokens of 4 dims, 256 tokens as in the released models)")
     p.add_argument("--diffusion_batch_mul", type=int, default=4)
     p.add_argument("--num_sampling_steps", default="100")
+    p.add_argument("--noise_schedule", default="cosine", choices=["cosine", "linear"],
+                   help="the head's diffusion schedule: cosine as the released models; linear samples "
+                        "stably after far less training (the demo model, see demo/TRAINING.md)")
     p.add_argument("--label_drop_prob", type=float, default=0.1)
     p.add_argument("--mask_ratio_min", type=float, default=0.7)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and projection dropout")
     p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--pos_init", default="normal", choices=["normal", "sincos"],
+                   help="start of the learned position embeddings: normal (upstream) or the 2-D sin-cos "
+                        "grid (util.pos_embed; the demo model: locality from step 0)")
     p.add_argument("--high_t_fraction", type=float, default=0.0,
                    help="fraction of head training tokens with t drawn from the last 10 diffusion steps "
                         "(models.diffloss.DiffLoss.high_t_fraction; 0 = upstream objective)")
@@ -132,7 +139,8 @@ def model_config(args: argparse.Namespace, latent_channels: int, image_size: int
                vae_embed_dim=latent_channels,
                class_num=class_num, mask_ratio_min=args.mask_ratio_min, label_drop_prob=args.label_drop_prob,
                attn_dropout=args.dropout, proj_dropout=args.dropout, num_sampling_steps=str(args.num_sampling_steps),
-               diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=bool(args.grad_checkpointing))
+               diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=bool(args.grad_checkpointing),
+               noise_schedule=args.noise_schedule)
     return cfg
 
 
@@ -242,7 +250,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = model_config(args, c, image_size, image_size // h, NUM_CLASSES)
 
     torch.manual_seed(args.seed)
-    model = build_mar(config).to(device)
+    model = build_mar(config)
+    if args.pos_init == "sincos":
+        init_mar_pos_embed_sincos(model)
+    model = model.to(device)
     model.diffloss.high_t_fraction = args.high_t_fraction
     ema = ParamEMA(model, args.ema_rate, warmup=args.ema_warmup)
     decay, no_decay = [], []

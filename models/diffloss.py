@@ -158,9 +158,9 @@ class SimpleMLPAdaLN(nn.Module):
 
 
 @lru_cache(maxsize=32)
-def respaced_diffusion(num_sampling_steps: int | str) -> GaussianDiffusion:
+def respaced_diffusion(num_sampling_steps: int | str, noise_schedule: str = "cosine") -> GaussianDiffusion:
     """The sampling process for a step count; cached because schedules are rebuilt from float64 math."""
-    return GaussianDiffusion(num_sampling_steps)
+    return GaussianDiffusion(num_sampling_steps, noise_schedule=noise_schedule)
 
 
 class DiffLoss(nn.Module):
@@ -173,18 +173,21 @@ class DiffLoss(nn.Module):
         width: MLP width.
         num_sampling_steps: respaced sampling steps (``'100'`` or ``100``).
         grad_checkpointing: checkpoint the residual blocks in training.
+        noise_schedule: ``"cosine"`` (upstream, the released models) or ``"linear"`` (our demo model).
     """
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps: int | str, grad_checkpointing: bool = False) -> None:
+                 num_sampling_steps: int | str, grad_checkpointing: bool = False,
+                 noise_schedule: str = "cosine") -> None:
         super().__init__()
         self.in_channels = target_channels
         self.net = SimpleMLPAdaLN(in_channels=target_channels, model_channels=width,
                                   out_channels=target_channels * 2, z_channels=z_channels,
                                   num_res_blocks=depth, grad_checkpointing=grad_checkpointing)
-        self.train_diffusion = GaussianDiffusion(None)
+        self.noise_schedule = noise_schedule
+        self.train_diffusion = GaussianDiffusion(None, noise_schedule=noise_schedule)
         self.num_sampling_steps = int(num_sampling_steps)
-        self.gen_diffusion = respaced_diffusion(self.num_sampling_steps)
+        self.gen_diffusion = respaced_diffusion(self.num_sampling_steps, noise_schedule)
         # Training-only knob, off by default (= the upstream objective, same random draws). The first
         # sampling step (t = 999 of the cosine schedule) multiplies the head's eps error by ~316, so a
         # short training run must predict eps there far more precisely than uniform t (0.1% of the
@@ -225,7 +228,8 @@ class DiffLoss(nn.Module):
         """
         guided = cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
-        diffusion = self.gen_diffusion if num_steps is None else respaced_diffusion(int(num_steps))
+        diffusion = (self.gen_diffusion if num_steps is None
+                     else respaced_diffusion(int(num_steps), self.noise_schedule))
         noise = _randn((n, self.in_channels), generator, z.device, initial=True)
         # Each step draws noise for the whole (doubled) batch, as upstream does; only our half is used.
         draw_rows = 2 * n if guided else n

@@ -1,4 +1,4 @@
-"""Gaussian diffusion for MAR's per-token head: cosine schedule, respacing, loss and ancestral sampling.
+"""Gaussian diffusion for MAR's per-token head: noise schedules, respacing, loss and ancestral sampling.
 
 MAR trains its head with a 1000-step cosine schedule (epsilon prediction, learned-range variance,
 loss = MSE + variational bound) and samples with the schedule respaced to fewer steps (100). This is
@@ -37,6 +37,27 @@ def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
                      for i in range(num_timesteps)], dtype=np.float64)
 
 
+def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """Betas of the DDPM linear schedule (1e-4 .. 0.02 at 1000 steps, scaled for other lengths).
+
+    Not used by the released MAR models. Its last timestep keeps ``alphabar ~ 4e-5`` instead of the
+    cosine schedule's ~2e-9, so the first sampling step weighs the head's eps error by ~0.2 instead of
+    ~316: a short training run (our demo model) samples stably with it.
+    """
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+NOISE_SCHEDULES: dict[str, Callable[[int], np.ndarray]] = {"cosine": cosine_betas, "linear": linear_betas}
+
+
+def schedule_betas(name: str, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """Betas of the named schedule (``"cosine"``, MAR's, or ``"linear"``)."""
+    if name not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise_schedule {name!r}; choose one of {sorted(NOISE_SCHEDULES)}")
+    return NOISE_SCHEDULES[name](num_timesteps)
+
+
 def space_timesteps(num_timesteps: int, section_counts: int | str) -> list[int]:
     """Timesteps kept when respacing ``num_timesteps`` to ``section_counts`` (e.g. ``"100"`` or ``"50,50"``).
 
@@ -65,11 +86,12 @@ def space_timesteps(num_timesteps: int, section_counts: int | str) -> list[int]:
 
 @dataclass
 class GaussianDiffusion:
-    """A (possibly respaced) diffusion process over the 1000-step cosine schedule.
+    """A (possibly respaced) diffusion process over a 1000-step schedule (cosine, as MAR's).
 
     Args:
         num_sampling_steps: respacing, e.g. 100 or ``"100"``; ``None`` keeps all training steps.
         num_train_timesteps: length of the underlying schedule.
+        noise_schedule: ``"cosine"`` (MAR) or ``"linear"`` (see :func:`linear_betas`).
 
     ``timestep_map[i]`` is the original timestep that respaced index ``i`` stands for; the network is
     always conditioned on original timesteps.
@@ -77,10 +99,11 @@ class GaussianDiffusion:
 
     num_sampling_steps: int | str | None = None
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+    noise_schedule: str = "cosine"
     timestep_map: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        base_alphas_cumprod = np.cumprod(1.0 - cosine_betas(self.num_train_timesteps))
+        base_alphas_cumprod = np.cumprod(1.0 - schedule_betas(self.noise_schedule, self.num_train_timesteps))
         if self.num_sampling_steps is None or self.num_sampling_steps == "":
             kept = list(range(self.num_train_timesteps))
         else:

@@ -45,6 +45,8 @@ class MAR(nn.Module):
         buffer_size: number of class-embedding ("buffer") tokens in front of the sequence.
         diffloss_d / diffloss_w: diffusion head depth and width.
         num_sampling_steps: diffusion steps at sampling time (``'100'`` or ``100``).
+        noise_schedule: the head's diffusion schedule, ``"cosine"`` as upstream (not a constructor
+            argument there; the released checkpoints use it) or ``"linear"`` (our demo model).
         diffusion_batch_mul: how many noise draws per token in training.
         grad_checkpointing: checkpoint transformer blocks in training.
     """
@@ -56,7 +58,8 @@ class MAR(nn.Module):
                  mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1, class_num: int = 1000,
                  attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
                  diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: int | str = "100",
-                 diffusion_batch_mul: int = 4, grad_checkpointing: bool = False) -> None:
+                 diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
+                 noise_schedule: str = "cosine") -> None:
         super().__init__()
         if img_size % (vae_stride * patch_size) != 0:
             raise ValueError(f"img_size {img_size} must be divisible by vae_stride*patch_size "
@@ -109,7 +112,7 @@ class MAR(nn.Module):
 
         self.diffloss = DiffLoss(target_channels=self.token_embed_dim, z_channels=decoder_embed_dim,
                                  width=diffloss_w, depth=diffloss_d, num_sampling_steps=num_sampling_steps,
-                                 grad_checkpointing=grad_checkpointing)
+                                 grad_checkpointing=grad_checkpointing, noise_schedule=noise_schedule)
         self.diffusion_batch_mul = diffusion_batch_mul
 
     def initialize_weights(self) -> None:

@@ -84,3 +84,15 @@ def test_training_loss_finite_and_masked():
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+
+def test_linear_schedule_values_and_unknown_name():
+    from models.diffusion import GaussianDiffusion, linear_betas, schedule_betas
+    b = linear_betas(1000)
+    assert b[0] == pytest.approx(1e-4) and b[-1] == pytest.approx(0.02) and len(b) == 1000
+    d = GaussianDiffusion(100, noise_schedule="linear")
+    # The property the demo model relies on: the first sampling step keeps a bounded alpha-bar.
+    assert 1e-5 < d.alphas_cumprod[-1] < 1e-4
+    assert GaussianDiffusion(100).alphas_cumprod[-1] < 1e-8  # cosine, as upstream
+    with pytest.raises(ValueError, match="noise_schedule"):
+        schedule_betas("sigmoid")

@@ -180,3 +180,35 @@ def test_bf16_and_high_t_training_runs(tiny_tokenizer, tmp_path):
     ck = torch.load(tmp_path / "bf16" / "checkpoint-last.pth", weights_only=True)
     assert ck["args"]["precision"] == "bf16" and ck["args"]["high_t_fraction"] == 0.5
     assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_linear_schedule_and_sincos_positions_train_export_and_sample(tiny_tokenizer, tmp_path):
+    out = train_mod.main(_args(tiny_tokenizer, tmp_path, "lin", noise_schedule="linear", pos_init="sincos",
+                               epochs=1))
+    assert out["step"] == 3
+    exported = tmp_path / "lin.pt"
+    train_mod.main(train_mod.get_args_parser().parse_args(
+        ["--output_dir", str(tmp_path / "lin"), "--export", str(exported)]))
+    mar = registry.load_demo_mar(exported)
+    assert mar.diffloss.noise_schedule == "linear"
+    assert mar.diffloss.gen_diffusion.noise_schedule == "linear"
+    torch.manual_seed(0)
+    tokens = mar.sample_tokens(2, num_iter=4, cfg=2.0, labels=torch.tensor([0, 1]))
+    assert torch.isfinite(tokens).all()
+
+
+def test_sincos_position_init_gives_locality():
+    from util.pos_embed import init_mar_pos_embed_sincos, sincos_2d
+    grid = sincos_2d(64, 8, 8)
+    assert grid.shape == (64, 64)
+    sim = torch.nn.functional.cosine_similarity(grid[:, None], grid[None], dim=-1).reshape(8, 8, 8, 8)
+    assert sim[3, 3, 3, 4] > sim[3, 3, 3, 7] and sim[3, 3, 4, 3] > sim[3, 3, 7, 3]  # neighbours closest
+    mar = train_mod.build_mar(dict(train_mod.MODEL_SIZES["tiny"], img_size=32, vae_stride=4, vae_embed_dim=4,
+                                   class_num=3))
+    init_mar_pos_embed_sincos(mar)
+    enc = mar.encoder_pos_embed_learned[0]
+    assert torch.equal(enc[:mar.buffer_size], torch.zeros_like(enc[:mar.buffer_size]))
+    assert torch.equal(enc[mar.buffer_size:], sincos_2d(enc.shape[-1], mar.seq_h, mar.seq_w))
+    assert torch.equal(mar.decoder_pos_embed_learned[0, mar.buffer_size:], enc[mar.buffer_size:])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(30, 4, 4)
