@@ -1,24 +1,31 @@
-"""LazyMAR's composed configuration and its named presets.
+"""The composed acceleration configuration and its named presets.
 
-A :class:`LazyMARConfig` switches each of the three caches on (a config) or off (``None``) and holds the
-refresh schedule the transformer caches share. ``PRESETS['lazymar']`` is the released method (schedules
-indexed by absolute step, as released); ``lazymar-scaled`` is the same with schedules that scale with
-the step count; the single-cache presets are the paper's ablations; ``lazymar-off`` has every cache disabled and is plain
-MAR by construction (a test holds it to that).
+An :class:`AccelConfig` switches each technique on (a config) or off (``None``): LazyMAR's three caches
+(token, condition, diffusion head) with the refresh schedule the transformer caches share, GtR's
+staged schedules (:mod:`lazymar.gtr`) and MARche's cache-aware attention (:mod:`lazymar.marche`).
+Techniques compose where they touch different parts of a step; the one conflict (MARche's attention
+and LazyMAR's token cache both choose which tokens the transformer recomputes) is rejected.
+
+``PRESETS['lazymar']`` is the released LazyMAR (schedules indexed by absolute step, as released);
+``lazymar-scaled`` scales them with the step count; the single-cache presets are the paper's
+ablations; ``lazymar-off`` has everything disabled and is plain MAR by construction (a test holds it
+to that). ``gtr*`` and ``marche*`` are GtR, MARche and their ablations, and ``+`` names combinations.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from lazymar.condition_cache import ConditionCacheConfig
+from lazymar.gtr import PAPER_STAGE_STEPS, GtRConfig
 from lazymar.head_cache import HeadCacheConfig
+from lazymar.marche import MARcheConfig
 from lazymar.schedules import is_refresh_step
 from lazymar.token_cache import TokenCacheConfig
 
 
 @dataclass(frozen=True)
-class LazyMARConfig:
-    """Which LazyMAR caches are on, and when the transformer caches refresh.
+class AccelConfig:
+    """Which acceleration techniques are on, and when LazyMAR's transformer caches refresh.
 
     Attributes:
         token_cache: encoder/decoder token reuse, or None.
@@ -31,7 +38,10 @@ class LazyMARConfig:
             out for. ``64`` reproduces the release at any ``num_iter``: its tables are indexed by absolute
             step (at 32 steps it refreshes at 0-4, 5, 14, 23 and never drops below 60% retention before
             step 20). ``None`` scales them with ``num_iter`` (progress ``step / num_iter``), identical at
-            64 steps and proportionate at others.
+            64 steps and proportionate at others. With GtR the step count is GtR's (fewer than
+            ``num_iter``), so combinations with GtR use ``None``.
+        gtr: GtR's staged orders, step schedule, head steps and FTS, or None.
+        marche: MARche's cache-aware attention and selective KV refresh, or None.
     """
 
     token_cache: TokenCacheConfig | None = field(default_factory=TokenCacheConfig)
@@ -40,8 +50,14 @@ class LazyMARConfig:
     refresh_warmup: float = 5 / 64
     refresh_interval: float = 9 / 64
     schedule_steps: int | None = 64
+    gtr: GtRConfig | None = None
+    marche: MARcheConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.marche is not None and self.token_cache is not None:
+            raise ValueError("MARche's cache-aware attention and LazyMAR's token cache both choose which "
+                             "tokens the transformer recomputes: use one of them (MARche composes with "
+                             "the condition and head caches; set token_cache=None)")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError(f"schedule_steps must be None or >= 1, got {self.schedule_steps}")
         if not 0.0 <= self.refresh_warmup <= 1.0:
@@ -61,7 +77,13 @@ class LazyMARConfig:
         return self.token_cache is not None or self.condition_cache is not None
 
 
-LAZYMAR = LazyMARConfig()
+# The LazyMAR-only name of the same configuration.
+LazyMARConfig = AccelConfig
+
+LAZYMAR = AccelConfig()
+OFF = AccelConfig(token_cache=None, condition_cache=None, head_cache=None)
+GTR = replace(OFF, gtr=GtRConfig())
+MARCHE = replace(OFF, marche=MARcheConfig())
 
 PRESETS: dict[str, LazyMARConfig] = {
     "lazymar": LAZYMAR,
@@ -69,5 +91,15 @@ PRESETS: dict[str, LazyMARConfig] = {
     "lazymar-cond": replace(LAZYMAR, token_cache=None, head_cache=None),
     "lazymar-head": replace(LAZYMAR, token_cache=None, condition_cache=None),
     "lazymar-scaled": replace(LAZYMAR, schedule_steps=None),
-    "lazymar-off": LazyMARConfig(token_cache=None, condition_cache=None, head_cache=None),
+    "lazymar-off": OFF,
+    "gtr": GTR,
+    "gtr-transformer": replace(GTR, gtr=GtRConfig(diffusion=False, fts=False)),
+    "gtr-diffusion": replace(GTR, gtr=GtRConfig(transformer=False)),
+    "gtr-nofts": replace(GTR, gtr=GtRConfig(fts=False)),
+    "gtr-paper-rates": replace(GTR, gtr=GtRConfig(stage_steps=PAPER_STAGE_STEPS)),
+    "marche": MARCHE,
+    "gtr+lazymar": replace(LAZYMAR, gtr=GtRConfig(), schedule_steps=None),
+    "marche+lazymar": replace(LAZYMAR, token_cache=None, marche=MARcheConfig(), schedule_steps=None),
+    "gtr+marche+lazymar": replace(LAZYMAR, token_cache=None, gtr=GtRConfig(), marche=MARcheConfig(),
+                                  schedule_steps=None),
 }

@@ -108,10 +108,27 @@ def _transformer_macs(s: _Shape, rows: int, known: int, enc_compute: int | None,
     return enc, dec
 
 
-def _head_macs(s: _Shape, n: int, guided: bool, head_cache) -> int:
-    """Diffusion-head MACs of one MAR step sampling ``n`` tokens (all images of the batch); the timestep
-    embedding is computed once per diffusion step for the whole batch."""
-    W, C, T = s.head_width, s.token_dim, s.head_steps
+def _marche_decoder_macs(s: _Shape, rows: int, n_base: int, n_active: int, score_layer: int) -> int:
+    """Decoder MACs of a MARche step: ``n_base`` active queries up to ``score_layer``, where the active
+    set grows to ``n_active`` (the newcomers' qkv and a second attention pass), then ``n_active``; every
+    query attends over all N positions (cached and active)."""
+    N, D, Hd = s.buffer + s.seq_len, s.dec_dim, s.dec_hidden
+    macs = score_layer * _block_macs(D, Hd, n_base, N)
+    if n_active > n_base:
+        macs += (n_base * D * 3 * D + 2 * n_base * N * D  # first pass, which scores the cached tokens
+                 + (n_active - n_base) * D * 3 * D + 2 * n_active * N * D + n_active * (D * D + 2 * D * Hd))
+    else:
+        macs += _block_macs(D, Hd, n_base, N)
+    macs += (s.dec_depth - score_layer - 1) * _block_macs(D, Hd, n_active, N)
+    return rows * macs
+
+
+def _head_macs(s: _Shape, n: int, guided: bool, head_cache, steps: int | None = None) -> int:
+    """Diffusion-head MACs of one ``DiffLoss.sample`` call on ``n`` tokens (all images of the batch) with
+    ``steps`` diffusion steps (default: the model's); the timestep embedding is computed once per
+    diffusion step for the whole batch."""
+    W, C = s.head_width, s.token_dim
+    T = s.head_steps if steps is None else steps
     rows = 2 * n if guided else n
     block = 5 * W * W  # adaLN (3W^2) + MLP (2W^2)
     final = 2 * W * W + W * 2 * C
@@ -143,36 +160,62 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
             makes FLOPs per image depend on it.
         vae: optional VAE whose decode of one latent is counted (on the meta device).
     """
-    from lazymar.policy import resolve_accel
+    from lazymar.gtr import fts_steps_split, head_steps_of
+    from lazymar.policy import AccelSteps, resolve_accel
+    from models.schedules import plain_mask_lens
     config = None if accel is None else resolve_accel(accel)
     s = _Shape.of(model)
     guided = cfg != 1.0
+    if config is None:
+        plan, steps = plain_mask_lens(num_iter, s.seq_len), None
+    else:  # the sampler's own plan: GtR's staged schedule, MARche's active set size
+        steps = AccelSteps(model, config, num_iter=num_iter, guided=guided)
+        plan = steps.mask_lens()
+    num_steps = len(plan)
     tc = config.token_cache if config else None
+    mc = config.marche if config else None
+    gtr = config.gtr if config else None
     cond_cache = config is not None and config.condition_cache is not None and guided
     head_cache = config.head_cache if config else None
     sim_layer = min(tc.similarity_layer, s.dec_depth - 1) if tc else 0
+    N = s.buffer + s.seq_len
     enc = dec = head = 0
     masked, prev_pred = s.seq_len, 0
-    for step in range(num_iter):
-        mask_len = next_mask_len(step, num_iter, s.seq_len, masked)
-        n_pred = masked if step == num_iter - 1 else masked - mask_len
+    for step, mask_len in enumerate(plan):
+        n_pred = masked if step == num_steps - 1 else masked - mask_len
         known = s.seq_len - masked
         refresh = (config is None or step == 0 or not config.caches_transformer
-                   or config.is_refresh(step, num_iter))
-        if refresh:
-            rows = (2 if guided else 1) * bsz
-            e, d = _transformer_macs(s, rows, known, None, None, sim_layer)
+                   or config.is_refresh(step, num_steps))
+        marche_full = mc is not None and (step == 0 or mc.is_refresh(step) or (cond_cache and refresh))
+        rows = (2 if guided and (refresh or not cond_cache) else 1) * bsz
+        enc_full = (marche_full or steps.active_count >= N) if mc is not None else refresh
+        incremental = (tc is not None and tc.encoder) or (mc is not None and mc.cache_encoder)
+        enc_compute = s.buffer + prev_pred if (incremental and not enc_full) else None
+        if mc is not None:
+            e, _ = _transformer_macs(s, rows, known, enc_compute, None, 0)
+            if marche_full:
+                _, d = _transformer_macs(s, rows, known, None, None, 0)
+            else:
+                n_base = n_pred + (prev_pred if mc.include_prev else 0)
+                n_active = min(N, max(steps.active_count, n_base))
+                d = rows * (s.buffer + known) * s.enc_dim * s.dec_dim  # decoder_embed
+                d += _marche_decoder_macs(s, rows, n_base, n_active, min(mc.score_layer, s.dec_depth - 1))
         else:
-            rows = (1 if cond_cache else (2 if guided else 1)) * bsz
-            enc_compute = s.buffer + prev_pred if (tc and tc.encoder) else None
             kept = None
-            if tc and tc.decoder:
-                retain = tc.retain_at(step, config.schedule_length(num_iter))
-                count = keep_count(s.buffer + s.seq_len, retain, n_pred, prev_pred, tc.extra_tokens)
-                kept = None if count >= s.buffer + s.seq_len else count
+            if tc and tc.decoder and not refresh:
+                retain = tc.retain_at(step, config.schedule_length(num_steps))
+                count = keep_count(N, retain, n_pred, prev_pred, tc.extra_tokens)
+                kept = None if count >= N else count
             e, d = _transformer_macs(s, rows, known, enc_compute, kept, sim_layer)
         enc, dec = enc + e, dec + d
-        head += _head_macs(s, n_pred * bsz, guided, head_cache)
+        if gtr is None or not gtr.diffusion:
+            head += _head_macs(s, n_pred * bsz, guided, head_cache)
+        else:
+            k = head_steps_of(step, steps.generation_steps, gtr)
+            recon = gtr.has_reconstruction and step >= steps.generation_steps
+            for n, k_i in (fts_steps_split(n_pred, k, gtr) if recon else [(n_pred, k)]):
+                if n:
+                    head += _head_macs(s, n * bsz, guided, head_cache, k_i)
         masked, prev_pred = mask_len, n_pred
     report = FlopReport()
     report.components.update(encoder=2.0 * enc / bsz, decoder=2.0 * dec / bsz, diffusion_head=2.0 * head / bsz)
@@ -251,11 +294,11 @@ def measure(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 1
 
 # --------------------------------------------------------------------------------------- CLI
 def format_table(rows: list[tuple[str, FlopReport]]) -> str:
-    head = f"{'policy':<16}" + "".join(f"{c:>16}" for c in COMPONENTS) + f"{'total':>12}{'ratio':>8}"
+    head = f"{'policy':<20}" + "".join(f"{c:>16}" for c in COMPONENTS) + f"{'total':>12}{'ratio':>8}"
     lines = [head, "-" * len(head)]
     base = rows[0][1].total
     for name, r in rows:
-        lines.append(f"{name:<16}" + "".join(f"{r.components[c] / 1e12:>15.3f}T" for c in COMPONENTS)
+        lines.append(f"{name:<20}" + "".join(f"{r.components[c] / 1e12:>15.3f}T" for c in COMPONENTS)
                      + f"{r.total / 1e12:>11.2f}T{base / r.total:>7.2f}x")
     return "\n".join(lines)
 
@@ -271,19 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_iter", type=int, default=64)
     parser.add_argument("--cfg", type=float, default=3.25)
     parser.add_argument("--num_sampling_steps", type=int, default=100)
-    parser.add_argument("--accel", default=None, choices=sorted(PRESETS),
-                        help="policy to count beside the baseline (default: baseline only)")
+    parser.add_argument("--accel", default=None, nargs="+", choices=sorted(PRESETS) + ["all"],
+                        help="policies to count beside the baseline (default: baseline only; 'all': every preset)")
     parser.add_argument("--json", action="store_true", help="print the accelerated (or baseline) report as JSON")
     args = parser.parse_args(argv)
     with torch.device("meta"):
         model = build_released(args.model, num_sampling_steps=args.num_sampling_steps)
         vae = AutoencoderKL(**KL16_CONFIG)
     rows = [("baseline", estimate(model, num_iter=args.num_iter, cfg=args.cfg, vae=vae))]
-    if args.accel:
-        rows.append((args.accel, estimate(model, num_iter=args.num_iter, cfg=args.cfg, accel=args.accel, vae=vae)))
+    names = sorted(PRESETS) if args.accel == ["all"] else (args.accel or [])
+    for name in names:
+        rows.append((name, estimate(model, num_iter=args.num_iter, cfg=args.cfg, accel=name, vae=vae)))
     if args.json:
         out = rows[-1][1].as_dict()
-        out.update(model=args.model, num_iter=args.num_iter, cfg=args.cfg, accel=args.accel,
+        out.update(model=args.model, num_iter=args.num_iter, cfg=args.cfg, accel=rows[-1][0] if names else None,
                    baseline_total_tflops=rows[0][1].total / 1e12)
         print(json.dumps(out, indent=2))
     else:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from models.blocks import Block
 from models.diffloss import DiffLoss
-from models.schedules import CFG_SCHEDULES, guidance_scale, next_mask_len
+from models.schedules import CFG_SCHEDULES, guidance_scale, plain_mask_lens
 
 MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
 
@@ -282,26 +282,26 @@ class MAR(nn.Module):
         """
         self._check_sampling_args(bsz, num_iter, cfg, cfg_schedule, labels, temperature, orders)
         if accel is None:
-            sampler: StepStrategy = PlainSteps(self)
+            sampler: StepStrategy = PlainSteps(self, num_iter)
         else:
             from lazymar.policy import make_sampler  # lazymar builds on models, not the reverse
             sampler = make_sampler(self, accel, num_iter=num_iter, cfg=cfg)
         device = self.fake_latent.device
         if orders is None:
             orders = self.sample_orders(bsz, generator, device)
-        orders = orders.to(device)
+        orders = sampler.arrange_orders(orders.to(device))
         guided = cfg != 1.0
         class_embedding = self.class_embeddings(bsz, labels.to(device) if labels is not None else None, guided)
 
         mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
         tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
-        steps = tqdm(range(num_iter), desc="MAR steps", leave=False) if progress else range(num_iter)
-        for step in steps:
+        plan = sampler.mask_lens()  # tokens left masked after each step; its length is the step count
+        steps = tqdm(plan, desc="MAR steps", leave=False) if progress else plan
+        for step, mask_len in enumerate(steps):
             # Which tokens stay masked after this step, and which are predicted now (at the last step:
             # all remaining). Known before the transformer runs, so policies can plan with it.
-            mask_len = next_mask_len(step, num_iter, self.seq_len, int(mask[0].sum()))
             mask_next = self.mask_by_order(mask_len, orders)
-            to_pred = mask if step == num_iter - 1 else mask & ~mask_next
+            to_pred = mask if step == len(plan) - 1 else mask & ~mask_next
             scale = guidance_scale(cfg, cfg_schedule, mask_len, self.seq_len)
 
             # Per-token conditions of the tokens predicted now: (n, Dd), or (2n, Dd) with guidance.
@@ -339,7 +339,14 @@ class MAR(nn.Module):
 
 
 class StepStrategy(Protocol):
-    """How one MAR step computes its conditions and samples its tokens (plain, or an acceleration policy)."""
+    """How MAR steps are scheduled, compute their conditions and sample their tokens (plain, or an
+    acceleration policy)."""
+
+    def mask_lens(self) -> list[int]:
+        """Tokens left masked after each step; its length is the number of steps."""
+
+    def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
+        """The generation orders (B, L) the steps follow (MAR generates an order from its end)."""
 
     def conditions(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, to_pred: torch.Tensor,
                    class_embedding: torch.Tensor) -> torch.Tensor:
@@ -353,8 +360,15 @@ class StepStrategy(Protocol):
 class PlainSteps:
     """The plain MAR step: the whole transformer on both guidance halves, then the full diffusion head."""
 
-    def __init__(self, model: MAR) -> None:
+    def __init__(self, model: MAR, num_iter: int) -> None:
         self.model = model
+        self.plan = plain_mask_lens(num_iter, model.seq_len)
+
+    def mask_lens(self) -> list[int]:
+        return self.plan
+
+    def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
+        return orders
 
     def conditions(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, to_pred: torch.Tensor,
                    class_embedding: torch.Tensor) -> torch.Tensor:

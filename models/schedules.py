@@ -23,6 +23,16 @@ def next_mask_len(step: int, num_iter: int, seq_len: int, num_masked: int) -> in
     return max(1, min(num_masked - 1, mask_len))
 
 
+def plain_mask_lens(num_iter: int, seq_len: int) -> list[int]:
+    """MAR's whole schedule: tokens left masked after each of ``num_iter`` steps (chained
+    :func:`next_mask_len`; the last step predicts all that is left whatever its entry says)."""
+    out, masked = [], seq_len
+    for step in range(num_iter):
+        masked = next_mask_len(step, num_iter, seq_len, masked)
+        out.append(masked)
+    return out
+
+
 def guidance_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
     """Classifier-free guidance scale for a step that leaves ``mask_len`` tokens masked.
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_mar
+from lazymar.config import PRESETS
 from lazymar.flops import estimate, main, measure
 from models.mar import build_released
 from models.vae import AutoencoderKL
@@ -14,8 +15,7 @@ from models.vae import AutoencoderKL
 SMALL = dict(img_size=128, buffer_size=4, decoder_depth=5, num_sampling_steps="30")
 
 
-@pytest.mark.parametrize("accel", [None, "lazymar", "lazymar-scaled", "lazymar-token", "lazymar-cond",
-                                   "lazymar-head", "lazymar-off"])
+@pytest.mark.parametrize("accel", [None, *sorted(PRESETS)])
 @pytest.mark.parametrize("cfg, num_iter", [(3.0, 64), (1.0, 16), (2.0, 9)])
 def test_formula_equals_real_count(accel, cfg, num_iter):
     model = build_tiny_mar(**SMALL)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_mar, load_reference
-from lazymar.config import PRESETS, LazyMARConfig
+from lazymar.config import PRESETS, AccelConfig
 from lazymar.head_cache import HeadCacheConfig
-from lazymar.policy import LazyMARSteps, resolve_accel
+from lazymar.policy import AccelSteps, resolve_accel
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, is_refresh_step
 from lazymar.token_cache import RELEASED_RETAIN, EncoderCache, TokenCacheConfig, encode
 from test_reference import TOL, reference_mar, rel_err, sample_run
@@ -50,7 +50,7 @@ def test_release_baseline_64_steps_without_accel(lazy_ref):
 
 # ------------------------------------------------------------------------------- schedules
 def test_release_refresh_steps_at_64():
-    full = [s for s in range(64) if LazyMARConfig().is_refresh(s, 64)]
+    full = [s for s in range(64) if AccelConfig().is_refresh(s, 64)]
     assert full == [0, 1, 2, 3, 4, 5, 14, 23, 32, 41, 50, 59]
     assert full == [s for s in range(64) if s < 5 or (s - 5) % 9 == 0]
 
@@ -258,8 +258,8 @@ def test_unknown_preset_and_bad_types():
     lambda: TokenCacheConfig(retain=((0.5, 1.0),)),
     lambda: TokenCacheConfig(retain=((0.0, 1.5),)),
     lambda: HeadCacheConfig(interval=0.0),
-    lambda: LazyMARConfig(refresh_interval=0.0),
-    lambda: LazyMARConfig(schedule_steps=0),
+    lambda: AccelConfig(refresh_interval=0.0),
+    lambda: AccelConfig(schedule_steps=0),
 ])
 def test_config_validation(make):
     with pytest.raises(ValueError):
@@ -274,6 +274,6 @@ def test_presets_are_frozen():
 
 def test_state_is_created_per_call():
     model = lazy_model()
-    s1 = LazyMARSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
-    s2 = LazyMARSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
+    s1 = AccelSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
+    s2 = AccelSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
     assert s1.encoder_cache is not s2.encoder_cache and s1.decoder_cache is not s2.decoder_cache

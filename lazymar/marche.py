@@ -1,0 +1,208 @@
+"""MARche (arXiv 2506.12035): cache-aware attention with selective KV refresh in MAR's decoder.
+
+Each MAR step splits the decoder's positions (buffer + tokens) into an **active** set, which is
+recomputed (queries, keys, values, MLP) in every block, and a **cached** set, which only contributes
+the keys/values cached when it was last active. Active queries attend to the two sets kept in
+separate buffers; the two partial softmax attentions are merged exactly with their log-sum-exps
+(:func:`merge_partials`), so the result equals attention over the concatenation. Fresh keys/values
+(and each block's input, for tokens that join later) are written back to the cache.
+
+Active set: the tokens generated now and (``include_prev``) those generated at the previous step,
+whose inputs just changed. At block ``score_layer`` the attention of the tokens generated now to the
+cached tokens is aggregated over heads and queries; the most-attended cached tokens join the active
+set (their input at that block is the cached one) so that it holds ``active_fraction`` of the tokens.
+Every ``refresh_every`` MAR steps everything is recomputed. With ``active_fraction = 1`` every token
+is active from the first block on and nothing is cached: plain MAR up to the order of floating-point
+sums (a test holds it to that).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
+from lazymar.schedules import scaled_count
+
+
+@dataclass(frozen=True)
+class MARcheConfig:
+    """MARche settings. The paper fixes a 64-token active set on 256 tokens and a full refresh every 3
+    steps; what it leaves open is a field here.
+
+    Attributes:
+        active_fraction: active set size as a fraction of the image tokens (64 / 256 = 0.25); 1.0 makes
+            every position active, the buffer included.
+        refresh_every: recompute everything every this many MAR steps (step % refresh_every == 0).
+        score_layer: 0-based decoder block where cached tokens are scored and the active set grows
+            (the paper's "2nd layer" = 1). Clamped to the decoder depth - 1.
+        score_reduce: aggregation of the attention probabilities over heads and queries: ``"mean"`` or
+            ``"max"``.
+        include_prev: the tokens generated at the previous step are active (their input changed from
+            the mask token to a value).
+        cache_encoder: also cache the encoder (LazyMAR's incremental encoder: only the buffer and the
+            tokens generated at the previous step are computed on cached steps).
+    """
+
+    active_fraction: float = 0.25
+    refresh_every: int = 3
+    score_layer: int = 1
+    score_reduce: str = "mean"
+    include_prev: bool = True
+    cache_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.active_fraction <= 1.0:
+            raise ValueError(f"active_fraction must be in [0, 1], got {self.active_fraction}")
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+        if self.score_layer < 0:
+            raise ValueError(f"score_layer must be >= 0, got {self.score_layer}")
+        if self.score_reduce not in ("mean", "max"):
+            raise ValueError(f"score_reduce must be 'mean' or 'max', got {self.score_reduce!r}")
+
+    def active_count(self, seq_len: int, buffer_size: int) -> int:
+        """Active positions on a partial step: ``active_fraction`` of the image tokens (rounded half up),
+        or every position, buffer included, at ``active_fraction = 1``."""
+        if self.active_fraction >= 1.0:
+            return seq_len + buffer_size
+        return scaled_count(self.active_fraction, seq_len)
+
+    def is_refresh(self, step: int) -> bool:
+        return step % self.refresh_every == 0
+
+
+# ------------------------------------------------------------------------------------- attention
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q`` (B, H, Nq, d) over one key set (B, H, Nk, d).
+
+    Returns the normalised output (B, H, Nq, d), the log-sum-exp of the scores (B, H, Nq) and the
+    scores themselves (B, H, Nq, Nk), which the caller can turn into probabilities once the total
+    log-sum-exp is known. An empty key set gives output 0 and log-sum-exp -inf.
+    """
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if k.shape[-2] == 0:
+        return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf")), scores
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    out = torch.exp(scores.float() - lse.unsqueeze(-1)).to(v.dtype) @ v
+    return out, lse, scores
+
+
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention over the union of two key sets from their normalised partial outputs.
+
+    ``softmax([s_a, s_b]) @ [v_a; v_b] = w_a * out_a + w_b * out_b`` with
+    ``w = exp(lse_part - lse_total)`` and ``lse_total = logaddexp(lse_a, lse_b)``.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).unsqueeze(-1).to(out_a.dtype)
+    w_b = torch.exp(lse_b - lse).unsqueeze(-1).to(out_b.dtype)
+    return w_a * out_a + w_b * out_b, lse
+
+
+def heads_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) -> (B, N, H*d), the layout the block's projection takes."""
+    B, H, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * d)
+
+
+# ------------------------------------------------------------------------------------- decoder
+@dataclass
+class MARcheCache:
+    """Per decoder block, position-indexed over all N = buffer + L positions: keys/values (R, H, N, d)
+    and block inputs (R, N, D); and the last block's outputs (R, N, D)."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+    h: list[torch.Tensor] = field(default_factory=list)
+    out: torch.Tensor | None = None
+
+    def rows(self, n: int) -> "MARcheCache":
+        """View of the first ``n`` rows (the conditional half); writes go through to this cache."""
+        return MARcheCache([k[:n] for k in self.k], [v[:n] for v in self.v], [h[:n] for h in self.h],
+                           self.out[:n])
+
+
+def _slot(bufs: list[torch.Tensor], layer: int, make) -> torch.Tensor:
+    if len(bufs) == layer:
+        bufs.append(make())
+    return bufs[layer]
+
+
+def score_cached(scores: torch.Tensor, lse_total: torch.Tensor, query_rows: torch.Tensor,
+                 reduce: str) -> torch.Tensor:
+    """(R, Nc) attention mass of the chosen queries on each cached key, aggregated over heads and queries.
+
+    Args:
+        scores: (R, H, Nq, Nc) raw scores of the active queries on the cached keys.
+        lse_total: (R, H, Nq) log-sum-exp over all keys (cached and active).
+        query_rows: (R, g) indices into the Nq active queries (the tokens generated now).
+    """
+    R, H, _, Nc = scores.shape
+    idx = query_rows[:, None, :, None].expand(R, H, -1, Nc)
+    probs = torch.exp(scores.float().gather(2, idx) - lse_total.gather(2, query_rows[:, None, :].expand(R, H, -1)).unsqueeze(-1))
+    probs = probs.permute(0, 3, 1, 2).reshape(R, Nc, -1)  # (R, Nc, H*g)
+    return probs.mean(dim=-1) if reduce == "mean" else probs.amax(dim=-1)
+
+
+def marche_decode(model, x: torch.Tensor, cache: MARcheCache, config: MARcheConfig,
+                  base: torch.Tensor | None, generated: torch.Tensor | None, active_count: int) -> torch.Tensor:
+    """Decoder blocks with cache-aware attention; returns the last block's outputs (R, N, D).
+
+    Args:
+        x: (R, N, D) decoder input.
+        cache: filled by a first call with ``base=None``.
+        base: (R, nb) positions active from the first block, or None to compute every position
+            (a refresh step, which fills the cache).
+        generated: (R, g) indices into ``base`` of the tokens generated now (their attention scores the
+            cached tokens); ignored on refresh.
+        active_count: the active set size from ``score_layer`` on (at least ``nb``).
+    """
+    blocks = model.decoder_blocks
+    R, N, D = x.shape
+    if base is None:  # refresh: plain blocks, filling every buffer
+        for layer, block in enumerate(blocks):
+            q, k, v = block.qkv(x)
+            _slot(cache.h, layer, lambda: torch.empty_like(x)).copy_(x)
+            _slot(cache.k, layer, lambda: torch.empty_like(k)).copy_(k)
+            _slot(cache.v, layer, lambda: torch.empty_like(v)).copy_(v)
+            x = block.finish(x, block.attn.attend(q, k, v))
+        if cache.out is None:
+            cache.out = torch.empty_like(x)
+        cache.out.copy_(x)
+        return cache.out
+
+    score_layer = min(config.score_layer, len(blocks) - 1)
+    act = base
+    xa = gather_tokens(x, act)
+    for layer, block in enumerate(blocks):
+        q, k, v = block.qkv(xa)
+        is_active = torch.zeros(R, N, dtype=torch.bool, device=x.device).scatter_(1, act, True)
+        cached = positions(~is_active)
+        k_c, v_c = gather_heads(cache.k[layer], cached), gather_heads(cache.v[layer], cached)
+        out_c, lse_c, s_c = partial_attention(q, k_c, v_c, block.attn.scale)
+        out_a, lse_a, _ = partial_attention(q, k, v, block.attn.scale)
+        out, lse = merge_partials(out_c, lse_c, out_a, lse_a)
+        extra = active_count - act.shape[1]
+        if layer == score_layer and extra > 0 and cached.shape[1] > 0:
+            score = score_cached(s_c, lse, generated, config.score_reduce)
+            chosen = cached.gather(1, score.topk(min(extra, cached.shape[1]), dim=1).indices)
+            x_new = gather_tokens(cache.h[layer], chosen)
+            q_n, k_n, v_n = block.qkv(x_new)
+            act, xa = torch.cat([act, chosen], 1), torch.cat([xa, x_new], 1)
+            q, k, v = torch.cat([q, q_n], 2), torch.cat([k, k_n], 2), torch.cat([v, v_n], 2)
+            # The chosen tokens move from the cached to the active set: attend again over the new split.
+            is_active.scatter_(1, chosen, True)
+            cached = positions(~is_active)
+            k_c, v_c = gather_heads(cache.k[layer], cached), gather_heads(cache.v[layer], cached)
+            out_c, lse_c, _ = partial_attention(q, k_c, v_c, block.attn.scale)
+            out_a, lse_a, _ = partial_attention(q, k, v, block.attn.scale)
+            out, _ = merge_partials(out_c, lse_c, out_a, lse_a)
+        scatter_tokens(cache.h[layer], act, xa)
+        scatter_heads(cache.k[layer], act, k)
+        scatter_heads(cache.v[layer], act, v)
+        xa = block.finish(xa, heads_to_tokens(out))
+    scatter_tokens(cache.out, act, xa)
+    return cache.out
