@@ -3,7 +3,7 @@
 The demo MAR recipe (one GPU; see demo/TRAINING.md for what it reaches so far)::
 
     python train.py --model demo --num_per_class 5000 --epochs 40 --batch_size 512 --lr 1e-3 \
-        --min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --high_t_fraction 0.2 \
+        --min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --noise_schedule linear \
         --output_dir output/demo_mar
 
 Several processes: ``torchrun --standalone --nproc_per_node=N train.py ...`` (``--batch_size`` is per

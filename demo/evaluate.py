@@ -1,6 +1,7 @@
 """The demo model's speed/quality table: step count x policy -> FLOPs, CPU latency, class accuracy, demo FID.
 
     python -m demo.evaluate --steps 16 32 64 --policies none lazymar lazymar-scaled --per_class 50
+    python -m demo.evaluate --policies comparison --plot docs/demo_quality_vs_flops.png   # every method
 
 Every row generates the same class-balanced labels from the same seeds, so rows differ only by the
 policy and step count. Class accuracy and demo FID come from the demo classifier (``demo.fidelity``);
@@ -22,6 +23,8 @@ from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split, to_u
 from demo.fidelity import demo_metrics
 
 REFERENCE_PER_CLASS = 500
+# The methods compared in the README: plain MAR, each method, and the combinations.
+COMPARISON = ["none", "lazymar", "gtr", "marche", "gtr+lazymar", "marche+lazymar", "gtr+marche+lazymar"]
 
 
 @dataclass
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--policies", nargs="+", default=["none", "lazymar", "lazymar-scaled"],
-                   choices=["none", *sorted(PRESETS)])
+                   choices=["none", "comparison", *sorted(PRESETS)],
+                   help="'comparison': plain MAR, LazyMAR, GtR, MARche and their combinations")
     p.add_argument("--per_class", type=int, default=50, help="generated images per class and row")
     p.add_argument("--bsz", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and rows (.json) here")
+    p.add_argument("--plot", type=Path, default=None, help="also write the quality-vs-FLOPs plot (PNG) here")
     args = p.parse_args(argv)
+    if "comparison" in args.policies:
+        args.policies = [x for x in args.policies if x != "comparison"] + COMPARISON
     if args.threads:
         torch.set_num_threads(args.threads)
     mar, vae, scale = load_demo(args.device)
@@ -121,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images, {torch.get_num_threads()} CPU threads")
     print(header)
     print(table)
+    if args.plot:
+        from demo.plot import plot_quality_vs_flops
+        print(f"plot: {plot_quality_vs_flops(rows, args.plot)}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")

@@ -10,4 +10,5 @@ from lazymar.head_cache import HeadCacheConfig
 from lazymar.marche import MARcheConfig
 from lazymar.token_cache import TokenCacheConfig
 
-__all__ = ["PRESETS", "AccelConfig", "LazyMARConfig", "GtRConfig", "MARcheConfig", "TokenCacheConfig", "ConditionCacheConfig", "HeadCacheConfig"]
+__all__ = ["PRESETS", "AccelConfig", "LazyMARConfig", "GtRConfig", "MARcheConfig", "TokenCacheConfig",
+           "ConditionCacheConfig", "HeadCacheConfig"]

@@ -58,10 +58,10 @@ def bench(model, policies: list[str | None], *, num_iter: int, cfg: float, bsz: 
 
 
 def format_rows(rows: list[BenchRow]) -> str:
-    out = [f"{'policy':<16}{'s/image':>10}{'TFLOPs':>9}{'speedup':>9}{'FLOPs ratio':>13}{'efficiency':>12}",
-           "-" * 69]
+    out = [f"{'policy':<20}{'s/image':>10}{'TFLOPs':>9}{'speedup':>9}{'FLOPs ratio':>13}{'efficiency':>12}",
+           "-" * 73]
     for r in rows:
-        out.append(f"{r.policy:<16}{r.seconds_per_image:>10.2f}{r.tflops_per_image:>9.2f}{r.speedup:>8.2f}x"
+        out.append(f"{r.policy:<20}{r.seconds_per_image:>10.2f}{r.tflops_per_image:>9.2f}{r.speedup:>8.2f}x"
                    f"{r.flops_ratio:>12.2f}x{r.efficiency:>11.0%}")
     return "\n".join(out)
 

@@ -29,7 +29,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, keep_count
-from models.schedules import next_mask_len
 
 COMPONENTS = ("encoder", "decoder", "diffusion_head", "vae_decode")
 

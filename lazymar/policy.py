@@ -20,7 +20,7 @@ from lazymar.gtr import (fts_scores, fts_select, head_steps_of, stage_of_tokens,
 from lazymar.head_cache import head_cache_factory
 from lazymar.indexing import positions
 from lazymar.marche import MARcheCache, marche_decode
-from lazymar.schedules import keep_count, scaled_count
+from lazymar.schedules import keep_count
 from lazymar.token_cache import DecoderCache, EncoderCache, decode, encode, select_tokens, similarity_layer_of
 from models.schedules import plain_mask_lens
 
@@ -137,7 +137,9 @@ class AccelSteps:
                        or (self.marche is not None and self.marche.cache_encoder))
         if not incremental:
             return model.forward_mae_encoder(tokens, mask, class_embedding)
-        cache = self.encoder_cache if full else self.encoder_cache.rows(R)
+        # The first call allocates the buffers for all rows; later ones write the rows that run (with
+        # the condition cache, a MARche refresh can run the conditional half alone).
+        cache = self.encoder_cache if self.encoder_cache.out is None else self.encoder_cache.rows(R)
         compute = None if full else self._encoder_positions(R)
         return encode(model, tokens, mask, class_embedding, cache, compute)
 

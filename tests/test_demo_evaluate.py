@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
 from demo.evaluate import evaluate, format_markdown, generate
+from demo.plot import plot_quality_vs_flops
 from models.mar import MAR
 from models.vae import AutoencoderKL
 
@@ -40,13 +41,19 @@ def test_generation_is_independent_of_batch_layout(tiny_generator):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_table_rows(tiny_generator):
+def test_table_rows_and_plot(tiny_generator, tmp_path):
     mar, vae, scale = tiny_generator
     reference, _ = make_split(5, HELDOUT_SEED)
-    rows = evaluate(mar, vae, scale, steps=[8], policies=[None, "lazymar"], per_class=2, sampling=SAMPLING,
-                    bsz=12, seed=0, classifier_path=CLASSIFIER, reference=reference)
-    assert [r.policy for r in rows] == ["plain", "lazymar"]
-    assert rows[1].tflops_per_image < rows[0].tflops_per_image
+    rows = evaluate(mar, vae, scale, steps=[8], policies=[None, "lazymar", "gtr+lazymar", "marche"], per_class=2,
+                    sampling=SAMPLING, bsz=12, seed=0, classifier_path=CLASSIFIER, reference=reference)
+    assert [r.policy for r in rows] == ["plain", "lazymar", "gtr+lazymar", "marche"]
+    assert all(r.tflops_per_image < rows[0].tflops_per_image for r in rows[1:])
     assert all(0.0 <= r.class_accuracy <= 1.0 and r.demo_fid > 0 and r.num_images == 24 for r in rows)
     table = format_markdown(rows, {"class_accuracy": 1.0, "demo_fid": 0.01})
-    assert table.count("\n") == 4 and "real held-out data" in table
+    assert table.count("\n") == 6 and "real held-out data" in table
+    path = plot_quality_vs_flops(rows, tmp_path / "plot.png", size=(400, 300))
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.size == (400, 300) and len(set(im.getdata())) > 3  # axes, points and legend drawn
+    with pytest.raises(ValueError):
+        plot_quality_vs_flops([], tmp_path / "empty.png")

@@ -9,13 +9,14 @@ import torch
 
 from conftest import build_tiny_mar
 from lazymar.config import OFF, PRESETS, AccelConfig
-from lazymar.flops import estimate
+from lazymar.flops import estimate, measure
 from lazymar.gtr import (GtRConfig, fts_scores, fts_select, fts_steps_split, head_steps_of, stage_of_tokens,
                          stage_step_counts, staged_mask_lens, staged_orders)
 from lazymar.marche import MARcheConfig, merge_partials, partial_attention
 from lazymar.policy import AccelSteps
 from models.mar import PlainSteps, build_released
 from models.schedules import plain_mask_lens
+from test_lazymar import run
 
 # 8x8 tokens + 4 buffer, 100 head steps (GtR's 50/20 steps are respacings of it).
 GTR_TINY = dict(img_size=128, buffer_size=4, decoder_depth=4, num_sampling_steps="100")
@@ -24,12 +25,6 @@ NEW_PRESETS = [p for p in PRESETS if p.startswith(("gtr", "marche"))]
 
 def model_for(**overrides):
     return build_tiny_mar(seed=0, **{**GTR_TINY, **overrides})
-
-
-def run(model, accel, num_iter=16, cfg=3.0, bsz=2, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, labels=torch.arange(bsz) % 10,
-                               accel=accel, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- GtR stages
@@ -226,10 +221,14 @@ def test_marche_partial_steps_compute_fewer_tokens_and_stay_close():
 
 def test_marche_score_choices():
     model = model_for()
-    for cfg in (MARcheConfig(score_reduce="max"), MARcheConfig(include_prev=False), MARcheConfig(score_layer=9),
-                MARcheConfig(cache_encoder=True)):
-        out = run(model, replace(OFF, marche=cfg))
-        assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all()
+    for base in (OFF, PRESETS["marche+lazymar"]):
+        for cfg in (MARcheConfig(score_reduce="max"), MARcheConfig(include_prev=False),
+                    MARcheConfig(score_layer=9), MARcheConfig(cache_encoder=True)):
+            accel = replace(base, marche=cfg)
+            out = run(model, accel)
+            assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all()
+            real = measure(model, num_iter=10, cfg=2.0, accel=accel, bsz=2)
+            assert real.components == estimate(model, num_iter=10, cfg=2.0, accel=accel, bsz=2).components
 
 
 # ------------------------------------------------------------------------------------- composition

@@ -1,0 +1,59 @@
+"""Quality vs FLOPs scatter plot of ``demo.evaluate`` rows, drawn with Pillow (no plotting dependency).
+
+One point per (policy, step count): x = TFLOPs per image (log scale), y = demo FID (lower is better),
+colour by policy, labelled with the step count. Small and plain on purpose: it goes in the README.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot_quality_vs_flops(rows, path: str | Path, size: tuple[int, int] = (720, 480)) -> Path:
+    """Write the scatter plot of ``rows`` (objects with ``policy``, ``num_iter``, ``tflops_per_image``,
+    ``demo_fid``) to ``path`` as PNG and return the path."""
+    if not rows:
+        raise ValueError("no rows to plot")
+    W, H = size
+    left, right, top, bottom = 70, 190, 20, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [math.log10(max(r.tflops_per_image, 1e-12)) for r in rows]
+    ys = [r.demo_fid for r in rows]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x0, x1 = (x0 - 0.05, x1 + 0.05) if x1 - x0 < 1e-9 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(5):  # axis ticks
+        xv, yv = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
+        tx, _ = px(xv, y0)
+        _, ty = px(x0, yv)
+        draw.text((tx - 15, H - bottom + 5), f"{10 ** xv:.3g}", fill="black")
+        draw.text((5, ty - 6), f"{yv:.3g}", fill="black")
+    draw.text((left + 120, H - 20), "TFLOPs per image (log scale)", fill="black")
+    draw.text((5, 2), "demo FID (lower is better)", fill="black")
+    policies = list(dict.fromkeys(r.policy for r in rows))
+    for r, x, y in zip(rows, xs, ys):
+        colour = PALETTE[policies.index(r.policy) % len(PALETTE)]
+        cx, cy = px(x, y)
+        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        draw.text((cx + 6, cy - 6), str(r.num_iter), fill=colour)
+    for i, name in enumerate(policies):  # legend
+        colour = PALETTE[i % len(PALETTE)]
+        draw.ellipse([W - right + 12, top + 8 + 16 * i, W - right + 20, top + 16 + 16 * i], fill=colour)
+        draw.text((W - right + 26, top + 5 + 16 * i), name, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
