@@ -84,8 +84,9 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = (q * scale) @ k.transpose(-2, -1)
     if k.shape[-2] == 0:
         return torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf")), scores
-    lse = torch.logsumexp(scores.float(), dim=-1)
-    out = torch.exp(scores.float() - lse.unsqueeze(-1)).to(v.dtype) @ v
+    scores32 = scores.float()
+    lse = torch.logsumexp(scores32, dim=-1)
+    out = torch.exp(scores32 - lse.unsqueeze(-1)).to(v.dtype) @ v
     return out, lse, scores
 
 
@@ -177,10 +178,11 @@ def marche_decode(model, x: torch.Tensor, cache: MARcheCache, config: MARcheConf
     score_layer = min(config.score_layer, len(blocks) - 1)
     act = base
     xa = gather_tokens(x, act)
+    # The split changes only at the score layer: computed once here, updated there.
+    is_active = torch.zeros(R, N, dtype=torch.bool, device=x.device).scatter_(1, act, True)
+    cached = positions(~is_active)
     for layer, block in enumerate(blocks):
         q, k, v = block.qkv(xa)
-        is_active = torch.zeros(R, N, dtype=torch.bool, device=x.device).scatter_(1, act, True)
-        cached = positions(~is_active)
         k_c, v_c = gather_heads(cache.k[layer], cached), gather_heads(cache.v[layer], cached)
         out_c, lse_c, s_c = partial_attention(q, k_c, v_c, block.attn.scale)
         out_a, lse_a, _ = partial_attention(q, k, v, block.attn.scale)
