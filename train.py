@@ -2,9 +2,9 @@
 
 The demo MAR recipe (one GPU; see demo/TRAINING.md for what it reaches so far)::
 
-    python train.py --model demo --num_per_class 5000 --epochs 40 --batch_size 512 --lr 1e-3 \
+    python train.py --model demo --num_per_class 5000 --epochs 200 --batch_size 512 --lr 1.5e-3 \
         --min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --noise_schedule linear \
-        --output_dir output/demo_mar
+        --pos_init sincos --precision bf16 --output_dir output/demo_mar
 
 Several processes: ``torchrun --standalone --nproc_per_node=N train.py ...`` (``--batch_size`` is per
 process; gloo on CPU, nccl on GPU).
@@ -91,6 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pos_init", default="normal", choices=["normal", "sincos"],
                    help="start of the learned position embeddings: normal (upstream) or the 2-D sin-cos "
                         "grid (util.pos_embed; the demo model: locality from step 0)")
+    p.add_argument("--init_from", default=None,
+                   help="start a new run from these weights (an exported mar.pt or a training checkpoint; "
+                        "its EMA weights start both the model and the EMA) instead of from scratch; the "
+                        "model config and tokenizer must match; ignored when --output_dir holds a checkpoint")
     p.add_argument("--high_t_fraction", type=float, default=0.0,
                    help="fraction of head training tokens with t drawn from the last 10 diffusion steps "
                         "(models.diffloss.DiffLoss.high_t_fraction; 0 = upstream objective)")
@@ -199,6 +203,27 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "
     return out
 
 
+def init_weights(model: MAR, path: str | os.PathLike, config: dict[str, Any], tokenizer_sha: str) -> None:
+    """Load the EMA weights of an export or training checkpoint into ``model`` (a warm start).
+
+    Why: a run can continue from weights whose optimizer state is gone (an exported ``mar.pt``), e.g.
+    to extend training in a later session; the new run gets a fresh optimizer and LR schedule.
+    """
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if "model_ema" not in ck or "config" not in ck:
+        raise ValueError(f"--init_from {path} holds {sorted(ck)}; expected an export or checkpoint of "
+                         f"train.py ('model_ema' and 'config')")
+    if dict(ck["config"]) != config:
+        diff = sorted(k for k in set(config) | set(ck["config"]) if config.get(k) != ck["config"].get(k))
+        raise ValueError(f"--init_from {path} has another model config (differs in {diff}); use the "
+                         f"model flags it was trained with")
+    if ck.get("tokenizer_sha") != tokenizer_sha:
+        raise ValueError(f"--init_from {path} was trained on the latents of another tokenizer than "
+                         f"--tokenizer; use the matching tokenizer")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model_ema"].items()},
+                          strict=True)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that would silently train something else than asked (before any work)."""
     if not 0.0 <= args.high_t_fraction <= 1.0:
@@ -208,6 +233,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.init_from and not Path(args.init_from).is_file():
+        raise FileNotFoundError(f"--init_from {args.init_from}: no such file (an exported mar.pt or a "
+                                f"checkpoint-last.pth of train.py)")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,6 +283,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         init_mar_pos_embed_sincos(model)
     model = model.to(device)
     model.diffloss.high_t_fraction = args.high_t_fraction
+    if args.init_from and not ckpt_path.is_file():
+        init_weights(model, args.init_from, config, data["tokenizer_sha"])
+        if main_proc:
+            print(f"starting from the EMA weights of {args.init_from}")
     ema = ParamEMA(model, args.ema_rate, warmup=args.ema_warmup)
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -24,9 +24,9 @@ DEMO_DEFAULTS: dict = dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperat
 REPRODUCE = {
     "tokenizer": "python -m demo.tokenizer --out pretrained_models/demo/tokenizer.pt --num_per_class 800 "
                  "--epochs 5 --batch_size 16 --lr 2e-3 --warmup_steps 100 --threads 2",
-    "mar": "python train.py --model demo --num_per_class 5000 --epochs 40 --batch_size 512 --lr 1e-3 "
+    "mar": "python train.py --model demo --num_per_class 5000 --epochs 200 --batch_size 512 --lr 1.5e-3 "
            "--min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --noise_schedule linear "
-           "--output_dir output/demo_mar && "
+           "--pos_init sincos --precision bf16 --output_dir output/demo_mar && "
            "python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt",
     "classifier": "python -m demo.classifier --out pretrained_models/demo/classifier.pt "
                   "--epochs 6 --num_per_class 2000 --seed 0",

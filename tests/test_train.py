@@ -212,3 +212,29 @@ def test_sincos_position_init_gives_locality():
     assert torch.equal(mar.decoder_pos_embed_learned[0, mar.buffer_size:], enc[mar.buffer_size:])
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d(30, 4, 4)
+
+
+def test_init_from_export_warm_starts_and_checks_config(tiny_tokenizer, tmp_path):
+    train_mod.main(_args(tiny_tokenizer, tmp_path, "first", epochs=1))
+    exported = tmp_path / "first.pt"
+    train_mod.main(train_mod.get_args_parser().parse_args(
+        ["--output_dir", str(tmp_path / "first"), "--export", str(exported)]))
+    ema = torch.load(exported, weights_only=True)["model_ema"]
+    # A tiny learning rate leaves the weights where the warm start put them.
+    out = train_mod.main(_args(tiny_tokenizer, tmp_path, "warm", epochs=1, lr=1e-12, init_from=exported))
+    assert out["step"] == 3
+    ck = torch.load(tmp_path / "warm" / "checkpoint-last.pth", weights_only=True)
+    assert ck["args"]["init_from"] == str(exported)
+    for k, v in ema.items():
+        assert torch.allclose(ck["model"][k], v, atol=1e-7), k
+    scratch = torch.load(tmp_path / "first" / "checkpoint-last.pth", weights_only=True)["model"]
+    assert any(not torch.allclose(scratch[k], v) for k, v in ema.items())  # EMA != raw weights
+
+    with pytest.raises(ValueError, match="encoder_embed_dim"):
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "wide", epochs=1, width=48, init_from=exported))
+    with pytest.raises(FileNotFoundError, match="--init_from"):
+        train_mod.main(_args(tmp_path / "no_tokenizer.pt", tmp_path, "missing", init_from=tmp_path / "no.pt"))
+    assert not (tmp_path / "missing").exists()  # checked before any work
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="model_ema"):
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "other", epochs=1, init_from=tmp_path / "other.pt"))
