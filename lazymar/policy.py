@@ -69,8 +69,7 @@ class AccelSteps:
             before = [seq_len] + self.plan[:-1]
             recon = (self.gtr is not None and self.gtr.has_reconstruction)
             self.generation_steps = sum(1 for m in before if not (recon and m <= seq_len // 2))
-        self.num_steps = num_iter = len(self.plan)
-        self.num_iter = num_iter
+        self.num_steps = len(self.plan)
         self.bsz = 0
         self.token_cache = config.token_cache
         # Without guidance there is no unconditional half: the condition cache has nothing to do.
@@ -99,7 +98,7 @@ class AccelSteps:
         self.bsz = B
         guided = class_embedding.shape[0] != B
         # LazyMAR's refresh steps (token and condition caches); without them every step is "full".
-        refresh = step == 0 or not self.config.caches_transformer or self.config.is_refresh(step, self.num_iter)
+        refresh = step == 0 or not self.config.caches_transformer or self.config.is_refresh(step, self.num_steps)
         # MARche recomputes everything on its own refresh steps, and whenever the condition cache
         # refreshes (so that the unconditional rows' keys/values never go stale).
         marche_full = self.marche is not None and (
@@ -180,7 +179,7 @@ class AccelSteps:
         tc, model = self.token_cache, self.model
         prev = self.prev_pred.repeat(to_pred.shape[0] // self.prev_pred.shape[0], 1)
         n_tokens = model.seq_len + model.buffer_size
-        retain = tc.retain_at(step, self.config.schedule_length(self.num_iter))
+        retain = tc.retain_at(step, self.config.schedule_length(self.num_steps))
         count = keep_count(n_tokens, retain, int(to_pred[0].sum()),
                            int(prev[0].sum()), tc.extra_tokens)
         if count >= n_tokens:
