@@ -88,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_ratio_min", type=float, default=0.7)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and projection dropout")
     p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks and the DiffLoss MLP in place (checkpoint keys "
+                        "unchanged; the first steps are slow while it compiles)")
     p.add_argument("--pos_init", default="normal", choices=["normal", "sincos"],
                    help="start of the learned position embeddings: normal (upstream) or the 2-D sin-cos "
                         "grid (util.pos_embed; the demo model: locality from step 0)")
@@ -120,6 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--time_limit", type=float, default=None, help="stop (after saving) after this many minutes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--log_every", type=int, default=20,
+                   help="read losses back from the device every N steps (one sync; the log still has one "
+                        "line per step); also how often a multi-process run checks --time_limit")
     p.add_argument("--export", default=None, help="write the EMA weights of the last checkpoint here and exit")
     p.add_argument("--export_dtype", default="fp32", choices=["fp16", "fp32"],
                    help="fp32 by default: the first sampling step amplifies head errors ~316x")
@@ -150,6 +156,23 @@ def model_config(args: argparse.Namespace, latent_channels: int, image_size: int
 
 def build_mar(config: dict[str, Any]) -> MAR:
     return MAR(norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **config)
+
+
+def compile_for_training(model: MAR) -> None:
+    """``torch.compile`` the parts of ``model`` that do the work, in place (``nn.Module.compile``).
+
+    Why these parts: the DiffLoss MLP runs on every token ``diffusion_batch_mul`` times with fixed
+    shapes and is a chain of small matmuls and elementwise ops (adaLN modulation, SiLU, LayerNorm)
+    that the compiler fuses; the blocks are compiled one by one (each is one graph) rather than the
+    whole model, whose encoder gathers a data-dependent number of kept tokens. The encoder blocks see
+    that number change every step, so they are compiled with dynamic shapes. In-place compilation
+    keeps ``state_dict`` keys as they are, so checkpoints, resume and export do not change.
+    """
+    model.diffloss.net.compile()
+    for block in model.encoder_blocks:
+        block.compile(dynamic=True)
+    for block in model.decoder_blocks:
+        block.compile()
 
 
 def lr_at(step: int, total_steps: int, args: argparse.Namespace) -> float:
@@ -228,7 +251,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that would silently train something else than asked (before any work)."""
     if not 0.0 <= args.high_t_fraction <= 1.0:
         raise ValueError(f"--high_t_fraction must be in [0, 1], got {args.high_t_fraction}")
-    for name in ("epochs", "batch_size", "num_per_class", "threads"):
+    for name in ("epochs", "batch_size", "num_per_class", "threads", "log_every", "save_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
@@ -293,7 +316,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name or "fake_latent" in name
          else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")  # one kernel for all parameters on GPU
 
     sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
@@ -325,6 +349,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if main_proc:
         print(f"MAR {n_params / 1e6:.2f}M params; {n} latents {tuple(mean.shape[1:])}, scale {scale:.4f}; "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; world {world}")
+    if args.compile:
+        compile_for_training(model)
     train_model: nn.Module = model
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -344,6 +370,34 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     t_start = time.perf_counter()
     losses: list[float] = []
+    pending: list[tuple[int, int, float, float, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        """Write the pending steps to the log in one device sync, then check them for NaN/inf.
+
+        Why batched: reading a loss (``float(loss)``) waits for the GPU to finish the step, so a
+        read every step stops the host from queueing the next step's kernels while the GPU works;
+        the small demo model is launch-bound, so that wait is a large share of each step.
+        """
+        if not pending:
+            return
+        vals = torch.stack([torch.stack([lo.float(), gn.float()]) for *_, lo, gn in pending])
+        if distributed:
+            dist.all_reduce(vals)
+            vals /= world
+        vals = vals.tolist()
+        if main_proc:
+            with open(log_path, "a") as f:
+                for (st, ep, lr_, t, _, _), (lo, gn) in zip(pending, vals):
+                    f.write(json.dumps(dict(step=st, epoch=ep, loss=lo, lr=lr_, grad_norm=gn, time=t)) + "\n")
+            if progress is not None:
+                progress.set_postfix(epoch=pending[-1][1], loss=f"{vals[-1][0]:.4f}", lr=f"{pending[-1][2]:.2e}")
+        for (st, *_), (lo, _) in zip(pending, vals):
+            losses.append(lo)
+            if not math.isfinite(lo):
+                raise FloatingPointError(f"loss is {lo} at step {st}")
+        pending.clear()
+
     stopped = False
     model.train()
     while step < total_steps and not stopped:
@@ -363,37 +417,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                     if args.grad_clip > 0 else torch.tensor(0.0))
+                     if args.grad_clip > 0 else torch.zeros((), device=device))
             opt.step()
             ema.update(model)
             step += 1
-            loss_val = loss.detach()
-            if distributed:
-                dist.all_reduce(loss_val)
-                loss_val /= world
-            loss_f = float(loss_val)
-            losses.append(loss_f)
-            if main_proc:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(dict(step=step, epoch=epoch, loss=loss_f, lr=lr,
-                                            grad_norm=float(gnorm), time=time.perf_counter() - t_start)) + "\n")
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(epoch=epoch, loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
-            if not math.isfinite(loss_f):
-                raise FloatingPointError(f"loss is {loss_f} at step {step}")
+            pending.append((step, epoch, lr, time.perf_counter() - t_start, loss.detach(), gnorm.detach()))
+            if progress is not None:
+                progress.update(1)
             end_of_epoch = i == steps_per_epoch - 1
-            out_of_time = args.time_limit is not None and time.perf_counter() - t_start > 60 * args.time_limit
-            stop_now = (args.stop_after is not None and step >= args.stop_after) or out_of_time
-            if distributed:
-                flag = torch.tensor(float(stop_now), device=device)
-                dist.all_reduce(flag)
-                stop_now = bool(flag.item() > 0)
-            if step % args.save_every == 0 or end_of_epoch or stop_now or step == total_steps:
+            will_save = step % args.save_every == 0 or end_of_epoch or step == total_steps
+            stop_now = args.stop_after is not None and step >= args.stop_after
+            if args.time_limit is not None and (not distributed or will_save or step % args.log_every == 0):
+                out_of_time = time.perf_counter() - t_start > 60 * args.time_limit
+                if distributed:  # every rank must stop at the same step
+                    flag = torch.tensor(float(out_of_time), device=device)
+                    dist.all_reduce(flag)
+                    out_of_time = bool(flag.item() > 0)
+                stop_now = stop_now or out_of_time
+            if will_save or stop_now or step % args.log_every == 0:
+                flush()  # before saving: a checkpoint never holds a step whose loss was not finite
+            if will_save or stop_now:
                 save(epoch + 1 if end_of_epoch else epoch)
             if stop_now:
                 stopped = True
                 break
+    flush()
     if progress is not None:
         progress.close()
     if distributed:

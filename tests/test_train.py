@@ -53,7 +53,7 @@ def _args(tok: Path, tmp: Path, out: str, **kw):
             "--model", "tiny", "--epochs", "3", "--batch_size", "8", "--output_dir", str(tmp / out),
             "--no_progress", "--save_every", "2", "--warmup_steps", "2", "--dropout", "0.1"]
     for k, v in kw.items():
-        argv += [f"--{k}", str(v)]
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     return train_mod.get_args_parser().parse_args(argv)
 
 
@@ -238,3 +238,40 @@ def test_init_from_export_warm_starts_and_checks_config(tiny_tokenizer, tmp_path
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="model_ema"):
         train_mod.main(_args(tiny_tokenizer, tmp_path, "other", epochs=1, init_from=tmp_path / "other.pt"))
+
+
+def test_log_has_every_step_whatever_log_every(tiny_tokenizer, tmp_path):
+    a = train_mod.main(_args(tiny_tokenizer, tmp_path, "every1", epochs=2, log_every=1))
+    b = train_mod.main(_args(tiny_tokenizer, tmp_path, "every4", epochs=2, log_every=4))
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 6
+    lines = [json.loads(ln) for ln in (tmp_path / "every4" / "log.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [1, 2, 3, 4, 5, 6]
+    assert [ln["loss"] for ln in lines] == a["losses"]
+    assert all(ln["grad_norm"] > 0 for ln in lines)
+
+
+def test_non_finite_loss_stops_before_it_is_checkpointed(tiny_tokenizer, tmp_path, monkeypatch):
+    forward = train_mod.MAR.forward
+    calls = []
+
+    def nan_at_third(self, x, y):
+        calls.append(1)
+        loss = forward(self, x, y)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train_mod.MAR, "forward", nan_at_third)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "nan", epochs=2, log_every=20))
+    assert torch.load(tmp_path / "nan" / "checkpoint-last.pth", weights_only=True)["step"] == 2
+    assert len(_log(tmp_path / "nan" / "log.jsonl")) == 3  # the bad step is logged, not saved
+
+
+def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path):
+    # No dropout: compiled code draws its dropout masks from another random stream.
+    eager = train_mod.main(_args(tiny_tokenizer, tmp_path, "eager", epochs=1, dropout=0.0))
+    compiled = train_mod.main(_args(tiny_tokenizer, tmp_path, "compiled", epochs=1, dropout=0.0, compile=True))
+    assert torch.allclose(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-4)
+    a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "compiled" / "checkpoint-last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()  # in-place compilation: the checkpoint loads into an eager model
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -39,13 +39,20 @@ class ParamEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step; the floating parameters in two fused ``_foreach`` kernels (one launch per
+        tensor list instead of two per parameter: the demo model has ~100 small tensors)."""
         rate = self.current_rate()
+        shadows, values = [], []
         for name, value in model.state_dict().items():
             ema = self.shadow[name]
             if name in self._param_names and value.is_floating_point():
-                ema.mul_(rate).add_(value.detach().float(), alpha=1.0 - rate)
+                shadows.append(ema)
+                values.append(value.detach().float())
             else:
                 ema.copy_(value)
+        if shadows:
+            torch._foreach_mul_(shadows, rate)
+            torch._foreach_add_(shadows, values, alpha=1.0 - rate)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
