@@ -275,3 +275,7 @@ def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path):
     assert a.keys() == b.keys()  # in-place compilation: the checkpoint loads into an eager model
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+    part = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True,
+                                stop_after=2))
+    rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True))
+    assert part["losses"] + rest["losses"] == compiled["losses"]  # exact resume holds when compiled too
