@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_schedule", default=None, choices=["linear", "constant"])
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--num_sampling_steps", type=int, default=None,
-                   help="diffusion steps (released models; default 100, 20 for tiny-random; the demo has its own)")
+                   help="diffusion steps of the head (default: the model's own: 100, the demo's from its "
+                        "checkpoint; 20 for the untrained tiny-random fallback)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accel", default=None, choices=sorted(PRESETS))
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
@@ -72,7 +73,9 @@ def _load(args: argparse.Namespace) -> Generator:
             print(f"NOTICE: the demo model is not available ({e}).\n"
                   f"NOTICE: falling back to '{TINY_MODEL}', an UNTRAINED model: the grid will show noise.")
             args.model = TINY_MODEL
-    steps = args.num_sampling_steps or (20 if args.model == TINY_MODEL else 100)
+    steps = args.num_sampling_steps
+    if steps is None and args.model == TINY_MODEL:
+        steps = 20  # noise either way; keep the fallback fast
     return load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, device=args.device,
                           num_sampling_steps=steps)
 

@@ -186,8 +186,7 @@ class DiffLoss(nn.Module):
                                   num_res_blocks=depth, grad_checkpointing=grad_checkpointing)
         self.noise_schedule = noise_schedule
         self.train_diffusion = GaussianDiffusion(None, noise_schedule=noise_schedule)
-        self.num_sampling_steps = int(num_sampling_steps)
-        self.gen_diffusion = respaced_diffusion(self.num_sampling_steps, noise_schedule)
+        self.set_sampling_steps(num_sampling_steps)
         # Training-only knob, off by default (= the upstream objective, same random draws). The first
         # sampling step (t = 999 of the cosine schedule) multiplies the head's eps error by ~316, so a
         # short training run must predict eps there far more precisely than uniform t (0.1% of the
@@ -195,6 +194,11 @@ class DiffLoss(nn.Module):
         # ``high_t_window`` steps. Our demo model trains with it (see demo/TRAINING.md).
         self.high_t_fraction = 0.0
         self.high_t_window = 10
+
+    def set_sampling_steps(self, num_sampling_steps: int | str) -> None:
+        """Sample with this many respaced diffusion steps from now on (the weights do not depend on it)."""
+        self.num_sampling_steps = int(num_sampling_steps)
+        self.gen_diffusion = respaced_diffusion(self.num_sampling_steps, self.noise_schedule)
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean diffusion loss of tokens ``target`` (n, C) under conditions ``z`` (n, D), over ``mask``."""

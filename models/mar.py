@@ -322,7 +322,9 @@ class MAR(nn.Module):
             raise ValueError(f"num_iter must be >= 1, got {num_iter}")
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if temperature < 0:
+        if not cfg >= 0:  # also NaN
+            raise ValueError(f"cfg must be >= 0 (1.0 = no guidance, 0 = unconditional), got {cfg}")
+        if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if labels is not None:
             if labels.shape != (bsz,):

@@ -211,3 +211,26 @@ def test_sample_compare_has_two_differing_halves(tmp_path):
     right = arr[sample_script.LABEL_HEIGHT:, a.width:]
     assert np.array_equal(left, ref)  # the baseline half is the plain grid from the same seed
     assert not np.array_equal(left, right)  # LazyMAR changes the samples
+
+
+def test_num_sampling_steps_reaches_every_model(monkeypatch):
+    """--num_sampling_steps is applied to the demo model too (it names eval.py's output folder)."""
+    from conftest import build_tiny_mar
+    from models.vae import AutoencoderKL
+    from util import loading
+    assert loading.load_generator("tiny-random").mar.diffloss.num_sampling_steps == 100
+    gen = loading.load_generator("tiny-random", num_sampling_steps=7)
+    assert gen.mar.diffloss.num_sampling_steps == 7 and gen.mar.diffloss.gen_diffusion.num_timesteps == 7
+
+    import demo.registry
+    demo_mar = build_tiny_mar()  # its checkpoint config says 10 steps
+    monkeypatch.setattr(demo.registry, "load_demo",
+                        lambda device="cpu": (demo_mar, AutoencoderKL(**loading.TINY_VAE), 1.0))
+    assert loading.load_generator("demo").mar.diffloss.num_sampling_steps == 10  # its own by default
+    assert loading.load_generator("demo", num_sampling_steps=25).mar.diffloss.gen_diffusion.num_timesteps == 25
+    for bad in (0, -3, 1001):
+        with pytest.raises(ValueError, match="num_sampling_steps"):
+            loading.load_generator("tiny-random", num_sampling_steps=bad)
+    with pytest.raises(ValueError, match="num_sampling_steps"):
+        sample_script.main(sample_script.build_parser().parse_args(
+            ["--model", "tiny-random", "--num_sampling_steps", "0", "--out", "unused.png"]))

@@ -31,6 +31,7 @@ TINY_MODEL = "tiny-random"
 MODEL_CHOICES = (*RELEASED_MODELS, DEMO_MODEL, TINY_MODEL)
 
 TINY_SEED = 0
+DEFAULT_SAMPLING_STEPS = 100  # the head's respaced steps in the MAR papers' evaluations
 TINY_MAR = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, class_num=10,
                 encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=4,
                 decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
@@ -74,7 +75,7 @@ def _tiny_random(num_sampling_steps: int) -> tuple[MAR, AutoencoderKL]:
 
 def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str | Path | None = None,
                    use_ema: bool = True, device: str | torch.device = "cpu",
-                   num_sampling_steps: int = 100) -> Generator:
+                   num_sampling_steps: int | None = None) -> Generator:
     """Build and load a generator by name (see the module docstring).
 
     Args:
@@ -83,12 +84,17 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
         vae_path: VAE checkpoint override (released models only).
         use_ema: load the EMA weights of the MAR checkpoint (what the papers evaluate).
         device: where to put the modules.
-        num_sampling_steps: diffusion steps of the head (released and tiny models; the demo uses its own).
+        num_sampling_steps: diffusion steps of the head; ``None``: the model's own (100 for the released
+            and tiny models, the demo's from its checkpoint).
     """
     device = torch.device(device)
+    if num_sampling_steps is not None and not 1 <= num_sampling_steps <= 1000:
+        raise ValueError(f"num_sampling_steps must be in [1, 1000] (respaced from the 1000 training steps), "
+                         f"got {num_sampling_steps}")
+    steps = DEFAULT_SAMPLING_STEPS if num_sampling_steps is None else num_sampling_steps
     if model in RELEASED_MODELS:
         from util.checkpoint import load_mar_weights, load_vae_weights, mar_checkpoint_path, vae_checkpoint_path
-        mar = build_released(model, num_sampling_steps=str(num_sampling_steps))
+        mar = build_released(model, num_sampling_steps=str(steps))
         load_mar_weights(mar, ckpt if ckpt is not None else mar_checkpoint_path(model), use_ema=use_ema,
                          model_name=model)
         vae = AutoencoderKL(**KL16_CONFIG)
@@ -106,10 +112,12 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
     elif model == TINY_MODEL:
         if ckpt is not None or vae_path is not None:
             raise ValueError("tiny-random has no checkpoint; drop --ckpt / --vae_path")
-        mar, vae = _tiny_random(num_sampling_steps)
+        mar, vae = _tiny_random(steps)
         scale, is_random = VAE_LATENT_SCALE, True
     else:
         raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_CHOICES)}")
+    if num_sampling_steps is not None:
+        mar.diffloss.set_sampling_steps(num_sampling_steps)  # the demo's too: never silently ignored
     mar = mar.to(device).eval()
     vae = vae.to(device).eval()
     return Generator(mar=mar, vae=vae, latent_scale=float(scale), name=model, is_random=is_random)
