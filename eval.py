@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lazymar.config import PRESETS
+from models.schedules import check_sampling_settings
 from util.loading import DEMO_MODEL, MODEL_CHOICES, decode_images, load_generator
 from util.timing import synchronize
 
@@ -262,6 +263,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accel = accel_name(args)
     if args.num_images < 1 or args.eval_bsz < 1:
         raise SystemExit("--num_images and --eval_bsz must be >= 1")
+    check_sampling_settings(args.num_iter, args.cfg, args.cfg_schedule, args.temperature)  # before loading
     if args.fid_stats is not None and args.fid_ref_dir is not None:
         raise SystemExit("give --fid_stats or --fid_ref_dir, not both")
     if args.fid_stats is not None and not args.no_metrics:

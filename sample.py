@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lazymar.config import PRESETS
+from models.schedules import check_sampling_settings
 from util.loading import DEMO_MODEL, MODEL_CHOICES, TINY_MODEL, Generator, decode_images, load_generator
 from util.timing import synchronize
 
@@ -63,6 +64,15 @@ def _defaults(model: str) -> dict[str, Any]:
     if model == TINY_MODEL:
         return dict(num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=1.0)
     return dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's default sampling settings, overridden by the flags given."""
+    settings = _defaults(args.model)
+    for k in ("num_iter", "cfg", "cfg_schedule", "temperature"):
+        if getattr(args, k) is not None:
+            settings[k] = getattr(args, k)
+    return settings
 
 
 def _load(args: argparse.Namespace) -> Generator:
@@ -115,11 +125,9 @@ def main(args: argparse.Namespace) -> Image.Image:
     accel = "lazymar" if args.lazy_mar else args.accel
     device = torch.device(args.device)
     t_start = time.perf_counter()
+    check_sampling_settings(**_settings(args))  # before loading any weights
     gen = _load(args)
-    settings = _defaults(args.model)
-    for k in ("num_iter", "cfg", "cfg_schedule", "temperature"):
-        if getattr(args, k) is not None:
-            settings[k] = getattr(args, k)
+    settings = _settings(args)  # the model may have fallen back to tiny-random, with its own defaults
     num_classes = gen.mar.num_classes
     classes = args.classes
     if classes is None:

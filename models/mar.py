@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from models.blocks import Block
 from models.diffloss import DiffLoss
-from models.schedules import CFG_SCHEDULES, guidance_scale, plain_mask_lens
+from models.schedules import check_sampling_settings, guidance_scale, plain_mask_lens
 
 MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
 
@@ -318,14 +318,7 @@ class MAR(nn.Module):
                              orders: torch.Tensor | None) -> None:
         if bsz < 1:
             raise ValueError(f"bsz must be >= 1, got {bsz}")
-        if num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if not cfg >= 0:  # also NaN
-            raise ValueError(f"cfg must be >= 0 (1.0 = no guidance, 0 = unconditional), got {cfg}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        check_sampling_settings(num_iter, cfg, cfg_schedule, temperature)
         if labels is not None:
             if labels.shape != (bsz,):
                 raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")

@@ -234,3 +234,15 @@ def test_num_sampling_steps_reaches_every_model(monkeypatch):
     with pytest.raises(ValueError, match="num_sampling_steps"):
         sample_script.main(sample_script.build_parser().parse_args(
             ["--model", "tiny-random", "--num_sampling_steps", "0", "--out", "unused.png"]))
+
+
+@pytest.mark.parametrize("flag,value", [("num_iter", "0"), ("cfg", "-1"), ("cfg", "nan"), ("temperature", "-0.5")])
+def test_bad_sampling_flags_fail_before_loading_weights(tmp_path, flag, value):
+    """mar_huge's checkpoint is absent here: a flag error (not 'checkpoint not found') proves the order."""
+    with pytest.raises(ValueError, match=flag):
+        eval_script.main(eval_script.build_parser().parse_args(
+            ["--model", "mar_huge", f"--{flag}", value, "--output_dir", str(tmp_path)]))
+    with pytest.raises(ValueError, match=flag):
+        sample_script.main(sample_script.build_parser().parse_args(
+            ["--model", "mar_huge", f"--{flag}", value, "--out", str(tmp_path / "grid.png")]))
+    assert not any(tmp_path.iterdir())
