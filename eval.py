@@ -444,8 +444,5 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    from util.checkpoint import CheckpointError
-    try:
-        main(build_parser().parse_args())
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from util import cli
+    cli.run(main, build_parser().parse_args())

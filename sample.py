@@ -14,7 +14,6 @@ falls back to the ``tiny-random`` model (untrained: its images are noise) and sa
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -162,8 +161,5 @@ def main(args: argparse.Namespace) -> Image.Image:
 
 
 if __name__ == "__main__":
-    from util.checkpoint import CheckpointError
-    try:
-        main(build_parser().parse_args())
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from util import cli
+    cli.run(main, build_parser().parse_args())

@@ -42,6 +42,7 @@ from torch.utils.data import DistributedSampler
 
 from models.mar import MAR
 from util.checkpoint import atomic_save
+from util.cli import check_positive
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
 from util.pos_embed import init_mar_pos_embed_sincos
@@ -251,9 +252,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that would silently train something else than asked (before any work)."""
     if not 0.0 <= args.high_t_fraction <= 1.0:
         raise ValueError(f"--high_t_fraction must be in [0, 1], got {args.high_t_fraction}")
-    for name in ("epochs", "batch_size", "num_per_class", "threads", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_positive(**{name: getattr(args, name) for name in ("epochs", "batch_size", "num_per_class", "threads",
+                                                             "log_every", "save_every")})
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.init_from and not Path(args.init_from).is_file():
@@ -453,4 +453,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from util import cli
+    cli.run(main, get_args_parser().parse_args())

@@ -91,6 +91,8 @@ def format_markdown(rows: list[Row], floor: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, load_demo
     from lazymar.config import PRESETS
+    from models.schedules import check_sampling_settings
+    from util.cli import check_positive
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and rows (.json) here")
     p.add_argument("--plot", type=Path, default=None, help="also write the quality-vs-FLOPs plot (PNG) here")
     args = p.parse_args(argv)
+    check_positive(per_class=args.per_class, bsz=args.bsz, steps=min(args.steps))
+    check_sampling_settings(cfg=args.cfg, temperature=args.temperature)  # before loading anything
     if "comparison" in args.policies:
         args.policies = [x for x in args.policies if x != "comparison"] + COMPARISON
     if args.threads:
@@ -141,4 +145,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from util import cli
+    cli.run(main)

@@ -148,6 +148,9 @@ def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: f
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
+
+    from models.schedules import check_sampling_settings
+    from util.cli import check_positive
     p = argparse.ArgumentParser(description="Class accuracy (demo classifier) of demo MAR samples")
     p.add_argument("--per_class", type=int, default=10)
     p.add_argument("--cfg", type=float, nargs="+", default=[None])
@@ -157,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid", default=None, help="PNG grid path (rows = classes); '{cfg}' is filled in")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    check_positive(per_class=args.per_class, threads=args.threads)
+    for cfg in args.cfg:
+        check_sampling_settings(num_iter=args.num_iter, cfg=cfg, temperature=args.temperature)
     torch.set_num_threads(args.threads)
     for cfg in args.cfg:
         grid = args.grid.format(cfg=cfg) if args.grid else None
@@ -166,4 +172,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from util import cli
+    cli.run(main)

@@ -18,7 +18,8 @@ import torch
 from lazymar.config import PRESETS
 from lazymar.flops import estimate
 from models.mar import build_released
-from util.timing import add_sampler_args, apply_threads, median_time
+from util.cli import check_positive
+from util.timing import add_sampler_args, apply_threads, check_sampler_args, median_time
 
 
 @dataclass
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="autocast dtype on GPU (float32: no autocast)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    check_sampler_args(args)
+    check_positive(repeats=args.repeats)
+    if args.warmup_iter < 0:
+        raise ValueError(f"--warmup_iter must be >= 0, got {args.warmup_iter}")
     apply_threads(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -96,4 +101,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from util import cli
+    cli.run(main)

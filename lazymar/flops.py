@@ -305,6 +305,7 @@ def format_table(rows: list[tuple[str, FlopReport]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from lazymar.config import PRESETS
     from models.mar import MAR_FACTORIES, build_released
+    from models.schedules import check_sampling_settings
     from models.vae import KL16_CONFIG, AutoencoderKL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -317,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="policies to count beside the baseline (default: baseline only; 'all': every preset)")
     parser.add_argument("--json", action="store_true", help="print the accelerated (or baseline) report as JSON")
     args = parser.parse_args(argv)
+    check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
     with torch.device("meta"):
         model = build_released(args.model, num_sampling_steps=args.num_sampling_steps)
         vae = AutoencoderKL(**KL16_CONFIG)
@@ -337,4 +339,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from util import cli
+    cli.run(main)

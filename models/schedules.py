@@ -11,19 +11,20 @@ import numpy as np
 CFG_SCHEDULES = ("linear", "constant")
 
 
-def check_sampling_settings(num_iter: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
-    """Raise ``ValueError`` naming the first sampling setting that no schedule here can honour.
+def check_sampling_settings(num_iter: int | None = None, cfg: float | None = None,
+                            cfg_schedule: str | None = None, temperature: float | None = None) -> None:
+    """Raise ``ValueError`` naming the first given sampling setting that no schedule here can honour.
 
     One place for the rules, so that scripts can check their flags before loading gigabytes of
-    weights and the sampler checks the same ones.
+    weights and the sampler checks the same ones. Settings left ``None`` are not checked.
     """
-    if num_iter < 1:
+    if num_iter is not None and num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    if not cfg >= 0:  # also NaN
+    if cfg is not None and not cfg >= 0:  # also NaN
         raise ValueError(f"cfg must be >= 0 (1.0 = no guidance, 0 = unconditional), got {cfg}")
-    if cfg_schedule not in CFG_SCHEDULES:
+    if cfg_schedule is not None and cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if not temperature >= 0:
+    if temperature is not None and not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 

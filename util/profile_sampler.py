@@ -15,7 +15,7 @@ import torch
 
 from models.mar import build_released
 from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
-from util.timing import ComponentTimer, add_sampler_args, apply_threads, time_call
+from util.timing import ComponentTimer, add_sampler_args, apply_threads, check_sampler_args, time_call
 
 PARTS = (("forward_mae_encoder", "encoder"), ("forward_mae_decoder", "decoder"))
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sampler_args(p)
     args = p.parse_args(argv)
+    check_sampler_args(args)
     apply_threads(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -58,4 +59,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from util import cli
+    cli.run(main)

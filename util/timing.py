@@ -74,6 +74,14 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def check_sampler_args(args: argparse.Namespace) -> None:
+    """Reject the values of :func:`add_sampler_args` options that cannot run, before building a model."""
+    from models.schedules import check_sampling_settings
+    from util.cli import check_positive
+    check_positive(bsz=args.bsz, num_sampling_steps=args.num_sampling_steps)
+    check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,63 @@
+"""Scripts fail on a user's mistake with one ``error:`` line and status 1, before any heavy work."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from util import cli
+from util.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_turns_user_errors_into_one_line(capsys):
+    for err in (ValueError("bad --x"), FileNotFoundError("no file"), CheckpointError("not a MAR")):
+        def fail(err=err):
+            raise err
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(fail)
+        assert exit_info.value.code == f"error: {err}"  # printed to stderr, status 1
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda a, b: a + b, 2, 1)
+    assert exit_info.value.code == 3  # an int result is the exit status
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: {"fid": 1.0})
+    assert exit_info.value.code == 0
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        cli.run(lambda: {}["missing"])
+
+
+def test_check_positive_names_the_flag():
+    cli.check_positive(bsz=1, repeats=3)
+    with pytest.raises(ValueError, match="--repeats must be >= 1, got 0"):
+        cli.check_positive(bsz=1, repeats=0)
+
+
+@pytest.mark.parametrize("module,argv,match", [
+    ("lazymar.flops", ["--num_iter", "0"], "num_iter"),
+    ("lazymar.flops", ["--cfg", "-1"], "cfg"),
+    ("lazymar.bench", ["--repeats", "0"], "--repeats"),
+    ("lazymar.bench", ["--bsz", "0"], "--bsz"),
+    ("lazymar.bench", ["--num_iter", "0"], "num_iter"),
+    ("util.profile_sampler", ["--num_sampling_steps", "0"], "--num_sampling_steps"),
+    ("demo.evaluate", ["--steps", "16", "0"], "--steps"),
+    ("demo.evaluate", ["--per_class", "0"], "--per_class"),
+    ("demo.evaluate", ["--temperature", "-1"], "temperature"),
+    ("demo.registry", ["--cfg", "3", "-1"], "cfg"),
+    ("demo.registry", ["--per_class", "0"], "--per_class"),
+])
+def test_bad_flags_raise_before_work(module, argv, match):
+    import importlib
+    main = importlib.import_module(module).main
+    with pytest.raises(ValueError, match=match):
+        main(argv)
+
+
+def test_script_exit_status_and_message():
+    out = subprocess.run([sys.executable, "-m", "lazymar.flops", "--num_iter", "0"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip() == "error: num_iter must be >= 1, got 0"
+    assert "Traceback" not in out.stderr
