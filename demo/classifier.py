@@ -199,6 +199,11 @@ def train_classifier(out: str | os.PathLike | None = DEFAULT_CLASSIFIER_PATH, ep
     """
     if data_seed == HELDOUT_SEED:
         raise ValueError("data_seed must differ from HELDOUT_SEED (held-out data must stay unseen)")
+    from util.cli import check_positive
+    check_positive(epochs=epochs, num_per_class=num_per_class, heldout_per_class=heldout_per_class,
+                   batch_size=batch_size)  # an untrained classifier must never overwrite the shipped one
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     torch.manual_seed(seed)
@@ -330,4 +335,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from util import cli
+    cli.run(main)

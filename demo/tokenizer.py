@@ -158,12 +158,21 @@ def train_tokenizer(out: str | os.PathLike, *, num_per_class: int = 800, seed: i
         A summary dict (losses, latent_scale, recon_psnr, seconds).
     """
     from demo.dataset import HELDOUT_SEED, NUM_CLASSES, TRAIN_SEED, make_split, to_model_input
+    from util.cli import check_positive
+    check_positive(epochs=epochs, num_per_class=num_per_class, batch_size=batch_size,
+                   psnr_images=psnr_images)  # an untrained tokenizer must never overwrite the shipped one
+    if max_steps is not None:
+        check_positive(max_steps=max_steps)
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
     out = Path(out)
     state_path = out.with_name(out.name + ".train.pth")
     t0 = time.perf_counter()
     images, _ = make_split(num_per_class, TRAIN_SEED, size=image_size)
     n = len(images)
     steps_per_epoch = n // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch_size {batch_size} is larger than the {n} training images")
     total_steps = steps_per_epoch * epochs
 
     torch.manual_seed(seed)
@@ -251,4 +260,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from util import cli
+    cli.run(main)

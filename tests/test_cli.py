@@ -61,3 +61,17 @@ def test_script_exit_status_and_message():
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip() == "error: num_iter must be >= 1, got 0"
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("module,argv,match", [
+    ("demo.classifier", ["--epochs", "0"], "--epochs"),
+    ("demo.classifier", ["--lr", "0"], "--lr"),
+    ("demo.tokenizer", ["--batch_size", "0"], "--batch_size"),
+    ("demo.tokenizer", ["--num_per_class", "1", "--batch_size", "64"], "larger than the 12 training images"),
+])
+def test_demo_trainers_refuse_settings_that_write_an_untrained_checkpoint(tmp_path, module, argv, match):
+    import importlib
+    out = tmp_path / "model.pt"
+    with pytest.raises(ValueError, match=match):
+        importlib.import_module(module).main([*argv, "--out", str(out)])
+    assert not out.exists()
