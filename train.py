@@ -254,8 +254,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--high_t_fraction must be in [0, 1], got {args.high_t_fraction}")
     check_positive(**{name: getattr(args, name) for name in ("epochs", "batch_size", "num_per_class", "threads",
                                                              "log_every", "save_every")})
-    if args.lr <= 0:
+    if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("ema_rate", 0.0, 1.0), ("label_drop_prob", 0.0, 1.0),
+                         ("dropout", 0.0, 0.99), ("mask_ratio_min", 0.01, 1.0)):
+        if not lo <= getattr(args, name) <= hi:
+            raise ValueError(f"--{name} must be in [{lo}, {hi}], got {getattr(args, name)}")
+    for name in ("warmup_steps", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not Path(args.tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file; the shipped one is "
+                                f"pretrained_models/demo/tokenizer.pt (or train one: python -m demo.tokenizer)")
     if args.init_from and not Path(args.init_from).is_file():
         raise FileNotFoundError(f"--init_from {args.init_from}: no such file (an exported mar.pt or a "
                                 f"checkpoint-last.pth of train.py)")

@@ -165,7 +165,9 @@ def test_high_t_fraction(monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [("high_t_fraction", 1.5), ("high_t_fraction", -0.1),
-                                        ("batch_size", 0), ("epochs", 0), ("lr", 0)])
+                                        ("batch_size", 0), ("epochs", 0), ("lr", 0), ("log_every", 0),
+                                        ("min_lr_ratio", 2), ("ema_rate", 1.5), ("mask_ratio_min", 0),
+                                        ("warmup_steps", -1)])
 def test_bad_training_flags_fail_before_work(tmp_path, flag, value):
     args = _args(tmp_path / "missing_tokenizer.pt", tmp_path, "bad", **{flag: value})
     with pytest.raises(ValueError, match=f"--{flag}"):
@@ -233,7 +235,9 @@ def test_init_from_export_warm_starts_and_checks_config(tiny_tokenizer, tmp_path
     with pytest.raises(ValueError, match="encoder_embed_dim"):
         train_mod.main(_args(tiny_tokenizer, tmp_path, "wide", epochs=1, width=48, init_from=exported))
     with pytest.raises(FileNotFoundError, match="--init_from"):
-        train_mod.main(_args(tmp_path / "no_tokenizer.pt", tmp_path, "missing", init_from=tmp_path / "no.pt"))
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "missing", init_from=tmp_path / "no.pt"))
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        train_mod.main(_args(tmp_path / "no_tokenizer.pt", tmp_path, "missing"))
     assert not (tmp_path / "missing").exists()  # checked before any work
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="model_ema"):
