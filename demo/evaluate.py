@@ -7,6 +7,10 @@ Every row generates the same class-balanced labels from the same seeds, so rows 
 policy and step count. Class accuracy and demo FID come from the demo classifier (``demo.fidelity``);
 the "real data" row is the same measurement on held-out real images, the floor any generator can reach.
 Latency is per image on this machine, excluding the first (warm-up) batch.
+
+The full table is hours of CPU time, so a progress bar counts batches, each row is printed when done,
+and with ``--out`` the rows are saved as they finish: the same command run again (same checkpoint,
+settings and thread count) skips the rows already measured.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +44,8 @@ class Row:
 
 
 def generate(mar, vae, latent_scale: float, labels: torch.Tensor, *, num_iter: int, cfg: float,
-             cfg_schedule: str, temperature: float, accel, bsz: int, seed: int) -> tuple[np.ndarray, float]:
+             cfg_schedule: str, temperature: float, accel, bsz: int, seed: int,
+             progress=None) -> tuple[np.ndarray, float]:
     """uint8 images (N, H, W, 3) for ``labels`` and seconds per image excluding the first batch.
 
     Batch ``b`` draws all its randomness from a generator seeded with ``(seed, b)``.
@@ -58,22 +64,45 @@ def generate(mar, vae, latent_scale: float, labels: torch.Tensor, *, num_iter: i
             timed += time.perf_counter() - t0
             timed_n += len(batch)
         images.append(to_uint8(x))
+        if progress is not None:
+            progress.update(1)
     return np.concatenate(images), (timed / timed_n if timed_n else float("nan"))
 
 
 def evaluate(mar, vae, latent_scale: float, *, steps: list[int], policies: list[str | None], per_class: int,
-             sampling: dict, bsz: int, seed: int, classifier_path: str, reference: np.ndarray) -> list[Row]:
+             sampling: dict, bsz: int, seed: int, classifier_path: str, reference: np.ndarray,
+             done: list[Row] | None = None, on_row: Callable[[Row], None] | None = None,
+             progress: bool = False) -> list[Row]:
+    """One :class:`Row` per (step count, policy), in that order.
+
+    Args:
+        done: rows measured before (same model and settings); they are reused, not regenerated.
+        on_row: called with each new row as soon as it is measured (to print or save it).
+        progress: show a progress bar over the batches still to generate.
+    """
+    from tqdm.auto import tqdm
+
     from lazymar.flops import estimate
     labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES
+    known = {(r.policy, r.num_iter): r for r in done or []}
+    todo = [(n, p) for n in steps for p in policies if (p or "plain", n) not in known]
+    bar = tqdm(total=len(todo) * -(-len(labels) // bsz), desc="demo.evaluate", unit="batch", disable=not progress)
     rows = []
     for num_iter in steps:
         for policy in policies:
+            if (policy or "plain", num_iter) in known:
+                rows.append(known[policy or "plain", num_iter])
+                continue
+            bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps")
             images, seconds = generate(mar, vae, latent_scale, labels, num_iter=num_iter, accel=policy,
-                                       bsz=bsz, seed=seed, **sampling)
+                                       bsz=bsz, seed=seed, progress=bar, **sampling)
             m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference, compute_is=False)
             flops = estimate(mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
             rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
                             len(images)))
+            if on_row is not None:
+                on_row(rows[-1])
+    bar.close()
     return rows
 
 
@@ -88,9 +117,30 @@ def format_markdown(rows: list[Row], floor: dict | None) -> str:
     return "\n".join(lines)
 
 
+def load_done_rows(path: Path, identity: dict) -> list[Row]:
+    """The rows saved at ``path`` by an earlier run with the same ``identity`` (model file and settings).
+
+    Raises ``ValueError`` when ``path`` holds rows of another model or settings: mixing them into one
+    table would compare unlike things, and overwriting them would throw away hours of measurement.
+    """
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    theirs = saved.get("identity", {})
+    if theirs != identity:
+        diff = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
+        raise ValueError(f"--out {path} holds rows of another demo model or settings (differs in {diff}); "
+                         f"use another --out, or delete it to start over")
+    return [Row(**r) for r in saved["rows"]]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
     from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, load_demo
     from lazymar.config import PRESETS
+    from util.checkpoint import atomic_path
+    from util.latents import file_sha256
     from models.schedules import check_sampling_settings
     from util.cli import check_positive
 
@@ -115,32 +165,49 @@ def main(argv: list[str] | None = None) -> int:
         args.policies = [x for x in args.policies if x != "comparison"] + COMPARISON
     if args.threads:
         torch.set_num_threads(args.threads)
-    mar, vae, scale = load_demo(args.device)
     sampling = dict(cfg=DEMO_DEFAULTS["cfg"] if args.cfg is None else args.cfg,
                     cfg_schedule=DEMO_DEFAULTS["cfg_schedule"],
                     temperature=DEMO_DEFAULTS["temperature"] if args.temperature is None else args.temperature)
+    mar, vae, scale = load_demo(args.device)
+    identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]), per_class=args.per_class, bsz=args.bsz,
+                    seed=args.seed, device=args.device, threads=torch.get_num_threads(), **sampling)
+    done = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else []
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
     reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED)
     real, real_labels = make_split(args.per_class, FLOOR_SEED)
     floor = demo_metrics(real, classifier, labels=real_labels, reference=reference, compute_is=False)
-    policies = [None if x == "none" else x for x in args.policies]
-    rows = evaluate(mar, vae, scale, steps=args.steps, policies=policies, per_class=args.per_class,
-                    sampling=sampling, bsz=args.bsz, seed=args.seed, classifier_path=classifier, reference=reference)
-    table = format_markdown(rows, floor)
     header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "
               f"{sampling['cfg_schedule']}, temperature {sampling['temperature']}, reference: "
               f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images, {torch.get_num_threads()} CPU threads")
+    finished = list(done)
+
+    def save(rows: list[Row]) -> None:
+        with atomic_path(args.out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({"identity": identity, "settings": vars(args) | {"out": str(args.out)},
+                                       "floor": floor, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+
+    def on_row(row: Row) -> None:
+        finished.append(row)
+        tqdm.write(format_markdown([row], None).splitlines()[-1])
+        if args.out:
+            save(finished)
+
+    if done:
+        print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
+    policies = [None if x == "none" else x for x in args.policies]
+    rows = evaluate(mar, vae, scale, steps=args.steps, policies=policies, per_class=args.per_class,
+                    sampling=sampling, bsz=args.bsz, seed=args.seed, classifier_path=classifier, reference=reference,
+                    done=done, on_row=on_row, progress=True)
+    table = format_markdown(rows, floor)
     print(header)
     print(table)
     if args.plot:
         from demo.plot import plot_quality_vs_flops
         print(f"plot: {plot_quality_vs_flops(rows, args.plot)}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"settings": vars(args) | {"out": str(args.out)} | sampling, "floor": floor,
-             "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+        save(rows)
+        with atomic_path(args.out.with_suffix(".md")) as tmp:
+            tmp.write_text(header + "\n\n" + table + "\n")
     return 0
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
-from demo.evaluate import evaluate, format_markdown, generate
+from demo.evaluate import Row, evaluate, format_markdown, generate, load_done_rows
 from demo.plot import plot_quality_vs_flops
 from models.mar import MAR
 from models.vae import AutoencoderKL
@@ -58,3 +60,23 @@ def test_table_rows_and_plot(tiny_generator, tmp_path):
         assert im.size == (400, 300) and len(np.unique(pixels, axis=0)) > 3  # axes, points and legend drawn
     with pytest.raises(ValueError):
         plot_quality_vs_flops([], tmp_path / "empty.png")
+
+
+def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_path):
+    mar, vae, scale = tiny_generator
+    reference, _ = make_split(3, HELDOUT_SEED)
+    common = dict(per_class=1, sampling=SAMPLING, bsz=6, seed=0, classifier_path=CLASSIFIER, reference=reference)
+    earlier = Row("plain", 4, 1.0, 2.0, 0.5, 9.0, 12)  # stands for a row measured by a killed run
+    new = []
+    rows = evaluate(mar, vae, scale, steps=[4], policies=[None, "lazymar"], done=[earlier], on_row=new.append,
+                    **common)
+    assert rows[0] is earlier and [r.policy for r in rows] == ["plain", "lazymar"]
+    assert new == rows[1:]  # only the new row was generated and reported
+
+    path = tmp_path / "table.json"
+    identity = dict(mar_sha256="abc", per_class=1, cfg=2.0)
+    assert load_done_rows(path, identity) == []
+    path.write_text(json.dumps({"identity": identity, "rows": [asdict(r) for r in rows]}))
+    assert load_done_rows(path, identity) == rows
+    with pytest.raises(ValueError, match=r"differs in \['cfg'\]"):
+        load_done_rows(path, identity | {"cfg": 3.0})

@@ -15,8 +15,9 @@ import logging
 import os
 import pickle
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -27,17 +28,24 @@ PRETRAINED_DIR = Path("pretrained_models")
 VAE_RELPATH = Path("vae/kl16.ckpt")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it in.
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; it replaces ``path`` when the block ends cleanly.
 
-    A run killed while saving leaves the previous file intact, never a truncated one under the name.
+    A run killed while writing leaves the previous file intact, never a truncated one under the name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    yield tmp
     os.replace(tmp, path)
-    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 class CheckpointError(RuntimeError):
