@@ -103,7 +103,7 @@ def decode_uint8(vae, tokens: torch.Tensor, latent_scale: float, size: int | Non
 @torch.no_grad()
 def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: float | None = None,
                    num_iter: int | None = None, seed: int = 0, batch_size: int = 60,
-                   grid: str | Path | None = None, device: str = "cpu") -> dict:
+                   grid: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Sample ``per_class`` images of every class with the demo model and classify them.
 
     Samples are decoded, upsampled to 64x64 (bilinear) and fed to the demo classifier. Optionally
@@ -123,8 +123,10 @@ def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: f
     clf = load_classifier(demo_path("classifier")).to(device).eval()
     labels = torch.arange(NUM_CLASSES * per_class) % NUM_CLASSES
     gen = torch.Generator().manual_seed(seed)
+    from tqdm.auto import tqdm
     imgs = []
-    for i in range(0, len(labels), batch_size):
+    for i in tqdm(range(0, len(labels), batch_size), desc=f"cfg {settings['cfg']}", unit="batch",
+                  disable=not progress):
         lab = labels[i:i + batch_size]
         tokens = mar.sample_tokens(len(lab), labels=lab.to(device), generator=gen, **settings)
         imgs.append(decode_uint8(vae, tokens, scale, size=64))
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="PNG grid path (rows = classes); '{cfg}' is filled in")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     check_positive(per_class=args.per_class, threads=args.threads)
     for cfg in args.cfg:
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     for cfg in args.cfg:
         grid = args.grid.format(cfg=cfg) if args.grid else None
-        r = class_accuracy(args.per_class, cfg, args.temperature, args.num_iter, args.seed, grid=grid)
+        r = class_accuracy(args.per_class, cfg, args.temperature, args.num_iter, args.seed, grid=grid,
+                           device=args.device)
         print(json.dumps(dict(accuracy=r["accuracy"], n=r["n"], settings=r["settings"],
                               per_class=[round(x, 2) for x in r["per_class"]], grid=grid)), flush=True)
 
