@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
 from util.loading import DEMO_MODEL, MODEL_CHOICES, decode_images, load_generator
+from util.precision import PRECISIONS, autocast
 from util.timing import synchronize
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--num_sampling_steps", type=int, default=100, help="diffusion steps of the head")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast sampling and decoding (weights stay float32; see docs/REPRODUCING.md on "
+                        "upstream's fp16 autocast); part of the output folder name unless fp32")
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
     p.add_argument("--accel", default=None, choices=sorted(PRESETS), help="acceleration preset")
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +113,7 @@ def _fmt(x: float) -> str:
 def run_name(args: argparse.Namespace, device: torch.device) -> str:
     """Subfolder name: every setting that changes the images.
 
-    ``<model>[-ckpt<hash>][-raw]-it<num_iter>-cfg<cfg>-<schedule>-temp<T>-ds<diffusion steps>-<accel>[-<cfg hash>]
+    ``<model>[-ckpt<hash>][-raw]-it<num_iter>-cfg<cfg>-<schedule>-temp<T>-ds<diffusion steps>[-<precision>]-<accel>[-<cfg hash>]
     -bsz<eval_bsz>-<device type>-seed<seed>-n<num_images>``; ``accel`` is ``base`` without acceleration, else the
     preset name plus a hash of the preset's config ``repr`` (so editing a preset changes the folder).
     """
@@ -122,6 +126,8 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
         parts.append("raw")
     parts += [f"it{args.num_iter}", f"cfg{_fmt(args.cfg)}", args.cfg_schedule, f"temp{_fmt(args.temperature)}",
               f"ds{args.num_sampling_steps}"]
+    if args.precision != "fp32":  # fp32 folders keep the names they had before the flag existed
+        parts.append(args.precision)
     parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
     parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
     return "-".join(parts)
@@ -326,7 +332,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         g = torch.Generator(device).manual_seed(batch_seed(args.seed, b))
         synchronize(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, args.precision):
             tokens = mar.sample_tokens(len(out_paths), num_iter=args.num_iter, cfg=args.cfg,
                                        cfg_schedule=args.cfg_schedule, labels=labels,
                                        temperature=args.temperature, generator=g, accel=accel)

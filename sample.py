@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
 from util.loading import DEMO_MODEL, MODEL_CHOICES, TINY_MODEL, Generator, decode_images, load_generator
+from util.precision import PRECISIONS, autocast
 from util.timing import synchronize
 
 LABEL_HEIGHT = 24
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="baseline and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast sampling and decoding (weights stay float32)")
     p.add_argument("--ckpt", default=None, help="MAR checkpoint (released models)")
     p.add_argument("--vae_path", default=None, help="VAE checkpoint (released models)")
     return p
@@ -90,12 +93,12 @@ def _load(args: argparse.Namespace) -> Generator:
 
 
 def generate(gen: Generator, labels: torch.Tensor, settings: dict[str, Any], seed: int, accel: Any,
-             device: torch.device) -> tuple[np.ndarray, float]:
+             device: torch.device, precision: str = "fp32") -> tuple[np.ndarray, float]:
     """Images (B, H, W, 3) and seconds per image (sampling + decode)."""
     g = torch.Generator(device).manual_seed(seed)
     synchronize(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         tokens = gen.mar.sample_tokens(len(labels), num_iter=settings["num_iter"], cfg=settings["cfg"],
                                        cfg_schedule=settings["cfg_schedule"], labels=labels.to(device),
                                        temperature=settings["temperature"], generator=g, accel=accel)
@@ -138,7 +141,7 @@ def main(args: argparse.Namespace) -> Image.Image:
     print(f"{args.model}: {len(classes)} classes x {args.num_per_class}, {settings}")
 
     if not args.compare:
-        images, sec = generate(gen, labels, settings, args.seed, accel, device)
+        images, sec = generate(gen, labels, settings, args.seed, accel, device, args.precision)
         grid = make_grid(images, len(classes), args.num_per_class)
         print(f"{sec:.3f} s/image{' with ' + accel if accel else ''}")
     else:
@@ -146,7 +149,7 @@ def main(args: argparse.Namespace) -> Image.Image:
         accel = accel or "lazymar"
         halves = []
         for name, a in (("baseline", None), (accel, accel)):
-            images, sec = generate(gen, labels, settings, args.seed, a, device)
+            images, sec = generate(gen, labels, settings, args.seed, a, device, args.precision)
             flops = estimate(gen.mar, num_iter=settings["num_iter"], cfg=settings["cfg"], accel=a,
                              bsz=len(labels)).total
             print(f"{name}: {sec:.3f} s/image, {flops / 1e9:.3f} GFLOPs/image")

@@ -19,6 +19,7 @@ from lazymar.config import PRESETS
 from lazymar.flops import estimate
 from models.mar import build_released
 from util.cli import check_positive
+from util.precision import autocast
 from util.timing import add_sampler_args, apply_threads, check_sampler_args, median_time
 
 
@@ -74,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup_iter", type=int, default=4,
                    help="MAR steps of the untimed warm-up generation (0: a full-length one)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype on GPU (float32: no autocast)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     check_sampler_args(args)
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
-    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
-    with autocast:
+    with autocast(device, args.precision):
         rows = bench(model, [None, *args.policies], num_iter=args.num_iter, cfg=args.cfg, bsz=args.bsz,
                      repeats=args.repeats, device=device, warmup_iter=args.warmup_iter or None)
     if args.json:
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}, {args.num_iter} steps, batch {args.bsz}, cfg {args.cfg}, {args.num_sampling_steps} "
-          f"diffusion steps, {name}, {args.dtype}; median of {args.repeats}")
+          f"diffusion steps, {name}, {args.precision}; median of {args.repeats}")
     print(format_rows(rows))
     return 0
 

@@ -281,6 +281,10 @@ class MAR(nn.Module):
             accel: acceleration policy (``None`` = plain MAR; a preset name or config, see ``lazymar``).
         """
         self._check_sampling_args(bsz, num_iter, cfg, cfg_schedule, labels, temperature, orders)
+        if self.fake_latent.dtype != torch.float32:
+            raise TypeError(f"MAR samples with float32 weights (these are {self.fake_latent.dtype}); for bf16 or "
+                            f"fp16 speed keep them float32 and sample under torch.autocast (util.precision, "
+                            f"--precision in eval.py / sample.py)")
         if accel is None:
             sampler: StepStrategy = PlainSteps(self, num_iter)
         else:

@@ -120,13 +120,15 @@ def test_run_name_encodes_every_image_setting():
     base = ["--model", "tiny-random"]
     variants = [[], ["--model", "mar_base"], ["--num_iter", "32"], ["--cfg", "2.9"], ["--cfg_schedule", "constant"],
                 ["--temperature", "0.9"], ["--num_sampling_steps", "50"], ["--lazy_mar"], ["--accel", "lazymar-token"],
-                ["--seed", "1"], ["--num_images", "100"], ["--eval_bsz", "32"], ["--no_ema"], ["--ckpt", "x.pth"]]
+                ["--seed", "1"], ["--num_images", "100"], ["--eval_bsz", "32"], ["--no_ema"], ["--ckpt", "x.pth"],
+                ["--precision", "bf16"], ["--precision", "fp16"]]
     names = [eval_script.run_name(parse([*base, *v]), cpu) for v in variants]
     assert len(set(names)) == len(names), names
     assert eval_script.run_name(parse([*base, "--accel", "lazymar"]), cpu) == names[7]
     assert eval_script.run_name(parse(base), torch.device("cuda")) != names[0]
-    # settings that do not change images do not change the folder
+    # settings that do not change images do not change the folder (fp32 is the folder name of old runs)
     assert eval_script.run_name(parse([*base, "--no_metrics", "--output_dir", "elsewhere"]), cpu) == names[0]
+    assert eval_script.run_name(parse([*base, "--precision", "fp32"]), cpu) == names[0]
 
 
 def _random_inception_weights(path: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from models.mar import build_released
 from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
+from util.precision import autocast
 from util.timing import ComponentTimer, add_sampler_args, apply_threads, check_sampler_args, time_call
 
 PARTS = (("forward_mae_encoder", "encoder"), ("forward_mae_decoder", "decoder"))
@@ -47,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
     vae = AutoencoderKL(**KL16_CONFIG).to(device).eval()
-    profile(model, vae, bsz=args.bsz, num_iter=2, cfg=args.cfg, device=device)  # warm-up, not timed
-    seconds, total = profile(model, vae, bsz=args.bsz, num_iter=args.num_iter, cfg=args.cfg, device=device)
+    with autocast(device, args.precision):
+        profile(model, vae, bsz=args.bsz, num_iter=2, cfg=args.cfg, device=device)  # warm-up, not timed
+        seconds, total = profile(model, vae, bsz=args.bsz, num_iter=args.num_iter, cfg=args.cfg, device=device)
     print(f"{args.model}, {args.num_iter} steps, batch {args.bsz}, cfg {args.cfg}, "
-          f"{args.num_sampling_steps} diffusion steps, {device} ({torch.get_num_threads()} threads)")
+          f"{args.num_sampling_steps} diffusion steps, {device} ({torch.get_num_threads()} threads), "
+          f"{args.precision}")
     print(f"{'component':<16}{'seconds':>10}{'per image':>11}{'share':>8}")
     for name, s in seconds.items():
         print(f"{name:<16}{s:>10.2f}{s / args.bsz:>11.2f}{s / total:>8.1%}")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from util.precision import PRECISIONS
+
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued kernels so that a clock reading covers them (no-op on CPU)."""
@@ -71,6 +73,8 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--num_sampling_steps", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="autocast the sampling (weights stay float32; see util.precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

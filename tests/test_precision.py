@@ -1,0 +1,42 @@
+"""Sampling precision: float32 weights, autocast for bf16/fp16; half-precision weights are refused clearly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_mar
+from util.precision import autocast
+
+
+def test_autocast_context():
+    a, b = torch.randn(4, 8), torch.randn(8, 2)
+    with autocast("cpu", "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "fp16"):
+        assert (a @ b).dtype == torch.float16
+    with pytest.raises(ValueError, match="precision"):
+        autocast("cpu", "int8")
+
+
+@pytest.mark.parametrize("accel", [None, "lazymar", "gtr+lazymar", "marche+lazymar"])
+def test_bf16_autocast_sampling_stays_close_to_fp32(accel):
+    model = build_tiny_mar(img_size=128, buffer_size=4, decoder_depth=4, num_sampling_steps="20").eval()
+    labels = torch.tensor([0, 1])
+
+    def run(precision):
+        g = torch.Generator().manual_seed(0)
+        with autocast("cpu", precision):
+            return model.sample_tokens(2, num_iter=8, cfg=2.0, labels=labels, generator=g, accel=accel)
+    ref, low = run("fp32"), run("bf16")
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()  # tokens are carried in float32
+    assert not torch.equal(ref, low)  # the products did run in bf16
+    # Same random draws, bf16 rounding only: ~0.1% relative here, against ~140% for another seed.
+    assert (low - ref).abs().mean() < 0.02 * ref.abs().mean()
+
+
+def test_half_weights_are_refused_with_the_way_out():
+    model = build_tiny_mar().eval().to(torch.bfloat16)
+    with pytest.raises(TypeError, match="autocast"):
+        model.sample_tokens(1, num_iter=2, labels=torch.tensor([0]))
