@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, load_demo
     from lazymar.config import PRESETS
-    from util.checkpoint import atomic_path
-    from util.latents import file_sha256
     from models.schedules import check_sampling_settings
+    from util.checkpoint import atomic_path
     from util.cli import check_positive
+    from util.latents import file_sha256
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
@@ -179,18 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "
               f"{sampling['cfg_schedule']}, temperature {sampling['temperature']}, reference: "
               f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images, {torch.get_num_threads()} CPU threads")
-    finished = list(done)
+    finished = {(r.policy, r.num_iter): r for r in done}  # saved rows of other steps/policies stay saved
 
-    def save(rows: list[Row]) -> None:
+    def save() -> None:
         with atomic_path(args.out.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps({"identity": identity, "settings": vars(args) | {"out": str(args.out)},
-                                       "floor": floor, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+                                       "floor": floor, "rows": [asdict(r) for r in finished.values()]},
+                                      indent=2, default=str))
 
     def on_row(row: Row) -> None:
-        finished.append(row)
+        finished[row.policy, row.num_iter] = row
         tqdm.write(format_markdown([row], None).splitlines()[-1])
         if args.out:
-            save(finished)
+            save()
 
     if done:
         print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         from demo.plot import plot_quality_vs_flops
         print(f"plot: {plot_quality_vs_flops(rows, args.plot)}")
     if args.out:
-        save(rows)
+        save()
         with atomic_path(args.out.with_suffix(".md")) as tmp:
             tmp.write_text(header + "\n\n" + table + "\n")
     return 0
