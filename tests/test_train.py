@@ -283,3 +283,29 @@ def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path):
                                 stop_after=2))
     rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True))
     assert part["losses"] + rest["losses"] == compiled["losses"]  # exact resume holds when compiled too
+
+
+def _torchrun(tok: Path, tmp: Path, out: str, *extra: str) -> None:
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--tokenizer", str(tok), "--num_per_class", "4", "--cache_dir", str(tmp / "cache"), "--model", "tiny",
+           "--epochs", "2", "--batch_size", "4", "--no_progress", "--save_every", "2", "--log_every", "3",
+           "--output_dir", str(tmp / out), *extra]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_train_resume_and_stop_together(tiny_tokenizer, tmp_path):
+    """torchrun (gloo): the losses of a stopped and resumed run are those of an uninterrupted one, and
+    --time_limit stops every rank at the same step (else the collectives would hang)."""
+    _torchrun(tiny_tokenizer, tmp_path, "full")
+    _torchrun(tiny_tokenizer, tmp_path, "resumed", "--stop_after", "5")
+    assert len(_log(tmp_path / "resumed" / "log.jsonl")) == 5
+    _torchrun(tiny_tokenizer, tmp_path, "resumed")
+    full = _log(tmp_path / "full" / "log.jsonl")
+    assert len(full) == 12 and _log(tmp_path / "resumed" / "log.jsonl") == full
+    _torchrun(tiny_tokenizer, tmp_path, "timed", "--time_limit", "0")
+    ck = torch.load(tmp_path / "timed" / "checkpoint-last.pth", weights_only=True)
+    assert ck["step"] == 2  # the first step where ranks compare clocks: the first save
