@@ -80,7 +80,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> Generator:
     if args.model == DEMO_MODEL:
         try:
-            return load_generator(DEMO_MODEL, device=args.device)
+            return load_generator(DEMO_MODEL, ckpt=args.ckpt, vae_path=args.vae_path, device=args.device,
+                                  num_sampling_steps=args.num_sampling_steps)
         except FileNotFoundError as e:
             print(f"NOTICE: the demo model is not available ({e}).\n"
                   f"NOTICE: falling back to '{TINY_MODEL}', an UNTRAINED model: the grid will show noise.")

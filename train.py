@@ -22,7 +22,9 @@ uninterrupted run (same thread count/hardware). The RNG state is also stored (``
 
 Checkpoints (written atomically: tmp file + ``os.replace``) hold ``{'model', 'model_ema',
 'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'rng',
-'ema_state', 'latent_scale', 'tokenizer_sha'}``. Per-step losses go to ``<output_dir>/log.jsonl``.
+'ema_state', 'latent_scale', 'tokenizer_sha'}``. Per-step losses go to ``<output_dir>/log.jsonl``; its
+``time`` is seconds since the start when the step was queued (on GPU the device may still be running
+it; losses are read back every ``--log_every`` steps, and the times are exact at those points).
 """
 from __future__ import annotations
 
@@ -346,6 +348,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema_state"])
         opt.load_state_dict(ck["optimizer"])
+        for g in opt.param_groups:  # the saved groups carry the device choice of the run that saved them
+            g["fused"] = device.type == "cuda"
         step = int(ck["step"])
         _set_rng_state(ck["rng"])
         if main_proc:

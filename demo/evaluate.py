@@ -117,21 +117,30 @@ def format_markdown(rows: list[Row], floor: dict | None) -> str:
     return "\n".join(lines)
 
 
-def load_done_rows(path: Path, identity: dict) -> list[Row]:
-    """The rows saved at ``path`` by an earlier run with the same ``identity`` (model file and settings).
+def load_done_rows(path: Path, identity: dict) -> tuple[list[Row], dict[str, str]]:
+    """The rows saved at ``path`` by an earlier run with the same ``identity`` (model files and settings),
+    and the preset definitions they were measured with (to be saved again beside the new ones).
 
     Raises ``ValueError`` when ``path`` holds rows of another model or settings: mixing them into one
     table would compare unlike things, and overwriting them would throw away hours of measurement.
     """
     if not path.is_file():
-        return []
+        return [], {}
     saved = json.loads(path.read_text())
-    theirs = saved.get("identity", {})
-    if theirs != identity:
-        diff = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
+    if "identity" not in saved:
+        raise ValueError(f"--out {path} was not written by this version of demo.evaluate (no 'identity'); "
+                         f"use another --out, or delete it to start over")
+    theirs = {k: v for k, v in saved["identity"].items() if k != "presets"}
+    mine = {k: v for k, v in identity.items() if k != "presets"}
+    # A preset counts only when both runs used it: a rerun may add or drop policies.
+    shared = set(identity.get("presets", {})) & set(saved["identity"].get("presets", {}))
+    changed = sorted(p for p in shared if identity["presets"][p] != saved["identity"]["presets"][p])
+    if theirs != mine or changed:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)) + [
+            f"preset {p}" for p in changed]
         raise ValueError(f"--out {path} holds rows of another demo model or settings (differs in {diff}); "
                          f"use another --out, or delete it to start over")
-    return [Row(**r) for r in saved["rows"]]
+    return [Row(**r) for r in saved["rows"]], saved["identity"].get("presets", {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
                     cfg_schedule=DEMO_DEFAULTS["cfg_schedule"],
                     temperature=DEMO_DEFAULTS["temperature"] if args.temperature is None else args.temperature)
     mar, vae, scale = load_demo(args.device)
-    identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]), per_class=args.per_class, bsz=args.bsz,
-                    seed=args.seed, device=args.device, threads=torch.get_num_threads(), **sampling)
-    done = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else []
+    policies = [None if x == "none" else x for x in args.policies]
+    # Everything a saved row depends on: the model and classifier files, each preset's definition
+    # (editing one in lazymar/config.py changes its rows), the images and the machine that timed them.
+    identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]),
+                    classifier_sha256=file_sha256(DEMO_DIR / DEMO_FILES["classifier"]),
+                    presets={p: repr(PRESETS[p]) for p in policies if p is not None},
+                    per_class=args.per_class, bsz=args.bsz, seed=args.seed, device=args.device,
+                    threads=torch.get_num_threads(), **sampling)
+    done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
+    identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
     reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED)
     real, real_labels = make_split(args.per_class, FLOOR_SEED)
@@ -195,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if done:
         print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
-    policies = [None if x == "none" else x for x in args.policies]
     rows = evaluate(mar, vae, scale, steps=args.steps, policies=policies, per_class=args.per_class,
                     sampling=sampling, bsz=args.bsz, seed=args.seed, classifier_path=classifier, reference=reference,
                     done=done, on_row=on_row, progress=True)

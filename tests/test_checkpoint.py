@@ -120,3 +120,15 @@ def test_vae_ckpt_path_argument(tmp_path):
     torch.save({"model": src.state_dict()}, path)
     dst = AutoencoderKL(16, (1, 2), use_variational=True, ckpt_path=str(path), ch=32)
     assert torch.equal(dst.decoder.conv_out.weight, src.decoder.conv_out.weight)
+
+
+def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from util.checkpoint import atomic_path
+    target = tmp_path / "rows.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]

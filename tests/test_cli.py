@@ -1,6 +1,7 @@
 """Scripts fail on a user's mistake with one ``error:`` line and status 1, before any heavy work."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ def test_run_turns_user_errors_into_one_line(capsys):
     assert exit_info.value.code == 0
     with pytest.raises(KeyError):  # a bug keeps its traceback
         cli.run(lambda: {}["missing"])
+    with pytest.raises(json.JSONDecodeError):  # so does a ValueError raised inside a library
+        cli.run(json.loads, "{not json")
+    with pytest.raises(SystemExit, match="error: loss is nan"):
+        cli.run(lambda: (_ for _ in ()).throw(FloatingPointError("loss is nan at step 3")))
 
 
 def test_check_positive_names_the_flag():
@@ -43,17 +48,28 @@ def test_check_positive_names_the_flag():
     ("lazymar.bench", ["--bsz", "0"], "--bsz"),
     ("lazymar.bench", ["--num_iter", "0"], "num_iter"),
     ("util.profile_sampler", ["--num_sampling_steps", "0"], "--num_sampling_steps"),
+    ("util.profile_sampler", ["--num_sampling_steps", "1001"], "--num_sampling_steps"),
     ("demo.evaluate", ["--steps", "16", "0"], "--steps"),
     ("demo.evaluate", ["--per_class", "0"], "--per_class"),
     ("demo.evaluate", ["--temperature", "-1"], "temperature"),
     ("demo.registry", ["--cfg", "3", "-1"], "cfg"),
     ("demo.registry", ["--per_class", "0"], "--per_class"),
 ])
-def test_bad_flags_raise_before_work(module, argv, match):
+def test_bad_flags_raise_before_work(module, argv, match, monkeypatch):
     import importlib
-    main = importlib.import_module(module).main
+
+    import demo.registry
+    import models.mar
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the flags were checked")
+    mod = importlib.import_module(module)
+    for owner in (models.mar, demo.registry, mod):
+        for name in ("build_released", "load_demo"):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, no_model)
     with pytest.raises(ValueError, match=match):
-        main(argv)
+        mod.main(argv)
 
 
 def test_script_exit_status_and_message():

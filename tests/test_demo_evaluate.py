@@ -74,9 +74,15 @@ def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_pat
     assert new == rows[1:]  # only the new row was generated and reported
 
     path = tmp_path / "table.json"
-    identity = dict(mar_sha256="abc", per_class=1, cfg=2.0)
-    assert load_done_rows(path, identity) == []
+    identity = dict(mar_sha256="abc", per_class=1, cfg=2.0, presets={"lazymar": "LazyMAR(a=1)"})
+    assert load_done_rows(path, identity) == ([], {})
     path.write_text(json.dumps({"identity": identity, "rows": [asdict(r) for r in rows]}))
-    assert load_done_rows(path, identity) == rows
+    assert load_done_rows(path, identity) == (rows, {"lazymar": "LazyMAR(a=1)"})
+    assert load_done_rows(path, identity | {"presets": {"gtr": "GtR()"}})[0] == rows  # other presets: fine
     with pytest.raises(ValueError, match=r"differs in \['cfg'\]"):
         load_done_rows(path, identity | {"cfg": 3.0})
+    with pytest.raises(ValueError, match=r"differs in \['preset lazymar'\]"):
+        load_done_rows(path, identity | {"presets": {"lazymar": "LazyMAR(a=2)"}})  # an edited preset
+    path.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="not written by this version"):
+        load_done_rows(path, identity)

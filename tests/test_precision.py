@@ -40,3 +40,15 @@ def test_half_weights_are_refused_with_the_way_out():
     model = build_tiny_mar().eval().to(torch.bfloat16)
     with pytest.raises(TypeError, match="autocast"):
         model.sample_tokens(1, num_iter=2, labels=torch.tensor([0]))
+
+
+def test_non_finite_tokens_are_not_decoded_into_images():
+    from models.vae import AutoencoderKL
+    from util.loading import TINY_VAE, Generator, decode_images
+    gen = Generator(mar=build_tiny_mar(), vae=AutoencoderKL(**TINY_VAE).eval(), latent_scale=1.0, name="tiny",
+                    is_random=True)
+    tokens = torch.zeros(1, 16, 8, 8)
+    assert decode_images(gen, tokens).shape == (1, 32, 32, 3)
+    tokens[0, 3, 2, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        decode_images(gen, tokens)

@@ -248,3 +248,20 @@ def test_bad_sampling_flags_fail_before_loading_weights(tmp_path, flag, value):
         sample_script.main(sample_script.build_parser().parse_args(
             ["--model", "mar_huge", f"--{flag}", value, "--out", str(tmp_path / "grid.png")]))
     assert not any(tmp_path.iterdir())
+
+
+def test_sample_passes_its_flags_to_the_demo_model(monkeypatch, tmp_path):
+    """sample.py's default model is the demo: --num_sampling_steps must reach it, --ckpt is refused."""
+    from conftest import build_tiny_mar
+    from models.vae import AutoencoderKL
+    from util import loading
+    import demo.registry
+    monkeypatch.setattr(demo.registry, "load_demo",
+                        lambda device="cpu": (build_tiny_mar(), AutoencoderKL(**loading.TINY_VAE), 1.0))
+    parse = sample_script.build_parser().parse_args
+    assert sample_script._load(parse(["--num_sampling_steps", "25"])).mar.diffloss.num_sampling_steps == 25
+    assert sample_script._load(parse([])).mar.diffloss.num_sampling_steps == 10  # the checkpoint's own
+    with pytest.raises(ValueError, match="num_sampling_steps"):
+        sample_script._load(parse(["--num_sampling_steps", "0"]))
+    with pytest.raises(ValueError, match="--ckpt"):
+        sample_script._load(parse(["--ckpt", str(tmp_path / "x.pth")]))

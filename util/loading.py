@@ -125,7 +125,14 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
 
 @torch.no_grad()
 def decode_images(gen: Generator, tokens: torch.Tensor) -> np.ndarray:
-    """Decode MAR tokens (B, C, h, w) to uint8 images (B, H, W, 3), as upstream MAR saves them."""
+    """Decode MAR tokens (B, C, h, w) to uint8 images (B, H, W, 3), as upstream MAR saves them.
+
+    Raises ``FloatingPointError`` on non-finite tokens rather than writing black images that would
+    silently enter a FID (fp16 autocast can overflow in an untrained or unusual model).
+    """
+    if not torch.isfinite(tokens).all():
+        raise FloatingPointError("sampling produced non-finite tokens; with --precision fp16 the products can "
+                                 "overflow: use bf16 or fp32")
     vae_dtype = next(gen.vae.parameters()).dtype
     images = gen.vae.decode(tokens.to(vae_dtype) / gen.latent_scale)
     images = ((images.float().clamp(-1, 1) + 1) / 2 * 255).round()
