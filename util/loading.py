@@ -73,6 +73,13 @@ def _tiny_random(num_sampling_steps: int) -> tuple[MAR, AutoencoderKL]:
     return mar, vae
 
 
+def check_sampling_steps(num_sampling_steps: int) -> None:
+    """``ValueError`` unless the head can respace ``num_sampling_steps`` from its 1000 training steps."""
+    if not 1 <= num_sampling_steps <= 1000:
+        raise ValueError(f"--num_sampling_steps must be in [1, 1000] (respaced from the 1000 training steps), "
+                         f"got {num_sampling_steps}")
+
+
 def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str | Path | None = None,
                    use_ema: bool = True, device: str | torch.device = "cpu",
                    num_sampling_steps: int | None = None) -> Generator:
@@ -88,9 +95,8 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
             and tiny models, the demo's from its checkpoint).
     """
     device = torch.device(device)
-    if num_sampling_steps is not None and not 1 <= num_sampling_steps <= 1000:
-        raise ValueError(f"num_sampling_steps must be in [1, 1000] (respaced from the 1000 training steps), "
-                         f"got {num_sampling_steps}")
+    if num_sampling_steps is not None:
+        check_sampling_steps(num_sampling_steps)
     steps = DEFAULT_SAMPLING_STEPS if num_sampling_steps is None else num_sampling_steps
     if model in RELEASED_MODELS:
         from util.checkpoint import load_mar_weights, load_vae_weights, mar_checkpoint_path, vae_checkpoint_path

@@ -82,10 +82,9 @@ def check_sampler_args(args: argparse.Namespace) -> None:
     """Reject the values of :func:`add_sampler_args` options that cannot run, before building a model."""
     from models.schedules import check_sampling_settings
     from util.cli import check_positive
-    check_positive(bsz=args.bsz, num_sampling_steps=args.num_sampling_steps)
-    if args.num_sampling_steps > 1000:
-        raise ValueError(f"--num_sampling_steps must be <= 1000 (respaced from the 1000 training steps), "
-                         f"got {args.num_sampling_steps}")
+    from util.loading import check_sampling_steps
+    check_positive(bsz=args.bsz)
+    check_sampling_steps(args.num_sampling_steps)
     check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
 
 
