@@ -386,6 +386,12 @@ def _mar(**kwargs: Any) -> MAR:
     return MAR(**kwargs)
 
 
+def mar_from_config(config: dict[str, Any]) -> MAR:
+    """A MAR from constructor keywords as stored in checkpoints we export (``config``), with the
+    factories' ``LayerNorm(eps=1e-6)``: the one builder for training, export and loading."""
+    return _mar(**config)
+
+
 def mar_base(**kwargs: Any) -> MAR:
     """MAR-B (208M): 12+12 blocks of width 768, 12 heads."""
     return _mar(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
