@@ -157,10 +157,11 @@ class SimpleMLPAdaLN(nn.Module):
         return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
 
 
-@lru_cache(maxsize=32)
-def respaced_diffusion(num_sampling_steps: int | str, noise_schedule: str = "cosine") -> GaussianDiffusion:
+@lru_cache(maxsize=256)
+def respaced_diffusion(num_sampling_steps: int | str, noise_schedule: str = "cosine",
+                       max_timestep: int | None = None) -> GaussianDiffusion:
     """The sampling process for a step count; cached because schedules are rebuilt from float64 math."""
-    return GaussianDiffusion(num_sampling_steps, noise_schedule=noise_schedule)
+    return GaussianDiffusion(num_sampling_steps, noise_schedule=noise_schedule, max_timestep=max_timestep)
 
 
 class DiffLoss(nn.Module):
@@ -214,7 +215,7 @@ class DiffLoss(nn.Module):
 
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, *,
                generator: torch.Generator | None = None, num_steps: int | None = None,
-               model_fn_factory=None) -> torch.Tensor:
+               max_timestep: int | None = None, model_fn_factory=None) -> torch.Tensor:
         """Sample one latent per condition.
 
         Args:
@@ -224,6 +225,8 @@ class DiffLoss(nn.Module):
             generator: source of every random draw; ``None`` uses the global generators exactly as
                 upstream (initial noise on the CPU generator, step noise on the device's).
             num_steps: respaced diffusion steps; ``None`` uses ``num_sampling_steps``.
+            max_timestep: clamp the respaced timesteps to at most this one (see
+                :class:`~models.diffusion.GaussianDiffusion`); ``None`` does not clamp.
             model_fn_factory: ``(head, cond, cfg, n) -> model_fn`` replacing :meth:`guided_model_fn`
                 (the diffusion-head cache plugs in here; the loop stays the same).
 
@@ -232,8 +235,7 @@ class DiffLoss(nn.Module):
         """
         guided = cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
-        diffusion = (self.gen_diffusion if num_steps is None
-                     else respaced_diffusion(int(num_steps), self.noise_schedule))
+        diffusion = self.sampling_diffusion(num_steps, max_timestep)
         noise = _randn((n, self.in_channels), generator, z.device, initial=True)
         # Each step draws noise for the whole (doubled) batch, as upstream does; only our half is used.
         draw_rows = 2 * n if guided else n
@@ -245,6 +247,13 @@ class DiffLoss(nn.Module):
         factory = model_fn_factory or DiffLoss.guided_model_fn
         model_fn = factory(self, cond, cfg, n, diffusion)
         return diffusion.p_sample_loop(model_fn, noise, noise_fn=noise_fn, temperature=temperature)
+
+    def sampling_diffusion(self, num_steps: int | None = None, max_timestep: int | None = None) -> GaussianDiffusion:
+        """The respaced process :meth:`sample` runs for these settings (``None``: the model's own)."""
+        if num_steps is None and max_timestep is None:
+            return self.gen_diffusion
+        steps = self.num_sampling_steps if num_steps is None else int(num_steps)
+        return respaced_diffusion(steps, self.noise_schedule, max_timestep)
 
     def time_embedding(self, diffusion: GaussianDiffusion, i: int, device: torch.device) -> torch.Tensor:
         """(1, W) embedding of respaced step ``i``; shared by every token of the step."""

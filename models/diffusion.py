@@ -79,7 +79,12 @@ def space_timesteps(num_timesteps: int, section_counts: int | str) -> list[int]:
         if not 1 <= count <= size:
             raise ValueError(f"cannot take {count} sampling steps from a section of {size} timesteps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(j * stride) for j in range(count)]
+        # Accumulated as upstream does: ``round(j * stride)`` differs at some counts (21, 23, 31, ...
+        # of 1000) by one timestep, which the annealed step counts of DiSA and GtR hit.
+        position = 0.0
+        for _ in range(count):
+            steps.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(steps))
 
@@ -92,6 +97,9 @@ class GaussianDiffusion:
         num_sampling_steps: respacing, e.g. 100 or ``"100"``; ``None`` keeps all training steps.
         num_train_timesteps: length of the underlying schedule.
         noise_schedule: ``"cosine"`` (MAR) or ``"linear"`` (see :func:`linear_betas`).
+        max_timestep: clamp every kept timestep to at most this one; kept timesteps that clamp to the
+            same value merge into one step. ``None`` keeps them as spaced. DiSA's release clamps at 950
+            so that its first step does not divide the head's eps error by ``sqrt(alpha_bar_999)``.
 
     ``timestep_map[i]`` is the original timestep that respaced index ``i`` stands for; the network is
     always conditioned on original timesteps.
@@ -100,6 +108,7 @@ class GaussianDiffusion:
     num_sampling_steps: int | str | None = None
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
     noise_schedule: str = "cosine"
+    max_timestep: int | None = None
     timestep_map: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +117,10 @@ class GaussianDiffusion:
             kept = list(range(self.num_train_timesteps))
         else:
             kept = space_timesteps(self.num_train_timesteps, self.num_sampling_steps)
+        if self.max_timestep is not None:
+            if not 0 <= self.max_timestep:
+                raise ValueError(f"max_timestep must be >= 0, got {self.max_timestep}")
+            kept = sorted({min(t, self.max_timestep) for t in kept})
         betas, last = [], 1.0
         for i in kept:
             betas.append(1 - base_alphas_cumprod[i] / last)

@@ -9,6 +9,7 @@ released checkpoints load with ``strict=True`` and ``torch.manual_seed`` reprodu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -288,8 +289,10 @@ class MAR(nn.Module):
         if accel is None:
             sampler: StepStrategy = PlainSteps(self, num_iter)
         else:
-            from lazymar.policy import make_sampler  # lazymar builds on models, not the reverse
-            sampler = make_sampler(self, accel, num_iter=num_iter, cfg=cfg)
+            if _ACCEL_FACTORY is None:
+                raise RuntimeError("accel= needs the acceleration package registered: `import lazymar` first "
+                                   "(models/ does not import the layers built on it)")
+            sampler = _ACCEL_FACTORY(self, accel, num_iter=num_iter, cfg=cfg)
         device = self.fake_latent.device
         if orders is None:
             orders = self.sample_orders(bsz, generator, device)
@@ -300,13 +303,14 @@ class MAR(nn.Module):
         mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
         tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
         plan = sampler.mask_lens()  # tokens left masked after each step; its length is the step count
+        guidance_lens = sampler.guidance_lens()  # the masked count each step's guidance scale is read at
         steps = tqdm(plan, desc="MAR steps", leave=False) if progress else plan
         for step, mask_len in enumerate(steps):
             # Which tokens stay masked after this step, and which are predicted now (at the last step:
             # all remaining). Known before the transformer runs, so policies can plan with it.
             mask_next = self.mask_by_order(mask_len, orders)
             to_pred = mask if step == len(plan) - 1 else mask & ~mask_next
-            scale = guidance_scale(cfg, cfg_schedule, mask_len, self.seq_len)
+            scale = guidance_scale(cfg, cfg_schedule, guidance_lens[step], self.seq_len)
 
             # Per-token conditions of the tokens predicted now: (n, Dd), or (2n, Dd) with guidance.
             z = sampler.conditions(step, tokens, mask, to_pred, class_embedding)
@@ -337,12 +341,27 @@ class MAR(nn.Module):
                 raise ValueError("each row of orders must be a permutation of range(seq_len)")
 
 
+# ``(model, accel, *, num_iter, cfg) -> StepStrategy`` for ``sample_tokens(accel=...)``. The acceleration
+# package registers it on import (``lazymar/__init__.py``), so this layer never imports the one above.
+AccelFactory = Callable[..., "StepStrategy"]
+_ACCEL_FACTORY: AccelFactory | None = None
+
+
+def register_accel(factory: AccelFactory) -> None:
+    """Install the factory that turns ``sample_tokens``'s ``accel`` argument into a step strategy."""
+    global _ACCEL_FACTORY
+    _ACCEL_FACTORY = factory
+
+
 class StepStrategy(Protocol):
     """How MAR steps are scheduled, compute their conditions and sample their tokens (plain, or an
     acceleration policy)."""
 
     def mask_lens(self) -> list[int]:
         """Tokens left masked after each step; its length is the number of steps."""
+
+    def guidance_lens(self) -> list[int]:
+        """Per step, the masked count the linear guidance ramp is evaluated at (MAR: ``mask_lens``)."""
 
     def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
         """The generation orders (B, L) the steps follow (MAR generates an order from its end)."""
@@ -364,6 +383,9 @@ class PlainSteps:
         self.plan = plain_mask_lens(num_iter, model.seq_len)
 
     def mask_lens(self) -> list[int]:
+        return self.plan
+
+    def guidance_lens(self) -> list[int]:
         return self.plan
 
     def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
