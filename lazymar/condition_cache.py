@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lazymar.indexing import gather_tokens
+from lazymar.plan import StepPlan
+from lazymar.technique import Hidden, Technique
+
 
 @dataclass(frozen=True)
 class ConditionCacheConfig:
@@ -21,7 +25,7 @@ class ConditionCacheConfig:
 
 
 @dataclass
-class ConditionCache:
+class ConditionCacheState:
     """Per-token residual ``uncond - cond`` (B, N, D) of the last decoder block, from the last refresh."""
 
     residual: torch.Tensor | None = None
@@ -31,6 +35,32 @@ class ConditionCache:
         cond, uncond = out.chunk(2, dim=0)
         self.residual = uncond - cond
 
-    def complete(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) conditional outputs -> (2B, N, D) with the unconditional half rebuilt."""
-        return torch.cat([cond, cond + self.residual], dim=0)
+    def complete(self, cond: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, D) conditional outputs at ``positions`` (None: all) -> (2B, n, D) with the
+        unconditional half rebuilt."""
+        return torch.cat([cond, cond + gather_tokens(self.residual, positions)], dim=0)
+
+
+class ConditionCacheTechnique(Technique):
+    """Runs the conditional half alone on steps that do not refresh, and rebuilds the other half."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.state = ConditionCacheState()
+
+    def plan(self, p: StepPlan) -> None:
+        if not p.guided:
+            return
+        p.uncond_refresh = p.refresh
+        p.halves = 2 if p.refresh else 1
+
+    def complete(self, p: StepPlan, out: Hidden) -> Hidden:
+        if not p.guided:
+            return out
+        if p.uncond_refresh:
+            self.state.store(out.x)
+            return out
+        if p.halves == 1:
+            return Hidden(self.state.complete(out.x, out.positions),
+                          None if out.positions is None else out.positions.repeat(2, 1))
+        return out

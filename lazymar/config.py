@@ -2,23 +2,29 @@
 
 An :class:`AccelConfig` switches each technique on (a config) or off (``None``): LazyMAR's three caches
 (token, condition, diffusion head) with the refresh schedule the transformer caches share, GtR's
-staged schedules (:mod:`lazymar.gtr`) and MARche's cache-aware attention (:mod:`lazymar.marche`).
-Techniques compose where they touch different parts of a step; the one conflict (MARche's attention
-and LazyMAR's token cache both choose which tokens the transformer recomputes) is rejected.
+staged schedules (:mod:`lazymar.gtr`), MARche's cache-aware attention (:mod:`lazymar.marche`), DiSA's
+head step annealing (:mod:`lazymar.disa`) and ReCAP's cheap steps (:mod:`lazymar.recap`).
+Techniques compose where they touch different parts of a step, or where their modules define how
+(DiSA's annealing replaces GtR's stage-aware head counts). Where two would decide the same thing
+without such a rule, the config is rejected with a message that names the conflict.
 
 ``PRESETS['lazymar']`` is the released LazyMAR (schedules indexed by absolute step, as released);
 ``lazymar-scaled`` scales them with the step count; the single-cache presets are the paper's
 ablations; ``lazymar-off`` has everything disabled and is plain MAR by construction (a test holds it
-to that). ``gtr*`` and ``marche*`` are GtR, MARche and their ablations, and ``+`` names combinations.
+to that). ``gtr*`` and ``marche*`` are GtR, MARche and their ablations, ``disa`` the DiSA release's
+README setting, ``recap`` the ReCAP release's MAR-H setting at any step count, and ``+`` names
+combinations.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from lazymar.condition_cache import ConditionCacheConfig
+from lazymar.disa import DiSAConfig
 from lazymar.gtr import PAPER_STAGE_STEPS, GtRConfig
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.marche import MARcheConfig
+from lazymar.recap import ReCAPConfig
 from lazymar.schedules import is_refresh_step
 from lazymar.token_cache import TokenCacheConfig
 
@@ -42,6 +48,8 @@ class AccelConfig:
             ``num_iter``), so combinations with GtR use ``None``.
         gtr: GtR's staged orders, step schedule, head steps and FTS, or None.
         marche: MARche's cache-aware attention and selective KV refresh, or None.
+        disa: DiSA's annealed head step counts, or None.
+        recap: ReCAP's cheap steps over cached context keys/values, or None.
     """
 
     token_cache: TokenCacheConfig | None = field(default_factory=TokenCacheConfig)
@@ -52,12 +60,28 @@ class AccelConfig:
     schedule_steps: int | None = 64
     gtr: GtRConfig | None = None
     marche: MARcheConfig | None = None
+    disa: DiSAConfig | None = None
+    recap: ReCAPConfig | None = None
 
     def __post_init__(self) -> None:
         if self.marche is not None and self.token_cache is not None:
             raise ValueError("MARche's cache-aware attention and LazyMAR's token cache both choose which "
                              "tokens the transformer recomputes: use one of them (MARche composes with "
                              "the condition and head caches; set token_cache=None)")
+        if self.recap is not None:
+            recomputes = [name for name, on in (("LazyMAR's token cache", self.token_cache is not None),
+                                                 ("MARche", self.marche is not None)) if on]
+            if recomputes:
+                raise ValueError(f"ReCAP's cheap steps and {recomputes[0]} both choose what the transformer "
+                                 f"recomputes: use one of them (ReCAP composes with the condition and head "
+                                 f"caches; set token_cache=None, marche=None)")
+            if self.gtr is not None:
+                raise ValueError("ReCAP and GtR both arrange the generation orders and step schedule "
+                                 "(ReCAP's groups go in position order, GtR's stages by checkerboard): "
+                                 "use one of them")
+            if self.disa is not None:
+                raise ValueError("ReCAP's fast head on cheap steps and DiSA's annealing both set the head's "
+                                 "step counts: use one of them (ReCAPConfig.fast_ratio sets ReCAP's)")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError(f"schedule_steps must be None or >= 1, got {self.schedule_steps}")
         if not 0.0 <= self.refresh_warmup <= 1.0:
@@ -102,4 +126,9 @@ PRESETS: dict[str, LazyMARConfig] = {
     "marche+lazymar": replace(LAZYMAR, token_cache=None, marche=MARcheConfig(), schedule_steps=None),
     "gtr+marche+lazymar": replace(LAZYMAR, token_cache=None, gtr=GtRConfig(), marche=MARcheConfig(),
                                   schedule_steps=None),
+    "disa": replace(OFF, disa=DiSAConfig()),
+    "disa+lazymar": replace(LAZYMAR, disa=DiSAConfig()),
+    "gtr+disa+lazymar": replace(LAZYMAR, gtr=GtRConfig(), disa=DiSAConfig(), schedule_steps=None),
+    "recap": replace(OFF, recap=ReCAPConfig()),
+    "recap+lazymar": replace(LAZYMAR, token_cache=None, recap=ReCAPConfig(), schedule_steps=None),
 }

@@ -3,8 +3,9 @@
 Two ways to count, held to the same number by the tests:
 
 - :func:`estimate` — an exact formula of what this project's sampler executes (every linear layer and
-  attention product, per MAR step and per diffusion step, following the same pure schedule functions
-  the policies use). It needs only the model's shape, so MAR-H at 64 steps counts in milliseconds.
+  attention product, per MAR step and per diffusion step), priced from the sampler's own step plans by
+  the techniques that run each part. It needs only the model's shape, so MAR-H at 64 steps counts in
+  milliseconds.
 - :func:`measure` — a real run under a dispatch mode that counts matmul-type ops with PyTorch's FLOP
   registry (plus CPU attention, which the registry lacks) and attributes each op to a component by the
   weights it reads (attention products go to the component of the projection before them).
@@ -28,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, keep_count
+from lazymar.plan import ModelShape
 
 COMPONENTS = ("encoder", "decoder", "diffusion_head", "vae_decode")
 
@@ -54,101 +55,13 @@ class FlopReport:
 
 
 # --------------------------------------------------------------------------------------- formula
-@dataclass(frozen=True)
-class _Shape:
-    """What the count needs from a MAR."""
-
-    seq_len: int
-    buffer: int
-    token_dim: int
-    enc_dim: int
-    enc_hidden: int
-    enc_depth: int
-    dec_dim: int
-    dec_hidden: int
-    dec_depth: int
-    head_width: int
-    head_depth: int
-    head_steps: int
-
-    @classmethod
-    def of(cls, model) -> "_Shape":
-        return cls(seq_len=model.seq_len, buffer=model.buffer_size, token_dim=model.token_embed_dim,
-                   enc_dim=model.z_proj.out_features, enc_depth=len(model.encoder_blocks),
-                   enc_hidden=model.encoder_blocks[0].mlp.fc1.out_features if len(model.encoder_blocks) else 0,
-                   dec_dim=model.decoder_embed.out_features, dec_depth=len(model.decoder_blocks),
-                   dec_hidden=model.decoder_blocks[0].mlp.fc1.out_features,
-                   head_width=model.diffloss.net.model_channels, head_depth=model.diffloss.net.num_res_blocks,
-                   head_steps=model.diffloss.gen_diffusion.num_timesteps)
-
-
-def _block_macs(dim: int, hidden: int, n_q: int, n_k: int, n_rest: int | None = None) -> int:
-    """One transformer block: qkv and attention for ``n_q`` queries over ``n_k`` keys, projection and
-    MLP for ``n_rest`` tokens (default ``n_q``)."""
-    n_rest = n_q if n_rest is None else n_rest
-    return n_q * dim * 3 * dim + 2 * n_q * n_k * dim + n_rest * (dim * dim + 2 * dim * hidden)
-
-
-def _transformer_macs(s: _Shape, rows: int, known: int, enc_compute: int | None,
-                      dec_kept: int | None, sim_layer: int) -> tuple[int, int]:
-    """(encoder, decoder) MACs of one step for ``rows`` images with ``known`` known tokens."""
-    n_e = s.buffer + known
-    nq = n_e if enc_compute is None else enc_compute
-    enc = rows * (s.seq_len * s.token_dim * s.enc_dim
-                  + s.enc_depth * _block_macs(s.enc_dim, s.enc_hidden, nq, n_e))
-    N = s.buffer + s.seq_len
-    dec = rows * n_e * s.enc_dim * s.dec_dim  # decoder_embed
-    if dec_kept is None:
-        dec += rows * s.dec_depth * _block_macs(s.dec_dim, s.dec_hidden, N, N)
-    else:
-        dec += rows * (sim_layer * _block_macs(s.dec_dim, s.dec_hidden, N, N)
-                       + _block_macs(s.dec_dim, s.dec_hidden, N, N, dec_kept)
-                       + (s.dec_depth - sim_layer - 1) * _block_macs(s.dec_dim, s.dec_hidden, dec_kept, N))
-    return enc, dec
-
-
-def _marche_decoder_macs(s: _Shape, rows: int, n_base: int, n_active: int, score_layer: int) -> int:
-    """Decoder MACs of a MARche step: ``n_base`` active queries up to ``score_layer``, where the active
-    set grows to ``n_active`` (the newcomers' qkv and a second attention pass), then ``n_active``; every
-    query attends over all N positions (cached and active)."""
-    N, D, Hd = s.buffer + s.seq_len, s.dec_dim, s.dec_hidden
-    macs = score_layer * _block_macs(D, Hd, n_base, N)
-    if n_active > n_base:
-        macs += (n_base * D * 3 * D + 2 * n_base * N * D  # first pass, which scores the cached tokens
-                 + (n_active - n_base) * D * 3 * D + 2 * n_active * N * D + n_active * (D * D + 2 * D * Hd))
-    else:
-        macs += _block_macs(D, Hd, n_base, N)
-    macs += (s.dec_depth - score_layer - 1) * _block_macs(D, Hd, n_active, N)
-    return rows * macs
-
-
-def _head_macs(s: _Shape, n: int, guided: bool, head_cache, steps: int | None = None) -> int:
-    """Diffusion-head MACs of one ``DiffLoss.sample`` call on ``n`` tokens (all images of the batch) with
-    ``steps`` diffusion steps (default: the model's); the timestep embedding is computed once per
-    diffusion step for the whole batch."""
-    W, C = s.head_width, s.token_dim
-    T = s.head_steps if steps is None else steps
-    rows = 2 * n if guided else n
-    block = 5 * W * W  # adaLN (3W^2) + MLP (2W^2)
-    final = 2 * W * W + W * 2 * C
-    per_step_full = rows * (C * W + s.head_depth * block + final)
-    time_embed = 256 * W + W * W  # one row per diffusion step (shared by all tokens)
-    macs = rows * s.dec_dim * W  # cond_embed, once per MAR step
-    for i in range(T):
-        macs += time_embed
-        if head_cache is None or is_head_refresh_step(i, T, head_cache.interval):
-            macs += per_step_full
-            continue
-        r = n if (guided and head_cache.guidance) else rows
-        recompute = head_mlp_recompute(i, T, head_cache.mlp_warmup)
-        live = [j for j in range(s.head_depth) if j not in head_cache.residual_blocks]
-        macs += r * (C * W + final + len(live) * (3 * W * W + (2 * W * W if recompute else 0)))
-    return macs
-
-
 def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 1,
              vae=None) -> FlopReport:
     """Exact FLOPs per image of ``model.sample_tokens(bsz, num_iter, cfg, accel=accel)`` (+ VAE decode).
+
+    The count prices the sampler's own step plans (:class:`lazymar.policy.AccelSteps`): each part of a
+    step is priced by the technique that runs it, from the counts that technique planned, so what is
+    counted cannot drift from what runs.
 
     Args:
         model: a MAR (a ``meta``-device one is enough: only shapes are read).
@@ -159,63 +72,23 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
             makes FLOPs per image depend on it.
         vae: optional VAE whose decode of one latent is counted (on the meta device).
     """
-    from lazymar.gtr import fts_steps_split, head_steps_of
+    from lazymar.config import OFF
     from lazymar.policy import AccelSteps, resolve_accel
-    from models.schedules import plain_mask_lens
-    config = None if accel is None else resolve_accel(accel)
-    s = _Shape.of(model)
-    guided = cfg != 1.0
-    if config is None:
-        plan, steps = plain_mask_lens(num_iter, s.seq_len), None
-    else:  # the sampler's own plan: GtR's staged schedule, MARche's active set size
-        steps = AccelSteps(model, config, num_iter=num_iter, guided=guided)
-        plan = steps.mask_lens()
-    num_steps = len(plan)
-    tc = config.token_cache if config else None
-    mc = config.marche if config else None
-    gtr = config.gtr if config else None
-    cond_cache = config is not None and config.condition_cache is not None and guided
-    head_cache = config.head_cache if config else None
-    sim_layer = min(tc.similarity_layer, s.dec_depth - 1) if tc else 0
-    N = s.buffer + s.seq_len
+    config = OFF if accel is None else resolve_accel(accel)
+    steps = AccelSteps(model, config, num_iter=num_iter, guided=cfg != 1.0)
+    s = ModelShape.of(model)
     enc = dec = head = 0
-    masked, prev_pred = s.seq_len, 0
-    for step, mask_len in enumerate(plan):
-        n_pred = masked if step == num_steps - 1 else masked - mask_len
-        known = s.seq_len - masked
-        refresh = (config is None or step == 0 or not config.caches_transformer
-                   or config.is_refresh(step, num_steps))
-        marche_full = mc is not None and (step == 0 or mc.is_refresh(step) or (cond_cache and refresh))
-        rows = (2 if guided and (refresh or not cond_cache) else 1) * bsz
-        enc_full = (marche_full or steps.active_count >= N) if mc is not None else refresh
-        incremental = (tc is not None and tc.encoder) or (mc is not None and mc.cache_encoder)
-        enc_compute = s.buffer + prev_pred if (incremental and not enc_full) else None
-        if mc is not None:
-            e, _ = _transformer_macs(s, rows, known, enc_compute, None, 0)
-            if marche_full:
-                _, d = _transformer_macs(s, rows, known, None, None, 0)
-            else:
-                n_base = n_pred + (prev_pred if mc.include_prev else 0)
-                n_active = min(N, max(steps.active_count, n_base))
-                d = rows * (s.buffer + known) * s.enc_dim * s.dec_dim  # decoder_embed
-                d += _marche_decoder_macs(s, rows, n_base, n_active, min(mc.score_layer, s.dec_depth - 1))
+    for p in steps.plans:
+        rows = p.rows(bsz)
+        if p.transformer is not None:
+            macs = p.transformer.transformer_macs(p, s, rows)
+            enc, dec = enc + macs["encoder"], dec + macs["decoder"]
         else:
-            kept = None
-            if tc and tc.decoder and not refresh:
-                retain = tc.retain_at(step, config.schedule_length(num_steps))
-                count = keep_count(N, retain, n_pred, prev_pred, tc.extra_tokens)
-                kept = None if count >= N else count
-            e, d = _transformer_macs(s, rows, known, enc_compute, kept, sim_layer)
-        enc, dec = enc + e, dec + d
-        if gtr is None or not gtr.diffusion:
-            head += _head_macs(s, n_pred * bsz, guided, head_cache)
-        else:
-            k = head_steps_of(step, steps.generation_steps, gtr)
-            recon = gtr.has_reconstruction and step >= steps.generation_steps
-            for n, k_i in (fts_steps_split(n_pred, k, gtr) if recon else [(n_pred, k)]):
-                if n:
-                    head += _head_macs(s, n * bsz, guided, head_cache, k_i)
-        masked, prev_pred = mask_len, n_pred
+            enc += p.encoder.encoder_macs(p, s, rows)
+            dec += p.decoder.decoder_macs(p, s, rows)
+        for call in p.head:
+            diffusion_steps = model.diffloss.sampling_diffusion(call.steps, call.max_timestep).num_timesteps
+            head += p.head_runner.head_macs(p, s, call.tokens * bsz, diffusion_steps)
     report = FlopReport()
     report.components.update(encoder=2.0 * enc / bsz, decoder=2.0 * dec / bsz, diffusion_head=2.0 * head / bsz)
     if vae is not None:
@@ -223,7 +96,7 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
     return report
 
 
-def vae_decode_flops(vae, s: _Shape | None = None, latent_hw: int | None = None) -> float:
+def vae_decode_flops(vae, s: ModelShape | None = None, latent_hw: int | None = None) -> float:
     """FLOPs of decoding one latent, counted by PyTorch on a meta-device copy (no memory, no compute)."""
     hw = latent_hw if latent_hw is not None else int(round(s.seq_len ** 0.5))
     on_meta = next(vae.parameters()).device.type == "meta"

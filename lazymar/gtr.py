@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lazymar.plan import HeadCall, Schedule, StepPlan
 from lazymar.schedules import scaled_count
+from lazymar.technique import Technique
 from models.schedules import next_mask_len
 
 
@@ -195,3 +197,59 @@ def fts_select(scores: torch.Tensor, rows: int, fraction: float) -> torch.Tensor
         top = scores.reshape(rows, per).topk(k, dim=1).indices
         chosen.scatter_(1, top, True)
     return chosen.reshape(-1)
+
+
+class GtR(Technique):
+    """GtR as a step technique: staged schedule and orders (``transformer``), stage-aware head step
+    counts (``diffusion``) and FTS's split of reconstruction tokens into two head calls (``fts``)."""
+
+    def __init__(self, model, config: GtRConfig) -> None:
+        super().__init__(model)
+        self.config = config
+        self.stage = stage_of_tokens(model.seq_h, model.seq_w, config.num_stages) if config.transformer else None
+        self.generation_steps = 0
+
+    def schedule(self, sched: Schedule) -> Schedule:
+        gtr, seq_len = self.config, self.model.seq_len
+        if self.stage is not None:
+            sizes = [int((self.stage == k).sum()) for k in range(gtr.num_stages)]
+            steps = stage_step_counts(sched.num_iter, gtr, sizes)
+            lens = tuple(staged_mask_lens(sizes, steps))
+            sched = Schedule(sched.num_iter, lens, lens)
+            self.generation_steps = sum(steps[:-1]) if gtr.has_reconstruction else len(lens)
+        else:
+            # Without staged orders, reconstruction is the steps that start with at most half the
+            # tokens masked (GtR's reconstruction stage is the odd half for any K > 1).
+            before = (seq_len,) + sched.mask_lens[:-1]
+            self.generation_steps = sum(1 for m in before if not (gtr.has_reconstruction and m <= seq_len // 2))
+        return sched
+
+    def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
+        return orders if self.stage is None else staged_orders(orders, self.stage)
+
+    def reconstructing(self, step: int) -> bool:
+        return self.config.has_reconstruction and step >= self.generation_steps
+
+    def plan(self, p: StepPlan) -> None:
+        gtr = self.config
+        if not gtr.diffusion:
+            return
+        steps = head_steps_of(p.step, self.generation_steps, gtr)
+        split = fts_steps_split(p.n_pred, steps, gtr) if self.reconstructing(p.step) else [(p.n_pred, steps)]
+        if len(split) == 1:
+            p.head = [HeadCall(p.n_pred, steps)]
+            return
+        (k, k_steps), (rest, rest_steps) = split
+        p.head = [HeadCall(n, s, detail=d) for n, s, d in ((k, k_steps, True), (rest, rest_steps, False)) if n]
+
+    def split_head(self, p: StepPlan, z: torch.Tensor, cfg: float, bsz: int) -> list[torch.Tensor] | None:
+        """FTS: the most detailed tokens of each image (scored on their conditions) get the detail call."""
+        if not any(call.detail for call in p.head):
+            return None
+        guided = cfg != 1.0
+        n = z.shape[0] // 2 if guided else z.shape[0]
+        scored = z[:n]
+        if guided and self.config.fts_source == "guided":
+            scored = z[n:] + cfg * (z[:n] - z[n:])
+        detailed = fts_select(fts_scores(scored), bsz, self.config.fts_fraction)
+        return [detailed if call.detail else ~detailed for call in p.head]

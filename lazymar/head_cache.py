@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lazymar.plan import ModelShape, StepPlan, head_fixed_macs, head_step_macs
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step
+from lazymar.technique import Technique
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,35 @@ def head_cache_factory(config: HeadCacheConfig):
         return model_fn
 
     return factory
+
+
+class HeadCacheTechnique(Technique):
+    """Runs every head call of every step through :func:`head_cache_factory`."""
+
+    def __init__(self, model, config: HeadCacheConfig) -> None:
+        super().__init__(model)
+        self.config = config
+        self.factory = head_cache_factory(config)
+
+    def plan(self, p: StepPlan) -> None:
+        p.head_runner = self
+
+    def wrap_head(self, factory):
+        return self.factory
+
+    def head_macs(self, p: StepPlan, s: ModelShape, tokens: int, steps: int) -> int:
+        """Refresh head steps run the full head on both halves; the others the conditional half (with
+        ``guidance``), the final layer, and per block either the stored residual, or the modulation
+        with the stored or (during ``mlp_warmup``) recomputed MLP."""
+        W, C, cfg = s.head_width, s.token_dim, self.config
+        rows = 2 * tokens if p.guided else tokens
+        cached_rows = tokens if (p.guided and cfg.guidance) else rows
+        live = sum(1 for j in range(s.head_depth) if j not in cfg.residual_blocks)
+        macs = head_fixed_macs(s, rows, steps)
+        for i in range(steps):
+            if is_head_refresh_step(i, steps, cfg.interval):
+                macs += head_step_macs(s, rows)
+                continue
+            mlp = 2 * W * W if head_mlp_recompute(i, steps, cfg.mlp_warmup) else 0
+            macs += cached_rows * (C * W + 2 * W * W + W * 2 * C + live * (3 * W * W + mlp))
+        return macs

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
+from lazymar.plan import ModelShape, StepPlan, block_macs
 from lazymar.schedules import scaled_count
+from lazymar.technique import StepInputs, Technique
+from lazymar.token_cache import EncoderCache, incremental_encode, incremental_encoder_macs
 
 
 @dataclass(frozen=True)
@@ -208,3 +211,78 @@ def marche_decode(model, x: torch.Tensor, cache: MARcheCache, config: MARcheConf
         xa = block.finish(xa, heads_to_tokens(out))
     scatter_tokens(cache.out, act, xa)
     return cache.out
+
+
+def marche_decoder_macs(s: ModelShape, n_base: int, n_active: int, score_layer: int) -> int:
+    """Decoder block MACs of a partial MARche step (one row): ``n_base`` active queries up to
+    ``score_layer``, where the active set grows to ``n_active`` (the newcomers' qkv and a second
+    attention pass), then ``n_active``; every query attends over all positions (cached and active)."""
+    N, D, Hd = s.positions, s.dec_dim, s.dec_hidden
+    macs = score_layer * block_macs(D, Hd, n_base, N)
+    if n_active > n_base:
+        macs += (n_base * D * 3 * D + 2 * n_base * N * D  # first pass, which scores the cached tokens
+                 + (n_active - n_base) * D * 3 * D + 2 * n_active * N * D + n_active * (D * D + 2 * D * Hd))
+    else:
+        macs += block_macs(D, Hd, n_base, N)
+    return macs + (s.dec_depth - score_layer - 1) * block_macs(D, Hd, n_active, N)
+
+
+class MARche(Technique):
+    """MARche as a step technique: claims the decoder (and, with ``cache_encoder``, the encoder).
+
+    A step recomputes everything on MARche's refresh steps and whenever the condition cache records the
+    guidance residual (so that the unconditional rows' keys/values never go stale); other steps run the
+    active set only.
+    """
+
+    def __init__(self, model, config: MARcheConfig) -> None:
+        super().__init__(model)
+        self.config = config
+        self.cache = MARcheCache()
+        self.encoder_cache = EncoderCache()
+        self.active_count = config.active_count(model.seq_len, model.buffer_size)
+        self.full: dict[int, bool] = {}
+
+    def plan(self, p: StepPlan) -> None:
+        self.full[p.step] = p.step == 0 or self.config.is_refresh(p.step) or p.uncond_refresh
+        p.decoder = self
+        if self.config.cache_encoder:
+            p.encoder = self
+
+    def encoder_full(self, p: StepPlan) -> bool:
+        # With every position active nothing is cached, the encoder included.
+        return self.full[p.step] or self.active_count >= self.model.seq_len + self.model.buffer_size
+
+    def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
+        return incremental_encode(self.model, inp, self.encoder_cache, full=self.encoder_full(p))
+
+    def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
+        model, R = self.model, x.shape[0]
+        if self.full[p.step]:  # the first call allocates the buffers for all rows; later ones write the rows that run
+            cache = self.cache if self.cache.out is None else self.cache.rows(R)
+            return marche_decode(model, x, cache, self.config, None, None, self.active_count)
+        gen = positions(model.with_buffer(inp.to_pred))  # (R, g): generated now, first in the active set
+        base = gen
+        if self.config.include_prev:
+            prev = inp.prev_pred.repeat(R // inp.prev_pred.shape[0], 1)
+            base = torch.cat([gen, positions(model.with_buffer(prev & ~inp.to_pred))], dim=1)
+        generated = torch.arange(gen.shape[1], device=x.device).expand(R, -1)
+        active = max(self.active_count, base.shape[1])
+        if active >= x.shape[1]:  # the active set is everything: active from the first block on
+            rest = positions(~torch.zeros(R, x.shape[1], dtype=torch.bool, device=x.device).scatter_(1, base, True))
+            base = torch.cat([base, rest], dim=1)
+        return marche_decode(model, x, self.cache.rows(R), self.config, base, generated, active)
+
+    def encoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
+        return incremental_encoder_macs(p, s, rows, full=self.encoder_full(p))
+
+    def decoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
+        if self.full[p.step]:
+            return super().decoder_macs(p, s, rows)
+        n_base = p.n_pred + (p.n_prev if self.config.include_prev else 0)
+        n_active = min(s.positions, max(self.active_count, n_base))
+        if n_active >= s.positions:  # every position is active from the first block on
+            n_base = n_active
+        score_layer = min(self.config.score_layer, s.dec_depth - 1)
+        return rows * ((s.buffer + p.n_known) * s.enc_dim * s.dec_dim
+                       + marche_decoder_macs(s, n_base, n_active, score_layer))

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
-from lazymar.schedules import piecewise_constant
+from lazymar.plan import ModelShape, StepPlan, block_macs
+from lazymar.schedules import keep_count, piecewise_constant
+from lazymar.technique import StepInputs, Technique
 
 # The release's decoder retain ratios at 64 steps: (first step / 64, fraction of tokens kept).
 RELEASED_RETAIN = ((0.0, 1.0), (20 / 64, 0.6), (21 / 64, 0.5), (25 / 64, 0.4), (30 / 64, 0.15),
@@ -189,3 +191,87 @@ def decode(model, x: torch.Tensor, cache: DecoderCache, similarity_layer: int,
         cache.out = torch.empty_like(x)
     scatter_tokens(cache.out, kept, x)
     return cache.out
+
+
+class TokenCache(Technique):
+    """The token cache as a step technique: claims the encoder (``encoder``) and the decoder
+    (``decoder``); refresh steps (``StepPlan.refresh``) recompute everything and refill the buffers.
+
+    Args:
+        model: the MAR.
+        config: token cache settings.
+        schedule_length: ``num_steps -> step count`` the retain table is laid out for.
+    """
+
+    def __init__(self, model, config: TokenCacheConfig, schedule_length) -> None:
+        super().__init__(model)
+        self.config = config
+        self.schedule_length = schedule_length
+        self.similarity_layer = similarity_layer_of(model, config)
+        self.encoder_cache = EncoderCache()
+        self.decoder_cache = DecoderCache()
+        self.kept: dict[int, int | None] = {}  # step -> tokens the decoder recomputes (None: all)
+
+    def plan(self, p: StepPlan) -> None:
+        N = self.model.seq_len + self.model.buffer_size
+        if self.config.encoder:
+            p.encoder = self
+        if self.config.decoder:
+            p.decoder = self
+            kept = None
+            if not p.refresh:
+                retain = self.config.retain_at(p.step, self.schedule_length(p.num_steps))
+                count = keep_count(N, retain, p.n_pred, p.n_prev, self.config.extra_tokens)
+                kept = None if count >= N else count
+            self.kept[p.step] = kept
+
+    def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
+        return incremental_encode(self.model, inp, self.encoder_cache, full=p.refresh)
+
+    def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
+        R = x.shape[0]
+        cache = self.decoder_cache if p.refresh else self.decoder_cache.rows(R)
+        count = self.kept[p.step]
+        if count is None:  # everything is recomputed: skip the similarity bookkeeping
+            return decode(self.model, x, cache, self.similarity_layer, None)
+        prev = inp.prev_pred.repeat(R // inp.prev_pred.shape[0], 1)
+        pinned = self.model.with_buffer(inp.to_pred | prev)
+
+        def choose(v: torch.Tensor) -> torch.Tensor:
+            return select_tokens(v, cache.prev_v, pinned, count, self.config.pinned_score)
+
+        return decode(self.model, x, cache, self.similarity_layer, choose)
+
+    def encoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
+        return incremental_encoder_macs(p, s, rows, full=p.refresh)
+
+    def decoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
+        kept = self.kept[p.step] if self.config.decoder else None
+        if kept is None:
+            return super().decoder_macs(p, s, rows)
+        N, D, Hd, sim = s.positions, s.dec_dim, s.dec_hidden, self.similarity_layer
+        return rows * ((s.buffer + p.n_known) * s.enc_dim * D
+                       + sim * block_macs(D, Hd, N, N) + block_macs(D, Hd, N, N, kept)
+                       + (s.dec_depth - sim - 1) * block_macs(D, Hd, kept, N))
+
+
+def incremental_encode(model, inp: StepInputs, cache: EncoderCache, *, full: bool) -> torch.Tensor:
+    """The incremental encoder of one step: everything when ``full``, else the buffer and the tokens
+    generated at the previous step over the cached keys/values of the other known tokens. The first call
+    allocates the buffers for all rows; later ones write the rows that run (the conditional half alone
+    when the condition cache rebuilds the other)."""
+    R = inp.tokens.shape[0]
+    rows = cache if cache.out is None else cache.rows(R)
+    compute = None
+    if not full:
+        prev = inp.prev_pred.repeat(R // inp.prev_pred.shape[0], 1)
+        compute = positions(~model.with_buffer(~prev))  # (R, buf + n) ascending
+    return encode(model, inp.tokens, inp.mask, inp.class_embedding, rows, compute)
+
+
+def incremental_encoder_macs(p: StepPlan, s: ModelShape, rows: int, *, full: bool) -> int:
+    """Multiply-adds of :func:`incremental_encode`: ``z_proj`` over every token (the input is embedded
+    whole, then gathered), blocks for the computed queries over every known key."""
+    n_keys = s.buffer + p.n_known
+    n_q = n_keys if full else s.buffer + p.n_prev
+    return rows * (s.seq_len * s.token_dim * s.enc_dim + s.enc_depth * block_macs(s.enc_dim, s.enc_hidden, n_q, n_keys))
