@@ -35,7 +35,6 @@ import math
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,10 @@ from tqdm.auto import tqdm
 
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
-from util.loading import DEMO_MODEL, MODEL_CHOICES, decode_images, load_generator
-from util.precision import PRECISIONS, autocast
-from util.timing import synchronize
+from demo.registry import DEMO_MODEL  # also registers the demo model with util.loading
+from util.generate import SamplingSettings, generate_batches
+from util.loading import load_generator, model_choices
+from util.precision import PRECISIONS
 
 INCEPTION_NAME = "inception-v3-compat"
 FID_LAYER = "2048"
@@ -64,7 +64,7 @@ TMP_MARK = ".tmp-"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mar_huge", choices=MODEL_CHOICES)
+    p.add_argument("--model", default="mar_huge", choices=model_choices())
     p.add_argument("--num_images", type=int, default=50000)
     p.add_argument("--eval_bsz", type=int, default=64, help="images per global batch (per process)")
     p.add_argument("--num_iter", type=int, default=64, help="MAR steps")
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_metrics", action="store_true", help="only generate (and time)")
     p.add_argument("--stop_after_batches", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
+
+
+def sampling_settings(args: argparse.Namespace, accel: str | None) -> SamplingSettings:
+    return SamplingSettings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                            temperature=args.temperature, accel=accel, precision=args.precision)
 
 
 def accel_name(args: argparse.Namespace) -> str | None:
@@ -131,11 +136,6 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
     parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
     parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
     return "-".join(parts)
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """The seed of global batch ``batch``: a hash of (seed, batch), 63 bits."""
-    return int.from_bytes(hashlib.sha256(f"lazymar-eval:{seed}:{batch}".encode()).digest()[:8], "little") >> 1
 
 
 def index_width(num_images: int) -> int:
@@ -321,32 +321,22 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         torch.cuda.reset_peak_memory_stats(device)
 
     timed_images, sample_s, total_s, generated = 0, 0.0, 0.0, 0
-    bar = tqdm(todo, desc="batches", disable=rank != 0)
-    for k, b in enumerate(bar):
-        if args.stop_after_batches is not None and k >= args.stop_after_batches:
-            print(f"rank {rank}: stopping after {k} batches (--stop_after_batches)", flush=True)
-            sys.exit(3)
-        out_paths = paths(b)
-        start = b * args.eval_bsz
-        labels = torch.from_numpy(labels_all[start:start + len(out_paths)]).to(device)
-        g = torch.Generator(device).manual_seed(batch_seed(args.seed, b))
-        synchronize(device)
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(device, args.precision):
-            tokens = mar.sample_tokens(len(out_paths), num_iter=args.num_iter, cfg=args.cfg,
-                                       cfg_schedule=args.cfg_schedule, labels=labels,
-                                       temperature=args.temperature, generator=g, accel=accel)
-            synchronize(device)
-            t1 = time.perf_counter()
-            images = decode_images(gen, tokens)  # ends with a copy to the CPU (synchronizes)
-        t2 = time.perf_counter()
+    now = todo if args.stop_after_batches is None else todo[:args.stop_after_batches]
+    bar = tqdm(total=len(now), desc="batches", disable=rank != 0)
+    for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel), seed=args.seed,
+                                               batch_size=args.eval_bsz, batches=now)):
         if k > 0:  # the first batch of each process is warm-up
-            timed_images += len(out_paths)
-            sample_s += t1 - t0
-            total_s += t2 - t0
-        for img, p in zip(images, out_paths):
+            timed_images += len(batch.images)
+            sample_s += batch.sample_s
+            total_s += batch.total_s
+        for img, p in zip(batch.images, paths(batch.index)):
             _save_png(img, p)
-        generated += len(out_paths)
+        generated += len(batch.images)
+        bar.update(1)
+    bar.close()
+    if len(now) < len(todo):
+        print(f"rank {rank}: stopping after {len(now)} batches (--stop_after_batches)", flush=True)
+        sys.exit(3)
 
     timing = {"images_generated": generated, "images_timed": timed_images, "sample_s": sample_s,
               "sample_vae_s": total_s, "peak_memory_bytes": _peak_memory_bytes(device),
