@@ -88,3 +88,13 @@ def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_pat
     path.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not written by this version"):
         load_done_rows(path, identity)
+
+
+def test_demo_class_accuracy_uses_the_shared_loop(tiny_generator, monkeypatch, tmp_path):
+    import demo.registry as registry
+    monkeypatch.setattr(registry, "load_demo", lambda device="cpu": (tiny_generator.mar, tiny_generator.vae, 1.0))
+    grid = tmp_path / "grid.png"
+    a = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, grid=grid, progress=False)
+    b = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, progress=False)
+    assert a["n"] == NUM_CLASSES and 0.0 <= a["accuracy"] <= 1.0 and grid.is_file()
+    assert a["per_class"] == b["per_class"] and a["settings"]["num_iter"] == 2
