@@ -3,9 +3,11 @@
 The demo MAR generates 32x32 images of the procedural shapes dataset (:mod:`demo.dataset`). The demo
 tokenizer (:mod:`demo.tokenizer`) maps them to 4x16x16 latents; the MAR sees each latent position as a
 token (``patch_size=1``), i.e. 256 tokens of 4 dims, as many as the released models. See
-demo/TRAINING.md for why and how the files are made (and why ``mar.pt`` is not shipped yet). ``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size
-``mar.img_size``; :func:`to_classifier_size` upsamples them (bilinear) to the 64x64 the demo
-classifier expects (bilinear 32->64 renders are classified 100% correctly).
+demo/TRAINING.md for why and how the files are made (and why ``mar.pt`` is not shipped yet).
+``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size ``mar.img_size``;
+:func:`to_classifier_size` upsamples them (bilinear) to the 64x64 the demo classifier expects.
+
+Importing this module registers the demo model as ``demo`` with :func:`util.loading.load_generator`.
 """
 from __future__ import annotations
 
