@@ -9,14 +9,20 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   of the class count unless ``--unbalanced``).
 * Global batches: batch ``b`` holds images ``[b*eval_bsz, (b+1)*eval_bsz)``; batches go round-robin to
   the ranks, and batch ``b`` draws ALL its randomness (orders, diffusion noise) from its own
-  ``torch.Generator(device).manual_seed(batch_seed(seed, b))``. The images therefore do not depend on
-  the number of processes (they do depend on ``--eval_bsz`` and the device, which is why both are in
-  the output folder name).
+  ``torch.Generator(device).manual_seed(batch_seed(seed, b))`` (:mod:`util.generate`, the one
+  generation loop). The images therefore do not depend on the number of processes (they do depend on
+  ``--eval_bsz`` and the device, which is why both are in the output folder name).
 * Every image is written as ``<output_dir>/<run_name>/images/<global_index>.png`` with the index
   zero-padded to 6 digits (more when ``--num_images`` exceeds 10^6), via a temporary file and
   ``os.replace``. A rerun skips the batches whose PNGs all exist, so a killed run resumes and ends with
   exactly the files of an uninterrupted one; stale temporary files are removed at start.
-* ``run_name`` encodes every setting that changes the images (see :func:`run_name`).
+* ``run_name`` encodes every setting that changes the images (see :func:`run_name`): a changed sampler
+  setting, seed, batch size, precision or preset definition gets a NEW folder.
+* A resume is the same run or nothing: a new run folder gets ``run.json`` (:func:`run_identity`: weight
+  file digests, settings, preset definition, seed rule, sampling-code digest, library versions, device).
+  A rerun compares it and refuses in one line naming what differs (e.g. weights replaced at the same
+  ``--ckpt`` path), rather than mixing two setups' images into one FID. A folder with images but no
+  ``run.json`` is refused too. Checkpoint digests are cached in ``<output_dir>/sha256_cache.json``.
 * Timing as in the papers: per-image latency and throughput over the batches generated in this run,
   excluding each process's first (warm-up) batch, synchronized on GPU; peak memory; FLOPs per image from
   :func:`lazymar.flops.estimate`. Metrics on rank 0: torch-fidelity Inception-v3 (``inception-v3-compat``)
@@ -33,13 +39,14 @@ import hashlib
 import json
 import math
 import os
+import platform
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -47,9 +54,12 @@ from tqdm.auto import tqdm
 
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
-from util.loading import DEMO_MODEL, MODEL_CHOICES, decode_images, load_generator
-from util.precision import PRECISIONS, autocast
-from util.timing import synchronize
+from demo.registry import DEMO_MODEL  # also registers the demo model with util.loading
+from util.checkpoint import atomic_path
+from util.generate import SEED_RULE, SamplingSettings, generate_batches
+from util.hashing import cached_file_sha256, state_dict_sha256
+from util.loading import Generator, load_generator, model_choices
+from util.precision import PRECISIONS
 
 INCEPTION_NAME = "inception-v3-compat"
 FID_LAYER = "2048"
@@ -58,13 +68,19 @@ FID_DIM = 2048
 DEFAULT_FID_STATS = Path("fid_stats/adm_in256_stats.npz")
 DIST_TIMEOUT_MIN = 30
 TMP_MARK = ".tmp-"
+IDENTITY_FILE = "run.json"  # in the run folder: what made its images (see run_identity)
+DIGEST_CACHE = "sha256_cache.json"  # in --output_dir: checkpoint digests keyed by (path, size, mtime)
+ROOT = Path(__file__).resolve().parent
+# The sources whose edits can change the images; their digest is part of a run's identity.
+IMAGE_CODE = ("models", "lazymar", "util/generate.py", "util/loading.py", "util/precision.py", "demo/registry.py",
+              "demo/tokenizer.py")
 
 
 # ------------------------------------------------------------------------------------------- args
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mar_huge", choices=MODEL_CHOICES)
+    p.add_argument("--model", default="mar_huge", choices=model_choices())
     p.add_argument("--num_images", type=int, default=50000)
     p.add_argument("--eval_bsz", type=int, default=64, help="images per global batch (per process)")
     p.add_argument("--num_iter", type=int, default=64, help="MAR steps")
@@ -94,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_metrics", action="store_true", help="only generate (and time)")
     p.add_argument("--stop_after_batches", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
+
+
+def sampling_settings(args: argparse.Namespace, accel: str | None) -> SamplingSettings:
+    return SamplingSettings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                            temperature=args.temperature, accel=accel, precision=args.precision)
 
 
 def accel_name(args: argparse.Namespace) -> str | None:
@@ -126,16 +147,11 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
         parts.append("raw")
     parts += [f"it{args.num_iter}", f"cfg{_fmt(args.cfg)}", args.cfg_schedule, f"temp{_fmt(args.temperature)}",
               f"ds{args.num_sampling_steps}"]
-    if args.precision != "fp32":  # fp32 folders keep the names they had before the flag existed
+    if args.precision != "fp32":  # fp32 is the default and gets no name part
         parts.append(args.precision)
     parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
     parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
     return "-".join(parts)
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """The seed of global batch ``batch``: a hash of (seed, batch), 63 bits."""
-    return int.from_bytes(hashlib.sha256(f"lazymar-eval:{seed}:{batch}".encode()).digest()[:8], "little") >> 1
 
 
 def index_width(num_images: int) -> int:
@@ -145,6 +161,70 @@ def index_width(num_images: int) -> int:
 def class_labels(num_images: int, num_classes: int) -> np.ndarray:
     """Image ``i`` gets class ``i % num_classes``."""
     return np.arange(num_images, dtype=np.int64) % num_classes
+
+
+# ------------------------------------------------------------------------------------- run identity
+def code_sha256(root: Path = ROOT, sources: tuple[str, ...] = IMAGE_CODE) -> str:
+    """Digest of the Python files under ``sources`` (relative paths and contents)."""
+    h = hashlib.sha256()
+    for source in sources:
+        files = sorted((root / source).rglob("*.py")) if (root / source).is_dir() else [root / source]
+        for f in files:
+            h.update(f"{f.relative_to(root).as_posix()}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, device: torch.device,
+                 num_classes: int) -> dict[str, Any]:
+    """Everything that makes a run's images what they are, as JSON values.
+
+    The weights by content (each file's SHA-256, cached in ``<output_dir>/sha256_cache.json`` by path,
+    size and mtime, so a resume does not re-read GBs; in-memory weights by their tensors), the sampler
+    settings, the preset's full definition, the seed rule, the sampling code and library versions, and
+    the device. Two runs with equal identities write byte-identical images on the same machine.
+    """
+    cache = Path(args.output_dir) / DIGEST_CACHE
+    weights = {f"{role}_sha256": cached_file_sha256(path, cache) for role, path in sorted(gen.files.items())}
+    if not weights:
+        weights = {"weights_sha256": state_dict_sha256(gen.mar, gen.vae)}
+    return {
+        "model": args.model, **weights, "ema": not args.no_ema, "latent_scale": gen.latent_scale,
+        "num_iter": args.num_iter, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
+        "temperature": args.temperature, "num_sampling_steps": gen.mar.diffloss.num_sampling_steps,
+        "precision": args.precision, "accel": accel, "accel_config": repr(PRESETS[accel]) if accel else None,
+        "seed": args.seed, "seed_rule": SEED_RULE, "eval_bsz": args.eval_bsz, "num_images": args.num_images,
+        "labels": f"image i has class i % {num_classes}",
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "code_sha256": code_sha256(), "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "pillow": PIL.__version__,
+    }
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text[:13] + "..." if len(text) > 16 else text
+
+
+def claim_run_dir(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Record ``identity`` in a new run folder, or check that an existing one was made by the same.
+
+    Raises ``ValueError`` (one line, naming what differs) when the folder holds images of another setup
+    or images without a record (written before records existed): they would mix into one FID.
+    """
+    path, identity = run_dir / IDENTITY_FILE, json.loads(json.dumps(identity))
+    advice = "use another --output_dir, or delete the folder to start over"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = [k for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+        if diff:
+            what = "; ".join(f"{k}: {_short(saved.get(k))} there, {_short(identity.get(k))} now" for k in diff)
+            raise ValueError(f"{run_dir} holds images of another setup ({what}); resuming would mix them: {advice}")
+        return
+    if any(name.endswith(".png") for name in os.listdir(run_dir / "images")):
+        raise ValueError(f"{run_dir} holds images but no {IDENTITY_FILE} recording what made them (an older "
+                         f"eval.py); they cannot be proven to match this run: {advice}")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(identity, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -297,12 +377,25 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
 
     run_dir = Path(args.output_dir) / run_name(args, device)
     image_dir = run_dir / "images"
+    identity: dict[str, Any] = {}
+    problem: BaseException | None = None
     if rank == 0:
         image_dir.mkdir(parents=True, exist_ok=True)
-        stale = _remove_stale_tmp(image_dir)
-        if stale:
-            print(f"removed {stale} partial files from an interrupted run")
-    _barrier()
+        try:
+            identity = run_identity(args, accel, gen, device, num_classes)
+            claim_run_dir(run_dir, identity)
+        except Exception as e:  # every rank must stop, not wait for rank 0 at a barrier
+            problem = e
+        if problem is None:
+            stale = _remove_stale_tmp(image_dir)
+            if stale:
+                print(f"removed {stale} partial files from an interrupted run")
+    if world > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise problem
 
     width = index_width(args.num_images)
     num_batches = math.ceil(args.num_images / args.eval_bsz)
@@ -321,32 +414,22 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         torch.cuda.reset_peak_memory_stats(device)
 
     timed_images, sample_s, total_s, generated = 0, 0.0, 0.0, 0
-    bar = tqdm(todo, desc="batches", disable=rank != 0)
-    for k, b in enumerate(bar):
-        if args.stop_after_batches is not None and k >= args.stop_after_batches:
-            print(f"rank {rank}: stopping after {k} batches (--stop_after_batches)", flush=True)
-            sys.exit(3)
-        out_paths = paths(b)
-        start = b * args.eval_bsz
-        labels = torch.from_numpy(labels_all[start:start + len(out_paths)]).to(device)
-        g = torch.Generator(device).manual_seed(batch_seed(args.seed, b))
-        synchronize(device)
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(device, args.precision):
-            tokens = mar.sample_tokens(len(out_paths), num_iter=args.num_iter, cfg=args.cfg,
-                                       cfg_schedule=args.cfg_schedule, labels=labels,
-                                       temperature=args.temperature, generator=g, accel=accel)
-            synchronize(device)
-            t1 = time.perf_counter()
-            images = decode_images(gen, tokens)  # ends with a copy to the CPU (synchronizes)
-        t2 = time.perf_counter()
+    now = todo if args.stop_after_batches is None else todo[:args.stop_after_batches]
+    bar = tqdm(total=len(now), desc="batches", disable=rank != 0)
+    for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel), seed=args.seed,
+                                               batch_size=args.eval_bsz, batches=now)):
         if k > 0:  # the first batch of each process is warm-up
-            timed_images += len(out_paths)
-            sample_s += t1 - t0
-            total_s += t2 - t0
-        for img, p in zip(images, out_paths):
+            timed_images += len(batch.images)
+            sample_s += batch.sample_s
+            total_s += batch.total_s
+        for img, p in zip(batch.images, paths(batch.index)):
             _save_png(img, p)
-        generated += len(out_paths)
+        generated += len(batch.images)
+        bar.update(1)
+    bar.close()
+    if len(now) < len(todo):
+        print(f"rank {rank}: stopping after {len(now)} batches (--stop_after_batches)", flush=True)
+        sys.exit(3)
 
     timing = {"images_generated": generated, "images_timed": timed_images, "sample_s": sample_s,
               "sample_vae_s": total_s, "peak_memory_bytes": _peak_memory_bytes(device),
@@ -370,6 +453,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
                                                           if device.type == "cuda" else "cpu"),
                      "run_dir": str(run_dir), "image_name": f"<index zero-padded to {width}>.png",
                      "labels": "image i has class i % num_classes", "num_classes": num_classes},
+        "identity": identity,
         "timing": _summarize_timing(gathered, args.eval_bsz),
         "flops": _flops(gen, args, accel),
     }

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from demo.registry import DEMO_DEFAULTS, DEMO_MODEL  # also registers the demo model with util.loading
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
-from util.loading import DEMO_MODEL, MODEL_CHOICES, TINY_MODEL, Generator, decode_images, load_generator
-from util.precision import PRECISIONS, autocast
-from util.timing import synchronize
+from util.generate import SamplingSettings, generate_batches
+from util.loading import TINY_MODEL, Generator, load_generator, model_choices
+from util.precision import PRECISIONS
 
 LABEL_HEIGHT = 24
 IMAGENET_EXAMPLE = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -34,7 +35,7 @@ IMAGENET_EXAMPLE = [207, 360, 387, 974, 88, 979, 417, 279]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEMO_MODEL, choices=MODEL_CHOICES)
+    p.add_argument("--model", default=DEMO_MODEL, choices=model_choices())
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class ids, one row each (default: all classes of the demo / tiny model, "
                         f"{IMAGENET_EXAMPLE} for ImageNet models)")
@@ -61,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _defaults(model: str) -> dict[str, Any]:
     if model == DEMO_MODEL:
-        from demo.registry import DEMO_DEFAULTS
         return dict(DEMO_DEFAULTS)
     if model == TINY_MODEL:
         return dict(num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=1.0)
@@ -94,17 +94,12 @@ def _load(args: argparse.Namespace) -> Generator:
 
 
 def generate(gen: Generator, labels: torch.Tensor, settings: dict[str, Any], seed: int, accel: Any,
-             device: torch.device, precision: str = "fp32") -> tuple[np.ndarray, float]:
-    """Images (B, H, W, 3) and seconds per image (sampling + decode)."""
-    g = torch.Generator(device).manual_seed(seed)
-    synchronize(device)
-    t0 = time.perf_counter()
-    with torch.no_grad(), autocast(device, precision):
-        tokens = gen.mar.sample_tokens(len(labels), num_iter=settings["num_iter"], cfg=settings["cfg"],
-                                       cfg_schedule=settings["cfg_schedule"], labels=labels.to(device),
-                                       temperature=settings["temperature"], generator=g, accel=accel)
-        images = decode_images(gen, tokens)
-    return images, (time.perf_counter() - t0) / len(labels)
+             precision: str = "fp32") -> tuple[np.ndarray, float]:
+    """Images (B, H, W, 3) as one batch of :func:`util.generate.generate_batches`, and seconds per image
+    (sampling + decode)."""
+    sampling = SamplingSettings(**settings, accel=accel, precision=precision)
+    (batch,) = generate_batches(gen, labels, sampling, seed=seed, batch_size=len(labels))
+    return batch.images, batch.total_s / len(labels)
 
 
 def make_grid(images: np.ndarray, rows: int, cols: int) -> Image.Image:
@@ -126,7 +121,6 @@ def main(args: argparse.Namespace) -> Image.Image:
     if args.lazy_mar and args.accel not in (None, "lazymar"):
         raise SystemExit(f"--lazy_mar conflicts with --accel {args.accel}")
     accel = "lazymar" if args.lazy_mar else args.accel
-    device = torch.device(args.device)
     t_start = time.perf_counter()
     check_sampling_settings(**_settings(args))  # before loading any weights
     gen = _load(args)
@@ -142,7 +136,7 @@ def main(args: argparse.Namespace) -> Image.Image:
     print(f"{args.model}: {len(classes)} classes x {args.num_per_class}, {settings}")
 
     if not args.compare:
-        images, sec = generate(gen, labels, settings, args.seed, accel, device, args.precision)
+        images, sec = generate(gen, labels, settings, args.seed, accel, args.precision)
         grid = make_grid(images, len(classes), args.num_per_class)
         print(f"{sec:.3f} s/image{' with ' + accel if accel else ''}")
     else:
@@ -150,7 +144,7 @@ def main(args: argparse.Namespace) -> Image.Image:
         accel = accel or "lazymar"
         halves = []
         for name, a in (("baseline", None), (accel, accel)):
-            images, sec = generate(gen, labels, settings, args.seed, a, device, args.precision)
+            images, sec = generate(gen, labels, settings, args.seed, a, args.precision)
             flops = estimate(gen.mar, num_iter=settings["num_iter"], cfg=settings["cfg"], accel=a,
                              bsz=len(labels)).total
             print(f"{name}: {sec:.3f} s/image, {flops / 1e9:.3f} GFLOPs/image")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,8 +23,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split, to_uint8
+from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
 from demo.fidelity import demo_metrics
+from util.generate import SEED_RULE, SamplingSettings, generate_images
+from util.loading import Generator
 
 REFERENCE_PER_CLASS = 500
 # The methods compared in the README: plain MAR, each method, and the combinations.
@@ -43,37 +44,13 @@ class Row:
     num_images: int
 
 
-def generate(mar, vae, latent_scale: float, labels: torch.Tensor, *, num_iter: int, cfg: float,
-             cfg_schedule: str, temperature: float, accel, bsz: int, seed: int,
-             progress=None) -> tuple[np.ndarray, float]:
-    """uint8 images (N, H, W, 3) for ``labels`` and seconds per image excluding the first batch.
-
-    Batch ``b`` draws all its randomness from a generator seeded with ``(seed, b)``.
-    """
-    device = next(mar.parameters()).device
-    images, timed, timed_n = [], 0.0, 0
-    for b, start in enumerate(range(0, len(labels), bsz)):
-        batch = labels[start:start + bsz].to(device)
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            tokens = mar.sample_tokens(len(batch), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                       labels=batch, temperature=temperature, generator=gen, accel=accel)
-            x = vae.decode(tokens / latent_scale)
-        if b > 0:
-            timed += time.perf_counter() - t0
-            timed_n += len(batch)
-        images.append(to_uint8(x))
-        if progress is not None:
-            progress.update(1)
-    return np.concatenate(images), (timed / timed_n if timed_n else float("nan"))
-
-
-def evaluate(mar, vae, latent_scale: float, *, steps: list[int], policies: list[str | None], per_class: int,
+def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], per_class: int,
              sampling: dict, bsz: int, seed: int, classifier_path: str, reference: np.ndarray,
              done: list[Row] | None = None, on_row: Callable[[Row], None] | None = None,
              progress: bool = False) -> list[Row]:
     """One :class:`Row` per (step count, policy), in that order.
+
+    Images come from :func:`util.generate.generate_images`; seconds per image exclude the first batch.
 
     Args:
         done: rows measured before (same model and settings); they are reused, not regenerated.
@@ -94,10 +71,10 @@ def evaluate(mar, vae, latent_scale: float, *, steps: list[int], policies: list[
                 rows.append(known[policy or "plain", num_iter])
                 continue
             bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps")
-            images, seconds = generate(mar, vae, latent_scale, labels, num_iter=num_iter, accel=policy,
-                                       bsz=bsz, seed=seed, progress=bar, **sampling)
+            settings = SamplingSettings(num_iter=num_iter, accel=policy, **sampling)
+            images, seconds = generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=bar)
             m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference, compute_is=False)
-            flops = estimate(mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
+            flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
             rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
                             len(images)))
             if on_row is not None:
@@ -146,12 +123,13 @@ def load_done_rows(path: Path, identity: dict) -> tuple[list[Row], dict[str, str
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, load_demo
+    from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, DEMO_MODEL
     from lazymar.config import PRESETS
     from models.schedules import check_sampling_settings
     from util.checkpoint import atomic_path
     from util.cli import check_positive
-    from util.latents import file_sha256
+    from util.hashing import file_sha256
+    from util.loading import load_generator
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
@@ -177,14 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(cfg=DEMO_DEFAULTS["cfg"] if args.cfg is None else args.cfg,
                     cfg_schedule=DEMO_DEFAULTS["cfg_schedule"],
                     temperature=DEMO_DEFAULTS["temperature"] if args.temperature is None else args.temperature)
-    mar, vae, scale = load_demo(args.device)
+    gen = load_generator(DEMO_MODEL, device=args.device)
     policies = [None if x == "none" else x for x in args.policies]
     # Everything a saved row depends on: the model and classifier files, each preset's definition
     # (editing one in lazymar/config.py changes its rows), the images and the machine that timed them.
     identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]),
                     classifier_sha256=file_sha256(DEMO_DIR / DEMO_FILES["classifier"]),
                     presets={p: repr(PRESETS[p]) for p in policies if p is not None},
-                    per_class=args.per_class, bsz=args.bsz, seed=args.seed, device=args.device,
+                    per_class=args.per_class, bsz=args.bsz, seed=args.seed, seed_rule=SEED_RULE, device=args.device,
                     threads=torch.get_num_threads(), **sampling)
     done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
     identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
@@ -211,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if done:
         print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
-    rows = evaluate(mar, vae, scale, steps=args.steps, policies=policies, per_class=args.per_class,
+    rows = evaluate(gen, steps=args.steps, policies=policies, per_class=args.per_class,
                     sampling=sampling, bsz=args.bsz, seed=args.seed, classifier_path=classifier, reference=reference,
                     done=done, on_row=on_row, progress=True)
     table = format_markdown(rows, floor)

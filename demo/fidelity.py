@@ -10,28 +10,14 @@ registered as ``lazymar-demo-classifier`` when this module is imported. It provi
 * ``'logits_unbiased'`` - logits without the head bias (Inception convention), default for ISC;
 * ``'logits'``          - the classifier's actual logits (with bias), used for class accuracy.
 
-How torch-fidelity talks to an extractor (checked against the 0.4.0 source):
-
-* ``calculate_metrics(**kwargs)`` builds it as ``cls(name, features_list, **kwargs)``: EVERY keyword
-  of ``calculate_metrics`` except ``cuda`` reaches the constructor, so the checkpoint path travels as
-  ``feature_extractor_weights_path=...``.
-* ``forward`` receives uint8 (N, 3, H, W) batches and must return a tuple ordered like
-  ``features_list``; we map to [-1, 1] floats and resize to the classifier resolution if needed.
-* ``cuda`` defaults to True and ``verbose`` to True; ``cache`` defaults to True but only inputs with a
-  cache name (registered datasets, or ``input{1,2}_cache_name``) are cached, under
-  ``~/.cache/torch/fidelity_cache`` unless ``cache_root`` is given, with a key made of the input name,
-  extractor NAME and layer - not the weights. We therefore disable the cache unless a ``cache_root``
-  is passed, and then name the reference entry after the classifier file's hash.
-* Dataset inputs are read with ``num_workers = 0 if save_cpu_ram else min(4, 2 * cpu_count)`` (more
-  workers than cores on small machines); we always pass ``save_cpu_ram=True``: decoding a 64x64 PNG
-  takes ~0.1 ms and the classifier is the bottleneck, so worker processes only add start-up cost.
+What torch-fidelity expects of an extractor, and why we disable its cache unless ``cache_root`` is
+given (its key ignores the weights), is written up in docs/torch_fidelity.md.
 
 Inputs for evaluation code: a folder of PNGs named ``<global_index>.png`` plus a label array indexed
 by global index (see :class:`IndexedPNGFolder`), an in-memory uint8 array, or a torch Dataset.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -52,6 +38,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from demo.classifier import DEFAULT_CLASSIFIER_PATH, load_classifier
 from demo.dataset import DEFAULT_SIZE, FLOOR_SEED, HELDOUT_SEED, make_split
+from util.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -261,14 +248,6 @@ def as_uint8_dataset(samples: PathLike | Dataset | np.ndarray | torch.Tensor) ->
 # metrics
 # ----------------------------------------------------------------------------------------------
 
-def _file_digest(path: PathLike, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
 def _device_is_cuda(device: str | torch.device | None) -> bool:
     if device is None:
         return torch.cuda.is_available()
@@ -413,7 +392,7 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
         if cache_root is not None:
             kwargs.update(cache=True, cache_root=str(cache_root),
                           input2_cache_name=(f"lazymar-demo-heldout-s{HELDOUT_SEED}-n{reference_per_class}"
-                                             f"-{DEFAULT_SIZE}px-clf{_file_digest(classifier_path)}"))
+                                             f"-{DEFAULT_SIZE}px-clf{file_sha256(classifier_path)[:12]}"))
     else:
         ref_ds = as_uint8_dataset(reference)
     do_is = compute_is and len(sample_ds) >= 2 * isc_splits

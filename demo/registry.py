@@ -3,9 +3,11 @@
 The demo MAR generates 32x32 images of the procedural shapes dataset (:mod:`demo.dataset`). The demo
 tokenizer (:mod:`demo.tokenizer`) maps them to 4x16x16 latents; the MAR sees each latent position as a
 token (``patch_size=1``), i.e. 256 tokens of 4 dims, as many as the released models. See
-demo/TRAINING.md for why and how the files are made (and why ``mar.pt`` is not shipped yet). ``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size
-``mar.img_size``; :func:`to_classifier_size` upsamples them (bilinear) to the 64x64 the demo
-classifier expects (bilinear 32->64 renders are classified 100% correctly).
+demo/TRAINING.md for why and how the files are made (and why ``mar.pt`` is not shipped yet).
+``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size ``mar.img_size``;
+:func:`to_classifier_size` upsamples them (bilinear) to the 64x64 the demo classifier expects.
+
+Importing this module registers the demo model as ``demo`` with :func:`util.loading.load_generator`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from util.loading import LoadedModel, register_generator
+
+DEMO_MODEL = "demo"  # its name for util.loading.load_generator (registered below) and the scripts' --model
 DEMO_DIR = Path("pretrained_models/demo")
 DEMO_FILES = {"mar": "mar.pt", "tokenizer": "tokenizer.pt", "classifier": "classifier.pt"}
 
@@ -45,7 +50,7 @@ def _require(name: str, path: Path) -> None:
 
 def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "cpu"):
     """The demo MAR (EMA weights, fp32, eval mode) from an exported ``mar.pt``."""
-    from train import build_mar
+    from models.mar import mar_from_config
     from util.checkpoint import CheckpointError, check_state_dict, read_checkpoint
     path = Path(path) if path is not None else demo_path("mar")
     _require("mar", path)
@@ -53,7 +58,7 @@ def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "
     if "model_ema" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} holds {sorted(ckpt)}; expected an export of train.py "
                               f"('model_ema' and 'config')")
-    model = build_mar(dict(ckpt["config"]))
+    model = mar_from_config(dict(ckpt["config"]))
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["model_ema"].items()}
     check_state_dict(model, sd, path)
     model.load_state_dict(sd, strict=True)
@@ -70,7 +75,7 @@ def load_demo(device: str | torch.device = "cpu"):
     mar = load_demo_mar(mar_path, device)
     vae, scale = load_demo_tokenizer(tok_path, device)
     from util.checkpoint import CheckpointError
-    from util.latents import file_sha256
+    from util.hashing import file_sha256
     want = mar.tokenizer_sha
     if want is not None and want != file_sha256(tok_path):
         raise CheckpointError(
@@ -81,6 +86,17 @@ def load_demo(device: str | torch.device = "cpu"):
         raise CheckpointError(f"{mar_path} expects {mar.vae_embed_dim}-channel latents at stride "
                               f"{mar.vae_stride}; {tok_path} gives {vae.embed_dim} at stride {vae.stride}")
     return mar, vae, scale
+
+
+def _load_generator(*, ckpt=None, vae_path=None, use_ema: bool = True) -> LoadedModel:
+    """The loader ``util.loading.load_generator('demo')`` calls: the demo files, on the CPU."""
+    if ckpt is not None or vae_path is not None:
+        raise ValueError("--ckpt / --vae_path apply to the released models; the demo loads its own files")
+    mar, vae, scale = load_demo(device="cpu")
+    return LoadedModel(mar, vae, scale, files={"mar": demo_path("mar"), "tokenizer": demo_path("tokenizer")})
+
+
+register_generator(DEMO_MODEL, _load_generator)
 
 
 def to_classifier_size(images: torch.Tensor, size: int = 64) -> torch.Tensor:
@@ -106,31 +122,31 @@ def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: f
                    grid: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Sample ``per_class`` images of every class with the demo model and classify them.
 
-    Samples are decoded, upsampled to 64x64 (bilinear) and fed to the demo classifier. Optionally
-    writes a PNG grid (rows = classes). Settings default to :data:`DEMO_DEFAULTS`.
+    Samples come from :func:`util.generate.generate_images` (batch ``b`` seeded by ``(seed, b)``),
+    are upsampled to 64x64 (bilinear) and fed to the demo classifier. Optionally writes a PNG grid
+    (rows = classes). Settings default to :data:`DEMO_DEFAULTS`.
     """
     import numpy as np
+    from tqdm.auto import tqdm
 
     from demo.classifier import load_classifier, predict
-    from demo.dataset import NUM_CLASSES
+    from demo.dataset import NUM_CLASSES, to_model_input, to_uint8
     from demo.fidelity import class_accuracy as accuracy
+    from util.generate import SamplingSettings, generate_images, num_batches
+    from util.loading import load_generator
     settings = dict(DEMO_DEFAULTS)
     for k, v in dict(cfg=cfg, temperature=temperature, num_iter=num_iter).items():
         if v is not None:
             settings[k] = v
-    mar, vae, scale = load_demo(device)
+    gen = load_generator(DEMO_MODEL, device=device)
     _require("classifier", demo_path("classifier"))
     clf = load_classifier(demo_path("classifier")).to(device).eval()
     labels = torch.arange(NUM_CLASSES * per_class) % NUM_CLASSES
-    gen = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
-    imgs = []
-    for i in tqdm(range(0, len(labels), batch_size), desc=f"cfg {settings['cfg']}", unit="batch",
-                  disable=not progress):
-        lab = labels[i:i + batch_size]
-        tokens = mar.sample_tokens(len(lab), labels=lab.to(device), generator=gen, **settings)
-        imgs.append(decode_uint8(vae, tokens, scale, size=64))
-    imgs = np.concatenate(imgs)
+    with tqdm(total=num_batches(len(labels), batch_size), desc=f"cfg {settings['cfg']}", unit="batch",
+              disable=not progress) as bar:
+        native, _ = generate_images(gen, labels, SamplingSettings(**settings), seed=seed, batch_size=batch_size,
+                                    progress=bar)
+    imgs = to_uint8(to_classifier_size(to_model_input(native), 64))
     _, logits = predict(clf, imgs)
     pred = logits.argmax(1)
     acc = accuracy(logits, labels.numpy())

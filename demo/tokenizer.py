@@ -2,18 +2,9 @@
 
 ``DEMO_VAE_CONFIG`` maps a 32x32 image to a 4x16x16 latent (stride 2). The demo MAR takes every
 latent position as a token (``patch_size=1``): 256 tokens of 4 dims, as many as the released models
-have, so the 64-step schedules of the acceleration methods behave as on ImageNet.
-
-Why 32x32 images: the shapes render natively at any size (``make_split(..., size=32)``), bilinearly
-upsampled 32 px renders are classified 100% correctly by the 64 px demo classifier, and a tokenizer
-and MAR at 32 px cost a quarter of the compute of 64 px.
-
-Why stride 2 with ``embed_dim=4`` (rather than stride 4 with 4 or 16 channels): what limits the
-demo is whether the tokenizer keeps the fine classes (striped disk, checkerboard, target: ring
-periods of 2.5-4 px at 32 px). Measured with the same 5-epoch recipe, demo-classifier accuracy on
-reconstructions of 360 held-out images: stride 4 / 16 channels 79% (target 0%, checkerboard 40%,
-PSNR 25.5 dB); stride 2 / 4 channels 97.5% (PSNR 29.1 dB). Both compress 3x; the stride-2 latent is
-more local, so the small network learns the fine patterns quickly.
+have, so the 64-step schedules of the acceleration methods behave as on ImageNet. Stride 2 with 4
+channels keeps the finest classes (ring periods of 2.5-4 px) that a stride-4 latent loses; the
+measurements behind these choices are in demo/TRAINING.md ("Tokenizer").
 The architecture is tiny (``ch=32``, one residual block per level, ~0.7M parameters) and GroupNorm
 uses 8 groups (see :data:`DEMO_NORM_GROUPS`).
 
@@ -49,11 +40,10 @@ from util.lr import warmup_cosine
 
 DEMO_IMAGE_SIZE = 32  # demo resolution (see the module docstring and demo/TRAINING.md)
 DEMO_VAE_CONFIG: dict[str, Any] = dict(embed_dim=4, ch_mult=(1, 2), ch=32, num_res_blocks=1, resolution=32)
-# GroupNorm groups of the demo tokenizer. ``models.vae`` uses 32 groups, which at ch=32 is one channel
-# per group, i.e. instance norm: the decoder's final norm then erases each image's global colour
-# (measured: shapes reconstructed, colours lost, 63% classifier accuracy on reconstructions). With 8
-# groups colour survives. Build the demo tokenizer with :func:`build_demo_vae` / :func:`load_demo_tokenizer`
-# (which apply this), not ``AutoencoderKL(**DEMO_VAE_CONFIG)``.
+# GroupNorm groups of the demo tokenizer. ``models.vae``'s 32 groups at ch=32 are one channel per group
+# (instance norm), which erases each image's global colour; 8 groups keep it. Build the demo tokenizer
+# with :func:`build_demo_vae` / :func:`load_demo_tokenizer` (which apply this), not
+# ``AutoencoderKL(**DEMO_VAE_CONFIG)``.
 DEMO_NORM_GROUPS = 8
 
 

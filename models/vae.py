@@ -2,7 +2,8 @@
 
 ``AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))`` is the released KL-16 VAE: 256x256 images to a
 16x16x16 latent. Smaller ``ch_mult`` gives smaller strides (the demo tokenizer uses this class too).
-Parameter names follow the released ``kl16.ckpt``.
+Parameter names follow the released ``kl16.ckpt``; load it with ``util.checkpoint.load_vae_weights``
+(upstream's ``ckpt_path=`` argument is gone: models do not read files).
 
 MAR works on ``posterior.sample() * scale`` (0.2325 for KL-16) and decodes ``vae.decode(tokens / scale)``
 to images in [-1, 1].
@@ -239,15 +240,13 @@ class AutoencoderKL(nn.Module):
         embed_dim: latent channels.
         ch_mult: width multipliers per level; stride is ``2 ** (len(ch_mult) - 1)``.
         use_variational: if False the posterior is deterministic (std 1 placeholder, as upstream).
-        ckpt_path: optional ``kl16.ckpt``-format file to load (see ``util.checkpoint.load_vae_weights``).
         ch: base width (128 in KL-16; smaller for the demo tokenizer).
         num_res_blocks: residual blocks per level.
         resolution: nominal image resolution (places the encoder's attention at 16x16).
     """
 
-    def __init__(self, embed_dim: int, ch_mult: Sequence[int], use_variational: bool = True,
-                 ckpt_path: str | None = None, *, ch: int = 128, num_res_blocks: int = 2,
-                 resolution: int = 256) -> None:
+    def __init__(self, embed_dim: int, ch_mult: Sequence[int], use_variational: bool = True, *,
+                 ch: int = 128, num_res_blocks: int = 2, resolution: int = 256) -> None:
         super().__init__()
         self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, resolution=resolution,
                                z_channels=embed_dim)
@@ -259,9 +258,6 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
         self.embed_dim = embed_dim
         self.stride = 2 ** (len(ch_mult) - 1)
-        if ckpt_path is not None:
-            from util.checkpoint import load_vae_weights
-            load_vae_weights(self, ckpt_path)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         moments = self.quant_conv(self.encoder(x))

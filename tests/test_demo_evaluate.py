@@ -11,10 +11,12 @@ import torch
 import torch.nn as nn
 
 from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
-from demo.evaluate import Row, evaluate, format_markdown, generate, load_done_rows
+from demo.evaluate import Row, evaluate, format_markdown, load_done_rows
 from demo.plot import plot_quality_vs_flops
 from models.mar import MAR
 from models.vae import AutoencoderKL
+from util.generate import SamplingSettings, generate_batches, generate_images
+from util.loading import Generator
 
 CLASSIFIER = "pretrained_models/demo/classifier.pt"
 
@@ -27,26 +29,27 @@ def tiny_generator():
               diffloss_d=1, diffloss_w=32, num_sampling_steps="20", class_num=NUM_CLASSES,
               norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).eval()
     vae = AutoencoderKL(16, (1, 2, 2), ch=32, num_res_blocks=1, resolution=64).eval()
-    return mar, vae, 1.0
+    return Generator(mar=mar, vae=vae, latent_scale=1.0, name="tiny", is_random=True)
 
 
 SAMPLING = dict(cfg=2.0, cfg_schedule="linear", temperature=1.0)
 
 
-def test_generation_is_independent_of_batch_layout(tiny_generator):
-    mar, vae, scale = tiny_generator
+def test_generation_is_seeded_per_batch(tiny_generator):
     labels = torch.arange(6) % NUM_CLASSES
-    a, _ = generate(mar, vae, scale, labels, num_iter=4, accel=None, bsz=3, seed=1, **SAMPLING)
-    b, _ = generate(mar, vae, scale, labels, num_iter=4, accel=None, bsz=3, seed=1, **SAMPLING)
-    c, _ = generate(mar, vae, scale, labels, num_iter=4, accel=None, bsz=3, seed=2, **SAMPLING)
+    settings = SamplingSettings(num_iter=4, **SAMPLING)
+    a, _ = generate_images(tiny_generator, labels, settings, seed=1, batch_size=3)
+    b, _ = generate_images(tiny_generator, labels, settings, seed=1, batch_size=3)
+    c, _ = generate_images(tiny_generator, labels, settings, seed=2, batch_size=3)
     assert a.shape == (6, 64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    (second,) = generate_batches(tiny_generator, labels, settings, seed=1, batch_size=3, batches=[1])
+    assert second.start == 3 and np.array_equal(second.images, a[3:])  # a batch alone = the same batch in a run
 
 
 def test_table_rows_and_plot(tiny_generator, tmp_path):
-    mar, vae, scale = tiny_generator
     reference, _ = make_split(5, HELDOUT_SEED)
-    rows = evaluate(mar, vae, scale, steps=[8], policies=[None, "lazymar", "gtr+lazymar", "marche"], per_class=2,
+    rows = evaluate(tiny_generator, steps=[8], policies=[None, "lazymar", "gtr+lazymar", "marche"], per_class=2,
                     sampling=SAMPLING, bsz=12, seed=0, classifier_path=CLASSIFIER, reference=reference)
     assert [r.policy for r in rows] == ["plain", "lazymar", "gtr+lazymar", "marche"]
     assert all(r.tflops_per_image < rows[0].tflops_per_image for r in rows[1:])
@@ -63,12 +66,11 @@ def test_table_rows_and_plot(tiny_generator, tmp_path):
 
 
 def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_path):
-    mar, vae, scale = tiny_generator
     reference, _ = make_split(3, HELDOUT_SEED)
     common = dict(per_class=1, sampling=SAMPLING, bsz=6, seed=0, classifier_path=CLASSIFIER, reference=reference)
     earlier = Row("plain", 4, 1.0, 2.0, 0.5, 9.0, 12)  # stands for a row measured by a killed run
     new = []
-    rows = evaluate(mar, vae, scale, steps=[4], policies=[None, "lazymar"], done=[earlier], on_row=new.append,
+    rows = evaluate(tiny_generator, steps=[4], policies=[None, "lazymar"], done=[earlier], on_row=new.append,
                     **common)
     assert rows[0] is earlier and [r.policy for r in rows] == ["plain", "lazymar"]
     assert new == rows[1:]  # only the new row was generated and reported
@@ -86,3 +88,13 @@ def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_pat
     path.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not written by this version"):
         load_done_rows(path, identity)
+
+
+def test_demo_class_accuracy_uses_the_shared_loop(tiny_generator, monkeypatch, tmp_path):
+    import demo.registry as registry
+    monkeypatch.setattr(registry, "load_demo", lambda device="cpu": (tiny_generator.mar, tiny_generator.vae, 1.0))
+    grid = tmp_path / "grid.png"
+    a = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, grid=grid, progress=False)
+    b = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, progress=False)
+    assert a["n"] == NUM_CLASSES and 0.0 <= a["accuracy"] <= 1.0 and grid.is_file()
+    assert a["per_class"] == b["per_class"] and a["settings"]["num_iter"] == 2

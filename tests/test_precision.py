@@ -44,7 +44,8 @@ def test_half_weights_are_refused_with_the_way_out():
 
 def test_non_finite_tokens_are_not_decoded_into_images():
     from models.vae import AutoencoderKL
-    from util.loading import TINY_VAE, Generator, decode_images
+    from util.generate import decode_images
+    from util.loading import TINY_VAE, Generator
     gen = Generator(mar=build_tiny_mar(), vae=AutoencoderKL(**TINY_VAE).eval(), latent_scale=1.0, name="tiny",
                     is_random=True)
     tokens = torch.zeros(1, 16, 8, 8)

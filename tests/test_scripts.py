@@ -265,3 +265,100 @@ def test_sample_passes_its_flags_to_the_demo_model(monkeypatch, tmp_path):
         sample_script._load(parse(["--num_sampling_steps", "0"]))
     with pytest.raises(ValueError, match="--ckpt"):
         sample_script._load(parse(["--ckpt", str(tmp_path / "x.pth")]))
+
+
+# ------------------------------------------------------------------------------- run identity
+FILE_MODEL = "tiny-file"
+SMALL = ["--model", FILE_MODEL, "--num_images", "10", "--eval_bsz", "5", "--num_iter", "2",
+         "--num_sampling_steps", "5", "--device", "cpu", "--no_metrics"]
+
+
+@pytest.fixture
+def file_model(monkeypatch, tmp_path):
+    """A model whose MAR weights come from a file (``--ckpt``), like the released ones, but tiny."""
+    from models.vae import VAE_LATENT_SCALE
+    from util import loading
+
+    def load(*, ckpt, vae_path, use_ema):
+        mar, vae = loading._tiny_random(loading.DEFAULT_SAMPLING_STEPS)
+        mar.load_state_dict(torch.load(ckpt, weights_only=True))
+        return loading.LoadedModel(mar, vae, VAE_LATENT_SCALE, {"mar": Path(ckpt)})
+
+    monkeypatch.setitem(loading._REGISTERED, FILE_MODEL, load)
+    path = tmp_path / "weights.pth"
+    save_weights(path, perturb=0.0)
+    return path
+
+
+def save_weights(path: Path, perturb: float) -> None:
+    from util import loading
+    mar, _ = loading._tiny_random(loading.DEFAULT_SAMPLING_STEPS)
+    with torch.no_grad():
+        mar.z_proj.weight.add_(perturb)
+    torch.save(mar.state_dict(), path)
+    st = path.stat()  # a replaced file has a new mtime, even within the file system's time resolution
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(perturb * 1e9) + 1))
+
+
+def eval_args(*flags: str):
+    return eval_script.build_parser().parse_args([*SMALL, *flags])
+
+
+def test_weights_replaced_at_the_same_path_are_refused(file_model, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out), "--stop_after_batches", "1"))
+    folder = run_dir(out)
+    before = folder_bytes(folder / "images")
+    assert len(before) == 5 and (folder / eval_script.IDENTITY_FILE).is_file()
+
+    save_weights(file_model, perturb=1.0)  # other weights, same path: same folder name
+    with pytest.raises(ValueError, match="holds images of another setup \\(mar_sha256: "):
+        eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out)))
+    assert folder_bytes(folder / "images") == before  # nothing mixed in
+
+    from util import cli
+    with pytest.raises(SystemExit) as exit_info:  # from the shell: one line, status 1
+        cli.run(eval_script.main, eval_args("--ckpt", str(file_model), "--output_dir", str(out)))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "mar_sha256" in message and "\n" not in message
+
+
+def test_identical_rerun_resumes_from_cached_digests(file_model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out), "--stop_after_batches", "1"))
+    assert (out / eval_script.DIGEST_CACHE).is_file()
+
+    import util.hashing
+
+    def no_rehash(path):
+        raise AssertionError(f"{path} hashed again: the digest cache was not used")
+
+    monkeypatch.setattr(util.hashing, "file_sha256", no_rehash)
+    result = eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out)))
+    assert result["timing"]["per_rank"][0]["images_generated"] == 5  # only the missing batch
+    assert len(os.listdir(run_dir(out) / "images")) == 10
+    assert result["identity"] == json.loads((run_dir(out) / eval_script.IDENTITY_FILE).read_text())
+
+
+def test_changed_sampler_setting_gets_a_new_folder_and_a_forged_one_is_refused(tmp_path):
+    """Sampler settings are in the folder name, so changing one starts a new run; the identity file
+    catches what the name does not show (here: a library version recorded differently)."""
+    out = tmp_path / "out"
+    tiny = ["--num_images", "10", "--eval_bsz", "10", "--num_iter", "2", "--output_dir", str(out)]
+    run_eval(*tiny)
+    run_eval(*tiny, "--cfg", "2.0")
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 2 and all((f / eval_script.IDENTITY_FILE).is_file() for f in folders)
+    cfgs = {json.loads((f / eval_script.IDENTITY_FILE).read_text())["cfg"] for f in folders}
+    assert cfgs == {2.0, 3.25}
+
+    record = next(f for f in folders if "cfg3.25" in f.name) / eval_script.IDENTITY_FILE
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps(saved | {"torch": "1.0.0"}))
+    with pytest.raises(ValueError, match='torch: "1.0.0" there'):
+        run_eval(*tiny)
+    record.unlink()  # images without a record: written by an older eval.py
+    with pytest.raises(ValueError, match="no run.json"):
+        run_eval(*tiny)

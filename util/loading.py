@@ -5,20 +5,20 @@
 * ``mar_base`` / ``mar_large`` / ``mar_huge`` - the released architectures with the released weights
   (default paths from :mod:`util.checkpoint`; ``ckpt`` / ``vae_path`` override them). Missing or
   malformed files raise :class:`util.checkpoint.CheckpointError`, whose message says how to download.
-* ``demo`` - the small model trained on the demo data set (:func:`demo.registry.load_demo`). Raises
-  ``FileNotFoundError`` when its files (or the registry itself) are not there.
 * ``tiny-random`` - a tiny randomly initialised MAR (32x32 images, VAE stride 4 -> 8x8 = 64 tokens,
   2+2 blocks of width 32, head 2x32, 10 classes) with a tiny random KL autoencoder of matching stride.
   Deterministic (seeded, without touching the global RNG state). Used by the tests and as the
   documented fallback of ``sample.py`` when the demo files are missing. Its images are noise.
+* any name a higher layer registered with :func:`register_generator`: importing :mod:`demo.registry`
+  registers ``demo``, the small model trained on the demo data set. ``util`` never imports ``demo``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -26,9 +26,7 @@ from models.mar import MAR, MAR_FACTORIES, build_released
 from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
 
 RELEASED_MODELS = tuple(sorted(MAR_FACTORIES))  # ('mar_base', 'mar_huge', 'mar_large')
-DEMO_MODEL = "demo"
 TINY_MODEL = "tiny-random"
-MODEL_CHOICES = (*RELEASED_MODELS, DEMO_MODEL, TINY_MODEL)
 
 TINY_SEED = 0
 DEFAULT_SAMPLING_STEPS = 100  # the head's respaced steps in the MAR papers' evaluations
@@ -49,6 +47,8 @@ class Generator:
         latent_scale: factor between VAE latents and MAR tokens (tokens = latents * scale).
         name: the model name it was loaded as.
         is_random: True for untrained weights (``tiny-random``): its images carry no meaning.
+        files: the weight files it was loaded from, by role (``{'mar': path, 'vae': path}``); empty
+            for weights made in memory. A run records their digests to prove what it sampled.
     """
 
     mar: MAR
@@ -56,6 +56,36 @@ class Generator:
     latent_scale: float
     name: str
     is_random: bool
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class LoadedModel(NamedTuple):
+    """What a registered loader returns: modules on the CPU and the files they came from."""
+
+    mar: MAR
+    vae: nn.Module
+    latent_scale: float
+    files: dict[str, Path]
+
+
+# name -> loader(ckpt=..., vae_path=..., use_ema=...) -> LoadedModel; filled by higher layers.
+_REGISTERED: dict[str, Callable[..., LoadedModel]] = {}
+
+
+def register_generator(name: str, loader: Callable[..., LoadedModel]) -> None:
+    """Make ``load_generator(name)`` call ``loader(ckpt=..., vae_path=..., use_ema=...)``.
+
+    How a higher layer (the demo) adds a model without this module importing it. The loader raises
+    ``FileNotFoundError`` when its files are missing and ``ValueError`` for flags it cannot honour.
+    """
+    if name in RELEASED_MODELS or name == TINY_MODEL:
+        raise ValueError(f"{name!r} is a built-in model name")
+    _REGISTERED[name] = loader
+
+
+def model_choices() -> tuple[str, ...]:
+    """Every name :func:`load_generator` accepts now (registered ones included), for ``choices=``."""
+    return (*RELEASED_MODELS, *_REGISTERED, TINY_MODEL)
 
 
 def _tiny_random(num_sampling_steps: int) -> tuple[MAR, AutoencoderKL]:
@@ -86,9 +116,9 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
     """Build and load a generator by name (see the module docstring).
 
     Args:
-        model: one of :data:`MODEL_CHOICES`.
-        ckpt: MAR checkpoint override (released models only).
-        vae_path: VAE checkpoint override (released models only).
+        model: one of :func:`model_choices`.
+        ckpt: MAR checkpoint override (released models; registered loaders decide for themselves).
+        vae_path: VAE checkpoint override (likewise).
         use_ema: load the EMA weights of the MAR checkpoint (what the papers evaluate).
         device: where to put the modules.
         num_sampling_steps: diffusion steps of the head; ``None``: the model's own (100 for the released
@@ -98,48 +128,29 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
     if num_sampling_steps is not None:
         check_sampling_steps(num_sampling_steps)
     steps = DEFAULT_SAMPLING_STEPS if num_sampling_steps is None else num_sampling_steps
+    files: dict[str, Path] = {}
     if model in RELEASED_MODELS:
         from util.checkpoint import load_mar_weights, load_vae_weights, mar_checkpoint_path, vae_checkpoint_path
+        files = {"mar": Path(ckpt if ckpt is not None else mar_checkpoint_path(model)),
+                 "vae": Path(vae_path if vae_path is not None else vae_checkpoint_path())}
         mar = build_released(model, num_sampling_steps=str(steps))
-        load_mar_weights(mar, ckpt if ckpt is not None else mar_checkpoint_path(model), use_ema=use_ema,
-                         model_name=model)
+        load_mar_weights(mar, files["mar"], use_ema=use_ema, model_name=model)
         vae = AutoencoderKL(**KL16_CONFIG)
-        load_vae_weights(vae, vae_path if vae_path is not None else vae_checkpoint_path())
+        load_vae_weights(vae, files["vae"])
         scale, is_random = VAE_LATENT_SCALE, False
-    elif model == DEMO_MODEL:
-        if ckpt is not None or vae_path is not None:
-            raise ValueError("--ckpt / --vae_path apply to the released models; the demo loads its own files")
-        try:
-            from demo.registry import load_demo
-        except ImportError as e:
-            raise FileNotFoundError(f"the demo model registry (demo/registry.py) is not available: {e}") from e
-        mar, vae, scale = load_demo(device="cpu")
-        is_random = False
     elif model == TINY_MODEL:
         if ckpt is not None or vae_path is not None:
             raise ValueError("tiny-random has no checkpoint; drop --ckpt / --vae_path")
         mar, vae = _tiny_random(steps)
         scale, is_random = VAE_LATENT_SCALE, True
+    elif model in _REGISTERED:
+        mar, vae, scale, files = _REGISTERED[model](ckpt=ckpt, vae_path=vae_path, use_ema=use_ema)
+        is_random = False
     else:
-        raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_CHOICES)}")
+        raise ValueError(f"unknown model {model!r}; choose one of {list(model_choices())}")
     if num_sampling_steps is not None:
-        mar.diffloss.set_sampling_steps(num_sampling_steps)  # the demo's too: never silently ignored
+        mar.diffloss.set_sampling_steps(num_sampling_steps)  # registered models' too: never ignored
     mar = mar.to(device).eval()
     vae = vae.to(device).eval()
-    return Generator(mar=mar, vae=vae, latent_scale=float(scale), name=model, is_random=is_random)
-
-
-@torch.no_grad()
-def decode_images(gen: Generator, tokens: torch.Tensor) -> np.ndarray:
-    """Decode MAR tokens (B, C, h, w) to uint8 images (B, H, W, 3), as upstream MAR saves them.
-
-    Raises ``FloatingPointError`` on non-finite tokens rather than writing black images that would
-    silently enter a FID (fp16 autocast can overflow in an untrained or unusual model).
-    """
-    if not torch.isfinite(tokens).all():
-        raise FloatingPointError("sampling produced non-finite tokens; with --precision fp16 the products can "
-                                 "overflow: use bf16 or fp32")
-    vae_dtype = next(gen.vae.parameters()).dtype
-    images = gen.vae.decode(tokens.to(vae_dtype) / gen.latent_scale)
-    images = ((images.float().clamp(-1, 1) + 1) / 2 * 255).round()
-    return images.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return Generator(mar=mar, vae=vae, latent_scale=float(scale), name=model, is_random=is_random,
+                     files={role: Path(p) for role, p in files.items()})

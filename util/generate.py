@@ -1,0 +1,130 @@
+"""Seeded class-conditional generation: the one loop behind eval.py, sample.py and the demo tables.
+
+Batch ``b`` of a run holds images ``[b * batch_size, (b + 1) * batch_size)`` and draws all its
+randomness (orders, diffusion noise) from ``torch.Generator(device).manual_seed(batch_seed(seed, b))``.
+An image therefore depends on the seed, the batch size and its index, not on which other batches run,
+in which order or in which process: a run can be split over processes or resumed batch by batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from util.loading import Generator
+from util.precision import autocast
+from util.timing import synchronize
+
+SEED_RULE = "sha256('lazymar-eval:{seed}:{batch}')[:8] little-endian >> 1"  # recorded with results
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything besides the model, labels and seed that changes the sampled images.
+
+    Attributes:
+        num_iter: MAR steps.
+        cfg: classifier-free guidance scale (at the end of the linear schedule).
+        cfg_schedule: ``'linear'`` or ``'constant'``.
+        temperature: sampling temperature of the head and of the orders.
+        accel: acceleration preset name or config; ``None`` is plain MAR.
+        precision: autocast for sampling and decoding (``util.precision.PRECISIONS``).
+    """
+
+    num_iter: int
+    cfg: float
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    accel: Any = None
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class GeneratedBatch:
+    """One global batch: its index, the global index of its first image, the images and its timing."""
+
+    index: int
+    start: int
+    images: np.ndarray  # (B, H, W, 3) uint8
+    sample_s: float  # sampling only, synchronized
+    total_s: float  # sampling + decoding to uint8 on the CPU
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of global batch ``batch``: a hash of (seed, batch), 63 bits."""
+    return int.from_bytes(hashlib.sha256(f"lazymar-eval:{seed}:{batch}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def decode_images(gen: Generator, tokens: torch.Tensor) -> np.ndarray:
+    """Decode MAR tokens (B, C, h, w) to uint8 images (B, H, W, 3), as upstream MAR saves them.
+
+    Raises ``FloatingPointError`` on non-finite tokens rather than writing black images that would
+    silently enter a FID (fp16 autocast can overflow in an untrained or unusual model).
+    """
+    if not torch.isfinite(tokens).all():
+        raise FloatingPointError("sampling produced non-finite tokens; with --precision fp16 the products can "
+                                 "overflow: use bf16 or fp32")
+    vae_dtype = next(gen.vae.parameters()).dtype
+    images = gen.vae.decode(tokens.to(vae_dtype) / gen.latent_scale)
+    images = ((images.float().clamp(-1, 1) + 1) / 2 * 255).round()
+    return images.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def num_batches(num_images: int, batch_size: int) -> int:
+    return math.ceil(num_images / batch_size)
+
+
+def generate_batches(gen: Generator, labels: torch.Tensor | np.ndarray, settings: SamplingSettings, *,
+                     seed: int, batch_size: int, batches: Iterable[int] | None = None) -> Iterator[GeneratedBatch]:
+    """Generate the global batches ``batches`` (default: all, in order) of images with class ``labels``.
+
+    Args:
+        gen: the model, on the device to sample on.
+        labels: class of every image of the run (N,); batch ``b`` takes its slice.
+        settings: the sampler settings.
+        seed: run seed; batch ``b`` uses :func:`batch_seed` ``(seed, b)``.
+        batch_size: images per global batch (the last one may be smaller).
+        batches: which batch indices to generate, e.g. one process's share or the ones not yet on disk.
+    """
+    device = next(gen.mar.parameters()).device
+    labels = torch.as_tensor(labels)
+    for b in range(num_batches(len(labels), batch_size)) if batches is None else batches:
+        start = b * batch_size
+        batch_labels = labels[start:start + batch_size].to(device)  # (B,)
+        g = torch.Generator(device).manual_seed(batch_seed(seed, b))
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast(device, settings.precision):
+            tokens = gen.mar.sample_tokens(len(batch_labels), num_iter=settings.num_iter, cfg=settings.cfg,
+                                           cfg_schedule=settings.cfg_schedule, labels=batch_labels,
+                                           temperature=settings.temperature, generator=g, accel=settings.accel)
+            synchronize(device)
+            t1 = time.perf_counter()
+            images = decode_images(gen, tokens)  # ends with a copy to the CPU (synchronizes)
+        yield GeneratedBatch(b, start, images, t1 - t0, time.perf_counter() - t0)
+
+
+def generate_images(gen: Generator, labels: torch.Tensor | np.ndarray, settings: SamplingSettings, *,
+                    seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, float]:
+    """All images (N, H, W, 3) uint8 of :func:`generate_batches`, and seconds per image (sampling and
+    decoding) excluding the first batch, the warm-up (NaN when there is only one batch).
+
+    Args:
+        progress: optional tqdm-like bar, advanced by one per batch.
+    """
+    images, timed_s, timed_n = [], 0.0, 0
+    for batch in generate_batches(gen, labels, settings, seed=seed, batch_size=batch_size):
+        images.append(batch.images)
+        if batch.index > 0:
+            timed_s += batch.total_s
+            timed_n += len(batch.images)
+        if progress is not None:
+            progress.update(1)
+    return np.concatenate(images), (timed_s / timed_n if timed_n else float("nan"))

@@ -1,0 +1,55 @@
+"""SHA-256 digests of files and in-memory weights, to record what produced a result.
+
+A multi-GB checkpoint takes seconds to hash, so :func:`cached_file_sha256` keeps digests in a small
+JSON file keyed by (resolved path, size, modification time): a rerun on an untouched file reads the
+digest back, and a file replaced at the same path (new mtime or size) is hashed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_file_sha256(path: str | os.PathLike, cache_file: str | os.PathLike) -> str:
+    """:func:`file_sha256` of ``path``, read from / recorded in the JSON ``cache_file``."""
+    path, cache_file = Path(path).resolve(), Path(cache_file)
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # first use, or a file cut by a kill: rebuild
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = file_sha256(path)
+    # Entries of the same path with another size or mtime describe a replaced file: drop them.
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")} | {key: digest}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f"{cache_file.name}.tmp-{os.getpid()}")  # per process: writers may race
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    os.replace(tmp, cache_file)
+    return digest
+
+
+def state_dict_sha256(*modules: nn.Module) -> str:
+    """Digest of the parameters and buffers (names, dtypes, shapes, values) of ``modules``, in order."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors cannot be viewed as bytes
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
