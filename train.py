@@ -15,7 +15,7 @@ Export the EMA weights for sampling (``demo.registry.load_demo`` reads this file
 
 Faster steps (demo/TRAINING.md, "One GPU window"): ``--mask_buckets N`` draws the mask ratio from N fixed
 values so every step has one of N static shapes (``demo.train_step``), ``--compile step`` compiles that
-whole step (one graph per bucket) and ``--cuda_graph`` replays it as CUDA graphs; the cached latents
+whole step (two compilations) and ``--cuda_graph`` replays it as CUDA graphs; the cached latents
 stay on the device. ``--lr`` is absolute: a larger ``--batch_size`` needs its own (see TRAINING.md).
 
 A resume must be the same run: the checkpoint stores the run's settings (every flag but
@@ -125,8 +125,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--compile", nargs="?", const="blocks", default="off", choices=["off", "blocks", "step"],
                    help="blocks (also plain --compile): torch.compile the transformer blocks and the DiffLoss MLP "
-                        "in place; step: compile the whole forward and backward of the static-shape step (needs "
-                        "--mask_buckets; one graph per bucket). Checkpoint keys are unchanged either way; the "
+                        "in place; step: compile the whole forward and backward of the bucketed step (needs "
+                        "--mask_buckets; two compilations). Checkpoint keys are unchanged either way; the "
                         "first steps are slow while it compiles")
     p.add_argument("--cuda_graph", action="store_true",
                    help="replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; needs a "
@@ -219,18 +219,20 @@ def posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float) -> tor
 
 
 def compile_step(step: nn.Module, num_buckets: int, cuda_graph: bool) -> nn.Module:
-    """``torch.compile`` the whole static-shape training forward (and so its backward), one graph per
-    mask bucket; with ``cuda_graph`` each graph is also captured and replayed as a CUDA graph.
+    """``torch.compile`` the whole bucketed training forward (and so its backward); with ``cuda_graph``
+    the compiled step is also captured and replayed as CUDA graphs, one per bucket.
 
     Why: the demo model's step is hundreds of small kernels, so a GPU waits on their launches; fused
-    kernels and graph replay remove most of that. The masked count is a Python int, so the compiler
-    specialises on it: the recompile limit must admit one graph per bucket.
+    kernels and graph replay remove most of that. The masked count is a Python int: the first count
+    compiles a static graph, the second a graph with the count symbolic that serves every bucket (two
+    compilations in all, measured); the recompile limit still admits one graph per bucket, so a
+    specialisation can never silently fall back to eager.
     """
     import torch._dynamo
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(cfg, name, max(getattr(cfg, name), num_buckets + 2))
-    return torch.compile(step, dynamic=False, mode="reduce-overhead" if cuda_graph else None)
+    return torch.compile(step, mode="reduce-overhead" if cuda_graph else None)
 
 
 def compile_for_training(model: MAR) -> None:
@@ -383,7 +385,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.save_every_minutes is not None and not args.save_every_minutes > 0:
         raise ValueError(f"--save_every_minutes must be > 0, got {args.save_every_minutes}")
     if args.compile == "step" and not args.mask_buckets:
-        raise ValueError("--compile step needs --mask_buckets N (static shapes: one graph per bucket); "
+        raise ValueError("--compile step needs --mask_buckets N (a few static shapes instead of one per step); "
                          "use --compile blocks for the continuous mask ratio")
     if args.cuda_graph:
         if not torch.cuda.is_available():

@@ -6,8 +6,8 @@ data-dependent shape). Neither lets a compiler or a CUDA graph capture the step.
 quantile is quantised to ``num_buckets`` equiprobable values (the midpoints of ``num_buckets``
 equal-probability bins of the same distribution), the kept tokens are gathered by index
 (``orders[:, num_masked:]`` sorted, i.e. the positions ``nonzero`` returns, in the same order) and
-scattered back with ``scatter``. With the count fixed the step has one static shape per bucket, so
-``torch.compile`` builds ``num_buckets`` graphs and CUDA graphs can replay them.
+scattered back with ``scatter``, without a host sync. The step has one static shape per bucket, so
+a compiled step (one graph with the count symbolic) is replayed as ``num_buckets`` CUDA graphs.
 
 Everything else is the model's own code (``encoder_input``, blocks, ``decoder_output``,
 ``forward_loss``) and the random draws come in the order ``MAR.forward`` makes them, so for the same

@@ -143,7 +143,7 @@ def test_save_every_minutes_saves_on_the_clock(tiny_tokenizer, tmp_path, monkeyp
 
 
 def test_compiled_step_matches_eager_and_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch):
-    """--compile step: one graph per bucket, losses equal to the eager step within float32 reordering.
+    """--compile step: losses equal to the eager step within float32 reordering.
 
     Tolerance: the compiled kernels sum in another order. The loss is a mean over n = batch x tokens x
     diffusion_batch_mul terms whose reordering moves it by about sqrt(n) float32 roundoffs (a random
