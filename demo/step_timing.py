@@ -7,8 +7,9 @@ Modes: ``eager`` (MAR.forward), ``buckets`` (the static-shape step of demo.train
 ``blocks`` (``--compile blocks``), ``step`` (``--compile step``), ``graph`` (``--compile step
 --cuda_graph``, GPU only). Each times what train.py does per step (forward, backward, grad clipping,
 AdamW, EMA) on random latents, so the data pipeline is left out, and compilation is left out too: every
-mode first runs one step per bucket. One JSON line per mode: median wall seconds per step and median
-process (CPU) seconds per step; on a shared machine the wall time includes waiting for the cores.
+mode first runs one step per bucket. The timed steps take turns (a step of each mode per round), so a
+load that comes and goes on a shared machine hits every mode alike. One JSON line per mode: median
+wall and process (CPU) seconds per step, and the wall seconds of each round.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -27,7 +29,8 @@ from util.ema import ParamEMA
 MODES = ("eager", "buckets", "blocks", "step", "graph")
 
 
-def time_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+def prepare(mode: str, args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], None], float]:
+    """A function that runs one training step of ``mode``, and the seconds its warm-up took."""
     torch.manual_seed(0)
     config = dict(train.MODEL_SIZES[args.model], img_size=32, vae_stride=2, vae_embed_dim=4, class_num=12,
                   diffusion_batch_mul=args.diffusion_batch_mul, noise_schedule="linear",
@@ -64,19 +67,7 @@ def time_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict
         one_step(count)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    warmup = time.perf_counter() - t0
-    walls, cpus = [], []
-    for _ in range(args.steps):
-        w, c = time.perf_counter(), time.process_time()
-        one_step(None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return dict(mode=mode, model=args.model, batch_size=args.batch_size, device=str(device),
-                precision=args.precision, mask_buckets=args.mask_buckets if bucketed is not None else 0,
-                wall_s_per_step=round(statistics.median(walls), 4), cpu_s_per_step=round(statistics.median(cpus), 4),
-                warmup_s=round(warmup, 1), steps=args.steps, threads=torch.get_num_threads())
+    return (lambda: one_step(None)), time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,8 +88,23 @@ def main(argv: list[str] | None = None) -> None:
     if "graph" in modes and device.type != "cuda":
         raise ValueError("--modes graph needs a CUDA GPU and this machine has none")
     torch.set_num_threads(args.threads)
-    for mode in modes:
-        print(json.dumps(time_mode(mode, args, device)), flush=True)
+    steps = {mode: prepare(mode, args, device) for mode in modes}
+    walls: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpus: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(args.steps):
+        for mode, (one_step, _) in steps.items():
+            w, c = time.perf_counter(), time.process_time()
+            one_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            walls[mode].append(time.perf_counter() - w)
+            cpus[mode].append(time.process_time() - c)
+    for mode, (_, warmup) in steps.items():
+        print(json.dumps(dict(mode=mode, model=args.model, batch_size=args.batch_size, device=str(device),
+                              precision=args.precision, threads=torch.get_num_threads(),
+                              wall_s_per_step=round(statistics.median(walls[mode]), 4),
+                              cpu_s_per_step=round(statistics.median(cpus[mode]), 4), warmup_s=round(warmup, 1),
+                              wall_s_rounds=[round(v, 3) for v in walls[mode]])), flush=True)
 
 
 if __name__ == "__main__":

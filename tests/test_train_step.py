@@ -216,3 +216,14 @@ def test_gpu_window_script_collects_a_split_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoint-last.pth").unlink()
     done = subprocess.run(["bash", str(script), "collect", str(src)], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and not (tmp_path / "run" / "checkpoint-last.pth").exists()
+
+
+def test_step_timing_reports_each_mode(capsys):
+    from demo import step_timing
+    step_timing.main(["--model", "tiny", "--batch_size", "2", "--steps", "2", "--modes", "eager,buckets"])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [ln["mode"] for ln in lines] == ["eager", "buckets"]
+    assert all(ln["wall_s_per_step"] > 0 and len(ln["wall_s_rounds"]) == 2 for ln in lines)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="graph needs a CUDA GPU"):
+            step_timing.main(["--model", "tiny", "--modes", "graph"])
