@@ -13,6 +13,15 @@ Export the EMA weights for sampling (``demo.registry.load_demo`` reads this file
 
     python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt
 
+Faster steps (demo/TRAINING.md, "One GPU window"): ``--mask_buckets N`` draws the mask ratio from N fixed
+values so every step has one of N static shapes (``demo.train_step``), ``--compile step`` compiles that
+whole step (two compilations) and ``--cuda_graph`` replays it as CUDA graphs; the cached latents
+stay on the device. ``--lr`` is absolute: a larger ``--batch_size`` needs its own (see TRAINING.md).
+
+A resume must be the same run: the checkpoint stores the run's settings (every flag but
+``RESUME_EXEMPT``, plus the process count) and a resume that changes one is refused, naming it, unless
+``--allow_changed NAME,...`` (or ``all``) says it is intended; the change is printed and recorded.
+
 Reproducibility: every random draw of a training step (posterior noise, masks, mask ratio, label
 dropout, diffusion noise/timesteps, dropout) comes from torch's global RNG re-seeded at the start of
 the step from ``(seed, step, rank)``, and the data order of an epoch is a ``DistributedSampler``
@@ -21,15 +30,15 @@ permutation seeded by ``(seed, epoch)``. So a run stopped after any step and aut
 uninterrupted run (same thread count/hardware). The RNG state is also stored (``rng``) and restored.
 
 Checkpoints (written atomically: tmp file + ``os.replace``) hold ``{'model', 'model_ema',
-'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'rng',
-'ema_state', 'latent_scale', 'tokenizer_sha'}``. Per-step losses go to ``<output_dir>/log.jsonl``; its
-``time`` is seconds since the start when the step was queued (on GPU the device may still be running
-it; losses are read back every ``--log_every`` steps, and the times are exact at those points).
+'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'settings',
+'setting_changes', 'rng', 'ema_state' (EMA counters), 'latent_scale', 'tokenizer_sha'}``. Per-step
+losses go to ``<output_dir>/log.jsonl``; its ``time`` is seconds since the start when the step was
+queued (on GPU the device may still be running it; losses are read back every ``--log_every`` steps,
+and the times are exact at those points).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -42,26 +51,37 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
-from models.mar import MAR
-from util.checkpoint import atomic_save
+from models.mar import MAR, mar_from_config
+from demo.train_step import MODEL_SIZES, BucketedMaskStep, compile_for_training, compile_step  # noqa: F401
+from util.checkpoint import CheckpointError, atomic_save
 from util.cli import check_positive
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
 from util.pos_embed import init_mar_pos_embed_sincos
 
-# Model sizes: transformer width/depth/heads and head size. ``demo`` is the shipped demo model.
-MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
-                 decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, buffer_size=4, diffloss_d=1,
-                 diffloss_w=32),
-    "demo": dict(encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, decoder_embed_dim=128,
-                 decoder_depth=4, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=16, diffloss_d=3,
-                 diffloss_w=192),
-    "small": dict(encoder_embed_dim=256, encoder_depth=6, encoder_num_heads=4, decoder_embed_dim=256,
-                  decoder_depth=6, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=32, diffloss_d=3,
-                  diffloss_w=512),
-}
 CHECKPOINT_NAME = "checkpoint-last.pth"
+
+# Flags that may differ between the processes (windows) of one run, with the reason. Every other flag,
+# and the process count, is a run setting: a resume must repeat it (check_resume_settings), because it
+# decides what is trained (model, data, LR schedule, data order, random draws).
+RESUME_EXEMPT: dict[str, str] = {
+    "time_limit": "how long this window lasts",
+    "stop_after": "where this window stops",
+    "save_every": "checkpoint frequency: bookkeeping",
+    "save_every_minutes": "checkpoint frequency: bookkeeping",
+    "log_every": "how often losses are read back; the log keeps every step either way",
+    "no_progress": "progress bar",
+    "threads": "CPU threads of this machine",
+    "compile": "how the same step is executed (equal to float tolerance, tests/test_train_step.py)",
+    "cuda_graph": "how the same step is executed (GPU only)",
+    "output_dir": "a run folder may be moved or carried to another machine",
+    "cache_dir": "where the latent cache lives; its content is keyed by tokenizer SHA-256 and split",
+    "tokenizer": "a path; the tokenizer's content is checked by SHA-256 (tokenizer_sha)",
+    "init_from": "read only when a run starts; a resume continues from its checkpoint",
+    "export": "export mode exits before training",
+    "export_dtype": "export mode exits before training",
+    "allow_changed": "this flag says which settings may change",
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,9 +111,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_ratio_min", type=float, default=0.7)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and projection dropout")
     p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks and the DiffLoss MLP in place (checkpoint keys "
-                        "unchanged; the first steps are slow while it compiles)")
+    p.add_argument("--compile", nargs="?", const="blocks", default="off", choices=["off", "blocks", "step"],
+                   help="blocks (also plain --compile): torch.compile the transformer blocks and the DiffLoss MLP "
+                        "in place; step: compile the whole forward and backward of the bucketed step (needs "
+                        "--mask_buckets; two compilations). Checkpoint keys are unchanged either way; the "
+                        "first steps are slow while it compiles")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; needs a "
+                        "CUDA GPU, --compile step and --mask_buckets)")
+    p.add_argument("--mask_buckets", type=int, default=0,
+                   help="draw the training mask ratio from N fixed values (midpoint quantiles of the truncated "
+                        "Gaussian) so the encoder sees N token counts: static shapes for --compile step and "
+                        "--cuda_graph (demo.train_step); 0 = MAR.forward's continuous ratio")
     p.add_argument("--pos_init", default="normal", choices=["normal", "sincos"],
                    help="start of the learned position embeddings: normal (upstream) or the 2-D sin-cos "
                         "grid (util.pos_embed; the demo model: locality from step 0)")
@@ -123,7 +152,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps (and each epoch end)")
     p.add_argument("--stop_after", type=int, default=None,
                    help="stop (after saving) once this many steps are done in total (resume later)")
-    p.add_argument("--time_limit", type=float, default=None, help="stop (after saving) after this many minutes")
+    p.add_argument("--time_limit", type=float, default=None,
+                   help="stop (after saving) this many minutes after the process started (setup, data encoding "
+                        "and compilation included, so a GPU window's budget is one number)")
+    p.add_argument("--save_every_minutes", type=float, default=None,
+                   help="also checkpoint when this many minutes have passed since the last save (a window cut "
+                        "short loses at most that much)")
+    p.add_argument("--allow_changed", default="",
+                   help="comma-separated run settings a resume may change (e.g. epochs,lr), or 'all'; each "
+                        "change is printed and recorded in the checkpoint (see RESUME_EXEMPT for the flags "
+                        "that may always change)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--log_every", type=int, default=20,
@@ -157,25 +195,53 @@ def model_config(args: argparse.Namespace, latent_channels: int, image_size: int
     return cfg
 
 
-def build_mar(config: dict[str, Any]) -> MAR:
-    return MAR(norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **config)
+
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (mean + std * eps)`` with ``eps`` drawn on the latents' device (as
+    ``util.latents.draw_latents``, which draws on the CPU; on the CPU the two are the same draw)."""
+    eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+    return (mean + std * eps) * scale
 
 
-def compile_for_training(model: MAR) -> None:
-    """``torch.compile`` the parts of ``model`` that do the work, in place (``nn.Module.compile``).
+def run_settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint: every flag but RESUME_EXEMPT, plus
+    the process count (``--batch_size`` is per process and the data order depends on the rank count)."""
+    settings = {k: v for k, v in vars(args).items() if k not in RESUME_EXEMPT}
+    settings["world_size"] = world_size
+    return settings
 
-    Why these parts: the DiffLoss MLP runs on every token ``diffusion_batch_mul`` times with fixed
-    shapes and is a chain of small matmuls and elementwise ops (adaLN modulation, SiLU, LayerNorm)
-    that the compiler fuses; the blocks are compiled one by one (each is one graph) rather than the
-    whole model, whose encoder gathers a data-dependent number of kept tokens. The encoder blocks see
-    that number change every step, so they are compiled with dynamic shapes. In-place compilation
-    keeps ``state_dict`` keys as they are, so checkpoints, resume and export do not change.
+
+def check_resume_settings(stored: dict[str, Any] | None, current: dict[str, Any], allow: str,
+                          ckpt_path: Path) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume ``ckpt_path`` with settings other than those it was trained with.
+
+    A setting the checkpoint lacks (a flag added after it was written) counts as its default.
+
+    Returns:
+        ``{name: (old, new)}``: the changes ``allow`` (``--allow_changed``) let through.
     """
-    model.diffloss.net.compile()
-    for block in model.encoder_blocks:
-        block.compile(dynamic=True)
-    for block in model.decoder_blocks:
-        block.compile()
+    allowed = {a.strip() for a in allow.split(",") if a.strip()}
+    if stored is None:
+        if "all" in allowed:
+            return {}
+        raise ValueError(f"{ckpt_path} was written by a train.py that did not record its run settings, so "
+                         f"this resume cannot be checked to continue the same run; pass --allow_changed all to "
+                         f"resume it anyway (the settings of this command are then recorded), or start over in "
+                         f"a fresh --output_dir")
+    defaults = get_args_parser().parse_args([]).__dict__ | {"world_size": 1}
+    changes = {k: (stored.get(k, defaults.get(k)), v) for k, v in current.items()
+               if stored.get(k, defaults.get(k)) != v}
+    refused = {k: ov for k, ov in changes.items() if k not in allowed and "all" not in allowed}
+    if refused:
+        listed = ", ".join(f"{_flag(k)} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(f"{ckpt_path} was trained with other settings ({listed}); rerun with its settings, "
+                         f"pass --allow_changed {','.join(refused)} if the change is intended (the LR schedule "
+                         f"and data order then change from the resumed step on), or use a fresh --output_dir")
+    return changes
+
+
+def _flag(name: str) -> str:
+    return "processes" if name == "world_size" else f"--{name}"
 
 
 def lr_at(step: int, total_steps: int, args: argparse.Namespace) -> float:
@@ -265,6 +331,24 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("warmup_steps", "weight_decay", "grad_clip"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.mask_buckets < 0:
+        raise ValueError(f"--mask_buckets must be >= 0 (0 = off), got {args.mask_buckets}")
+    if args.save_every_minutes is not None and not args.save_every_minutes > 0:
+        raise ValueError(f"--save_every_minutes must be > 0, got {args.save_every_minutes}")
+    if args.compile == "step" and not args.mask_buckets:
+        raise ValueError("--compile step needs --mask_buckets N (a few static shapes instead of one per step); "
+                         "use --compile blocks for the continuous mask ratio")
+    if args.cuda_graph:
+        if not torch.cuda.is_available():
+            raise ValueError("--cuda_graph needs a CUDA GPU and this machine has none; drop the flag here "
+                             "(--compile step works on CPU)")
+        if args.compile != "step":
+            raise ValueError("--cuda_graph replays the compiled step: add --compile step --mask_buckets N")
+    settings = set(vars(args)) - set(RESUME_EXEMPT) | {"world_size", "all"}
+    unknown = sorted({a.strip() for a in args.allow_changed.split(",") if a.strip()} - settings)
+    if unknown:
+        raise ValueError(f"--allow_changed: {unknown} are not run settings (exempt flags may always change: "
+                         f"{sorted(RESUME_EXEMPT)})")
     if not Path(args.tokenizer).is_file():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file; the shipped one is "
                                 f"pretrained_models/demo/tokenizer.pt (or train one: python -m demo.tokenizer)")
@@ -274,6 +358,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    t_launch = time.perf_counter()  # --time_limit counts from here
     out_dir = Path(args.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     if args.export:
@@ -296,9 +381,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device("cpu")
     main_proc = rank == 0
+    # The settings check comes before any work: a refused resume must not encode data or build models.
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
+    settings = run_settings(args, world)
+    changes = check_resume_settings(ck.get("settings"), settings, args.allow_changed, ckpt_path) if ck else {}
 
     from demo.dataset import NUM_CLASSES
-    from util.latents import draw_latents, load_or_build_latents
+    from demo.latents import load_or_build_latents
     if main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
                                      device=device)
@@ -306,19 +395,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()
     if not main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir)
-    mean, std, labels = data["mean"], data["std"], data["labels"]
+    # The cached posteriors live on the device for the whole run: batches are gathered there by index.
+    mean, std, labels = data["mean"].to(device), data["std"].to(device), data["labels"].to(device)
     scale = float(data["latent_scale"])
     n, c, h, _ = mean.shape
     image_size = int(data["image_size"])
     config = model_config(args, c, image_size, image_size // h, NUM_CLASSES)
 
     torch.manual_seed(args.seed)
-    model = build_mar(config)
+    model = mar_from_config(config)
     if args.pos_init == "sincos":
         init_mar_pos_embed_sincos(model)
     model = model.to(device)
     model.diffloss.high_t_fraction = args.high_t_fraction
-    if args.init_from and not ckpt_path.is_file():
+    if args.init_from and ck is None:
         init_weights(model, args.init_from, config, data["tokenizer_sha"])
         if main_proc:
             print(f"starting from the EMA weights of {args.init_from}")
@@ -339,22 +429,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     total_steps = steps_per_epoch * args.epochs
     step = 0
     log_path = out_dir / "log.jsonl"
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    setting_changes: list[dict[str, Any]] = []
+    if ck is not None:
         if ck.get("tokenizer_sha") != data["tokenizer_sha"] or dict(ck["config"]) != config:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{ckpt_path} was trained with another tokenizer or model config; use a fresh "
                 f"--output_dir (or delete it) to start over")
         model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema_state"])
+        # The averaged weights are stored once, as model_ema (older checkpoints repeat them in ema_state).
+        ema.load_state_dict(dict(ck["ema_state"], shadow=ck["ema_state"].get("shadow", ck["model_ema"])))
         opt.load_state_dict(ck["optimizer"])
         for g in opt.param_groups:  # the saved groups carry the device choice of the run that saved them
             g["fused"] = device.type == "cuda"
         step = int(ck["step"])
         _set_rng_state(ck["rng"])
+        setting_changes = list(ck.get("setting_changes", []))
+        if changes or ck.get("settings") is None:  # let through by --allow_changed: said and recorded
+            setting_changes.append(dict(step=step, changes={k: list(v) for k, v in changes.items()},
+                                        unrecorded_before=ck.get("settings") is None))
         if main_proc:
             print(f"resumed from {ckpt_path} at step {step} (epoch {ck['epoch']})")
+            for k, (old, new) in changes.items():
+                print(f"changed by --allow_changed at step {step}: {_flag(k)} {old!r} -> {new!r}")
+            if ck.get("settings") is None:
+                print(f"{ckpt_path} recorded no run settings (older train.py); resumed by --allow_changed all")
             _truncate_log(log_path, step)
+        del ck  # its tensors are in the model and optimizer now
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed:
         dist.barrier()
@@ -363,20 +463,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if main_proc:
         print(f"MAR {n_params / 1e6:.2f}M params; {n} latents {tuple(mean.shape[1:])}, scale {scale:.4f}; "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; world {world}")
-    if args.compile:
+    # The module a step calls: MAR.forward, or the static-shape step around the same parameters.
+    bucketed = BucketedMaskStep(model, args.mask_buckets) if args.mask_buckets else None
+    if main_proc and bucketed is not None:
+        print(f"--mask_buckets {args.mask_buckets}: masked-token counts {bucketed.counts} of {model.seq_len}")
+    if args.compile == "blocks":
         compile_for_training(model)
-    train_model: nn.Module = model
+    train_model: nn.Module = bucketed if bucketed is not None else model
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile == "step":
+        train_model = compile_step(train_model, args.mask_buckets, args.cuda_graph)
+
+    last_save = time.perf_counter()
 
     def save(epoch: int) -> None:
+        nonlocal last_save
+        last_save = time.perf_counter()
         if not main_proc:
             return
-        atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema.full_state(),
+        ema_state = {k: v for k, v in ema.full_state().items() if k != "shadow"}  # shadow = model_ema
+        atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema_state,
                          optimizer=opt.state_dict(), step=step, epoch=epoch, config=config, args=vars(args),
-                         rng=_rng_state(), latent_scale=scale, tokenizer_sha=data["tokenizer_sha"],
-                         n_params=n_params), ckpt_path)
+                         settings=settings, setting_changes=setting_changes, rng=_rng_state(),
+                         latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], n_params=n_params), ckpt_path)
 
     progress = None
     if main_proc and not args.no_progress:
@@ -417,17 +528,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     while step < total_steps and not stopped:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
         for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             torch.manual_seed(step_seed(args.seed, step, rank))
-            x = draw_latents(mean[idx], std[idx], scale).to(device)
-            y = labels[idx].to(device)
+            x = posterior_sample(mean[idx], std[idx], scale)
+            y = labels[idx]
             lr = lr_at(step, total_steps, args)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if args.cuda_graph:  # a new iteration: the graphs' output buffers of the last one may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = train_model(x, y)
+                if bucketed is None:
+                    loss = train_model(x, y)
+                else:  # the draws of MAR.forward, in its order: token orders, then the mask ratio
+                    orders = bucketed.draw_orders(x.shape[0], device)
+                    loss = train_model(x, y, orders, bucketed.draw_num_masked())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -435,19 +552,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             opt.step()
             ema.update(model)
             step += 1
-            pending.append((step, epoch, lr, time.perf_counter() - t_start, loss.detach(), gnorm.detach()))
+            # Clones: a CUDA graph overwrites its outputs on the next replay, and these are read later.
+            pending.append((step, epoch, lr, time.perf_counter() - t_start, loss.detach().clone(),
+                            gnorm.detach().clone()))
             if progress is not None:
                 progress.update(1)
             end_of_epoch = i == steps_per_epoch - 1
             will_save = step % args.save_every == 0 or end_of_epoch or step == total_steps
             stop_now = args.stop_after is not None and step >= args.stop_after
-            if args.time_limit is not None and (not distributed or will_save or step % args.log_every == 0):
-                out_of_time = time.perf_counter() - t_start > 60 * args.time_limit
-                if distributed:  # every rank must stop at the same step
-                    flag = torch.tensor(float(out_of_time), device=device)
-                    dist.all_reduce(flag)
-                    out_of_time = bool(flag.item() > 0)
-                stop_now = stop_now or out_of_time
+            timed = args.time_limit is not None or args.save_every_minutes is not None
+            if timed and (not distributed or will_save or step % args.log_every == 0):
+                now = time.perf_counter()
+                clocks = [args.time_limit is not None and now - t_launch > 60 * args.time_limit,
+                          args.save_every_minutes is not None and now - last_save > 60 * args.save_every_minutes]
+                if distributed:  # every rank must stop and save at the same step
+                    flags = torch.tensor([float(c) for c in clocks], device=device)
+                    dist.all_reduce(flags)
+                    clocks = (flags > 0).tolist()
+                stop_now = stop_now or clocks[0]
+                will_save = will_save or clocks[1]
             if will_save or stop_now or step % args.log_every == 0:
                 flush()  # before saving: a checkpoint never holds a step whose loss was not finite
             if will_save or stop_now:

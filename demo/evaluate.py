@@ -30,7 +30,8 @@ from util.loading import Generator
 
 REFERENCE_PER_CLASS = 500
 # The methods compared in the README: plain MAR, each method, and the combinations.
-COMPARISON = ["none", "lazymar", "gtr", "marche", "gtr+lazymar", "marche+lazymar", "gtr+marche+lazymar"]
+COMPARISON = ["none", "lazymar", "gtr", "marche", "disa", "recap", "gtr+lazymar", "marche+lazymar", "gtr+marche+lazymar",
+              "disa+lazymar", "recap+lazymar", "gtr+disa+lazymar"]
 
 
 @dataclass
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--policies", nargs="+", default=["none", "lazymar", "lazymar-scaled"],
                    choices=["none", "comparison", *sorted(PRESETS)],
-                   help="'comparison': plain MAR, LazyMAR, GtR, MARche and their combinations")
+                   help="'comparison': plain MAR, LazyMAR, GtR, MARche, DiSA, ReCAP and their combinations")
     p.add_argument("--per_class", type=int, default=50, help="generated images per class and row")
     p.add_argument("--bsz", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)

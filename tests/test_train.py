@@ -11,8 +11,9 @@ import torch.nn as nn
 import train as train_mod
 from demo import registry
 from demo.tokenizer import load_demo_tokenizer, train_tokenizer
+from models.mar import mar_from_config
 from util.ema import ParamEMA
-from util.latents import load_or_build_latents
+from demo.latents import load_or_build_latents
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +206,8 @@ def test_sincos_position_init_gives_locality():
     assert grid.shape == (64, 64)
     sim = torch.nn.functional.cosine_similarity(grid[:, None], grid[None], dim=-1).reshape(8, 8, 8, 8)
     assert sim[3, 3, 3, 4] > sim[3, 3, 3, 7] and sim[3, 3, 4, 3] > sim[3, 3, 7, 3]  # neighbours closest
-    mar = train_mod.build_mar(dict(train_mod.MODEL_SIZES["tiny"], img_size=32, vae_stride=4, vae_embed_dim=4,
-                                   class_num=3))
+    mar = mar_from_config(dict(train_mod.MODEL_SIZES["tiny"], img_size=32, vae_stride=4, vae_embed_dim=4,
+                               class_num=3))
     init_mar_pos_embed_sincos(mar)
     enc = mar.encoder_pos_embed_learned[0]
     assert torch.equal(enc[:mar.buffer_size], torch.zeros_like(enc[:mar.buffer_size]))
@@ -309,3 +310,67 @@ def test_two_processes_train_resume_and_stop_together(tiny_tokenizer, tmp_path):
     _torchrun(tiny_tokenizer, tmp_path, "timed", "--time_limit", "0")
     ck = torch.load(tmp_path / "timed" / "checkpoint-last.pth", weights_only=True)
     assert ck["step"] == 2  # the first step where ranks compare clocks: the first save
+
+
+def test_resume_refuses_changed_settings_and_names_them(tiny_tokenizer, tmp_path):
+    """issue 17: a resume with another LR/schedule/seed... would silently be another run."""
+    part = train_mod.main(_args(tiny_tokenizer, tmp_path, "run", stop_after=2))
+    ck = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
+    assert ck["settings"]["lr"] == 1e-3 and ck["settings"]["world_size"] == 1
+    assert not set(ck["settings"]) & set(train_mod.RESUME_EXEMPT)
+    for flags, named in ((dict(lr=2e-3), "--lr 0.001 -> 0.002"), (dict(epochs=4), "--epochs 3 -> 4"),
+                         (dict(seed=1, batch_size=4), "--batch_size 8 -> 4, --seed 0 -> 1"),
+                         (dict(mask_buckets=4), "--mask_buckets 0 -> 4"),
+                         (dict(lr_schedule="constant"), "--lr_schedule 'cosine' -> 'constant'")):
+        with pytest.raises(ValueError, match=f"other settings \\({named}\\);.*--allow_changed") as err:
+            train_mod.main(_args(tiny_tokenizer, tmp_path, "run", **flags))
+        assert "\n" not in str(err.value)
+    assert len(_log(tmp_path / "run" / "log.jsonl")) == 2  # refused before any step
+    # Exempt flags (window length, bookkeeping, execution) may change; the rerun is the same run.
+    rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "run", log_every=5, save_every=3, threads=2,
+                                time_limit=60))
+    full = train_mod.main(_args(tiny_tokenizer, tmp_path, "full"))
+    assert part["losses"] + rest["losses"] == full["losses"]
+
+
+def test_allow_changed_resumes_and_records_the_change(tiny_tokenizer, tmp_path, capsys):
+    train_mod.main(_args(tiny_tokenizer, tmp_path, "run", stop_after=2))
+    with pytest.raises(ValueError, match="not run settings"):
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "run", epochs=4, allow_changed="epochs,time_limit"))
+    out = train_mod.main(_args(tiny_tokenizer, tmp_path, "run", epochs=4, allow_changed="epochs"))
+    assert out["step"] == 12
+    assert "changed by --allow_changed at step 2: --epochs 3 -> 4" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
+    assert ck["settings"]["epochs"] == 4
+    assert ck["setting_changes"] == [dict(step=2, changes=dict(epochs=[3, 4]), unrecorded_before=False)]
+    train_mod.main(_args(tiny_tokenizer, tmp_path, "run", epochs=4))  # the new settings are the run's now
+
+
+def test_old_checkpoint_without_settings(tiny_tokenizer, tmp_path):
+    train_mod.main(_args(tiny_tokenizer, tmp_path, "old", stop_after=2))
+    path = tmp_path / "old" / "checkpoint-last.pth"
+    ck = torch.load(path, weights_only=True)
+    del ck["settings"], ck["setting_changes"]
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match="did not record its run settings.*--allow_changed all"):
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "old"))
+    out = train_mod.main(_args(tiny_tokenizer, tmp_path, "old", allow_changed="all"))
+    assert out["step"] == 9
+    ck = torch.load(path, weights_only=True)
+    assert ck["setting_changes"][0]["unrecorded_before"] and "settings" in ck
+
+
+def test_resume_settings_check_unit():
+    """Process count, flags added after a checkpoint was written (their default = the old behaviour)."""
+    args = train_mod.get_args_parser().parse_args([])
+    stored = train_mod.run_settings(args, 1)
+    path = Path("ck.pth")
+    assert train_mod.check_resume_settings(stored, train_mod.run_settings(args, 1), "", path) == {}
+    with pytest.raises(ValueError, match="processes 1 -> 2"):
+        train_mod.check_resume_settings(stored, train_mod.run_settings(args, 2), "", path)
+    older = {k: v for k, v in stored.items() if k != "mask_buckets"}
+    assert train_mod.check_resume_settings(older, stored, "", path) == {}
+    newer = train_mod.run_settings(train_mod.get_args_parser().parse_args(["--mask_buckets", "8"]), 1)
+    with pytest.raises(ValueError, match="--mask_buckets 0 -> 8"):
+        train_mod.check_resume_settings(older, newer, "", path)
+    assert train_mod.check_resume_settings(older, newer, "all", path) == {"mask_buckets": (0, 8)}
