@@ -202,18 +202,34 @@ def _head_macs(n, steps):
     return n * 64 + steps * (2112 + 544 * n)
 
 
-@pytest.mark.parametrize("case", ["plain", "gtr-2-1-1"])
+@pytest.mark.parametrize("case", ["plain", "gtr", "gtr-2-1-1", "marche"])
 def test_flops_of_a_one_block_model_by_hand(case):
     model = build_tiny_mar(**ONE_BLOCK)
     assert (model.seq_len, model.buffer_size, model.token_embed_dim) == (16, 2, 4)
-    if case == "plain":
-        accel = None
+    decoder_blocks = [DECODER_BLOCK_MACS] * 4  # one full decoder block per MAR step
+    if case in ("plain", "marche"):
+        accel = None if case == "plain" else "marche"
         # MAR's 4 steps leave 14, 11, 6, 1 masked: known before each step 0, 2, 5, 10 -> n_e = 2, 4, 7, 12;
         # 2, 3, 5, 6 tokens generated, each with the model's 5 head steps.
         n_e = [2, 4, 7, 12]
         head_calls = [(2, 5), (3, 5), (5, 5), (6, 5)]
         assert [_encoder_macs(n) for n in n_e] == [1600, 2816, 4880, 8960]
         assert sum(_head_macs(n, t) for n, t in head_calls) == 42240 + 2784 * 16  # 10560 + 2784 n per step
+        if case == "marche":
+            # Steps 0 and 3 refresh. Step 1: 3 + 2 = 5 active tokens (>= 25% of 16 = 4, so no growth)
+            # through the block, each attending over all 18 positions: qkv 5 x 192, attention
+            # 2 x 5 x 18 x 8, proj 5 x 64, MLP 5 x 256. Step 2: 5 + 3 = 8 active tokens likewise.
+            decoder_blocks = [DECODER_BLOCK_MACS, 960 + 1440 + 320 + 1280, 1536 + 2304 + 512 + 2048,
+                              DECODER_BLOCK_MACS]
+    elif case == "gtr":
+        accel = "gtr"
+        # Stage steps 1 / 1 / 1 at 4 MAR steps (test above): 3 steps, plan 12, 8, 1; known 0, 4, 8 ->
+        # n_e = 2, 6, 10; 4, 4, 8 tokens generated with 50 and 20 head steps (2 generation steps), and
+        # FTS splits the last 8 into 1 x 50 + 7 x 20.
+        n_e = [2, 6, 10]
+        decoder_blocks = [DECODER_BLOCK_MACS] * 3
+        head_calls = [(4, 50), (4, 20), (1, 50), (7, 20)]
+        assert [_head_macs(n, t) for n, t in head_calls] == [214656, 86016, 132864, 118848]
     else:
         accel = gtr_accel(GTR_2_1_1)
         # Staged plan 14, 12, 8, 1 (test above): known 0, 2, 4, 8 -> n_e = 2, 4, 6, 10; 2, 2, 4, 8 tokens
@@ -222,13 +238,14 @@ def test_flops_of_a_one_block_model_by_hand(case):
         head_calls = [(2, 50), (2, 35), (4, 20), (1, 50), (7, 20)]
         assert [_head_macs(n, t) for n, t in head_calls] == [160128, 112128, 86016, 132864, 118848]
     encoder = sum(_encoder_macs(n) for n in n_e)
-    decoder = sum(64 * n for n in n_e) + 4 * DECODER_BLOCK_MACS
+    decoder = sum(64 * n for n in n_e) + sum(decoder_blocks)
     head = sum(_head_macs(n, t) for n, t in head_calls)
     by_hand = {"encoder": 2.0 * encoder, "decoder": 2.0 * decoder, "diffusion_head": 2.0 * head,
                "vae_decode": 0.0}
-    if case == "plain":
-        assert by_hand == {"encoder": 36512.0, "decoder": 118400.0, "diffusion_head": 173568.0, "vae_decode": 0.0}
-    else:
-        assert by_hand == {"encoder": 31616.0, "decoder": 118016.0, "diffusion_head": 1219968.0, "vae_decode": 0.0}
+    assert by_hand == {"plain": {"encoder": 36512.0, "decoder": 118400.0, "diffusion_head": 173568.0},
+                       "marche": {"encoder": 36512.0, "decoder": 81600.0, "diffusion_head": 173568.0},
+                       "gtr": {"encoder": 25984.0, "decoder": 88704.0, "diffusion_head": 1104768.0},
+                       "gtr-2-1-1": {"encoder": 31616.0, "decoder": 118016.0, "diffusion_head": 1219968.0},
+                       }[case] | {"vae_decode": 0.0}
     assert estimate(model, num_iter=4, cfg=1.0, accel=accel).components == by_hand
     assert measure(model, num_iter=4, cfg=1.0, accel=accel).components == by_hand
