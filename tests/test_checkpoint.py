@@ -39,10 +39,17 @@ def test_loads_raw_weights_when_asked(released_file):
 def test_checkpoint_with_training_args_loads(tmp_path):
     import argparse
     src = build_tiny_mar(seed=1)
+    ema = {k: v + 0.5 for k, v in src.state_dict().items()}
     path = tmp_path / "ckpt.pth"
-    torch.save({"model": src.state_dict(), "model_ema": src.state_dict(),
+    torch.save({"model": src.state_dict(), "model_ema": ema,
                 "args": argparse.Namespace(lr=1e-4, model="mar_base")}, path)
-    load_mar_weights(build_tiny_mar(seed=2), path)
+    model = build_tiny_mar(seed=2)
+    assert not torch.equal(model.state_dict()["z_proj.weight"], ema["z_proj.weight"])  # seeds differ
+    load_mar_weights(model, path)
+    loaded = model.state_dict()
+    assert list(loaded) == list(ema)
+    for k, v in loaded.items():
+        assert torch.equal(v, ema[k]), k
 
 
 def test_missing_file_says_where_to_get_it(tmp_path):

@@ -71,17 +71,32 @@ def test_hoisted_sampler_equals_upstream_loop(cfg):
         ours = head.sample(z, temperature=0.9, cfg=cfg)
         torch.manual_seed(1)
         ref = naive_upstream_sample(head, z, 0.9, cfg)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # Same arithmetic, different op shapes (cond_embed once, one timestep row per step): measured
+    # 4.8e-7 (cfg 1) and 7.9e-7 (cfg 3) relative max error on outputs ~3e5, float32 rounding.
+    assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
 def test_training_loss_finite_and_masked():
     torch.manual_seed(0)
     head = DiffLoss(target_channels=4, z_channels=8, depth=2, width=16, num_sampling_steps="10")
+    with torch.no_grad():  # adaLN-Zero init makes the prediction 0 whatever the input: perturb it
+        for name, p in head.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(0, 0.3)
     target, z = torch.randn(10, 4), torch.randn(10, 8)
     mask = torch.zeros(10)
     mask[:5] = 1
+    torch.manual_seed(1)
     loss = head(target, z, mask)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    with torch.no_grad():  # same timestep and noise draws: only the unmasked tokens may matter
+        other = target.clone()
+        other[5:] += 10.0
+        torch.manual_seed(1)
+        assert torch.equal(head(other, z, mask), loss)
+        other[:5] += 10.0
+        torch.manual_seed(1)
+        assert not torch.allclose(head(other, z, mask), loss)
     loss.backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
 

@@ -17,6 +17,7 @@ from lazymar.policy import AccelSteps
 from models.mar import PlainSteps, build_released
 from models.schedules import plain_mask_lens
 from test_lazymar import run
+from test_reference import rel_err
 
 # 8x8 tokens + 4 buffer, 100 head steps (GtR's 50/20 steps are respacings of it).
 GTR_TINY = dict(img_size=128, buffer_size=4, decoder_depth=4, num_sampling_steps="100")
@@ -117,7 +118,8 @@ def test_fts_scores_match_a_direct_dft():
         ang = 2 * math.pi * m * torch.arange(D, dtype=torch.float64) / D
         re, im = (z * torch.cos(ang)).sum(1), -(z * torch.sin(ang)).sum(1)
         direct += torch.sqrt(re ** 2 + im ** 2) * (1 + m / half)
-    assert torch.allclose(fts_scores(z), direct.float(), rtol=1e-5)
+    # Measured 3.4e-8 relative (the score is returned in float32: epsilon 1.2e-7).
+    assert torch.allclose(fts_scores(z).double(), direct, rtol=1e-6, atol=0)
 
 
 def test_fts_selects_the_top_fraction_of_each_image():
@@ -158,12 +160,15 @@ def test_log_sum_exp_merge_equals_full_attention(n_a, n_b):
     k = torch.randn(2, 3, n_a + n_b, 8, generator=g) * 2
     v = torch.randn(2, 3, n_a + n_b, 8, generator=g)
     scale = 8 ** -0.5
-    full = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+    scores64 = (q.double() * scale) @ k.double().transpose(-2, -1)
+    full64 = torch.softmax(scores64, dim=-1) @ v.double()  # the truth, in float64
     out_a, lse_a, _ = partial_attention(q, k[:, :, :n_a], v[:, :, :n_a], scale)
     out_b, lse_b, _ = partial_attention(q, k[:, :, n_a:], v[:, :, n_a:], scale)
     merged, lse = merge_partials(out_a, lse_a, out_b, lse_b)
-    assert torch.allclose(merged, full, atol=1e-6)
-    assert torch.allclose(lse, torch.logsumexp((q * scale) @ k.transpose(-2, -1), dim=-1), atol=1e-5)
+    # float32 rounding: unsplit float32 attention is 2.4-4.8e-7 from the truth here, the merge 4.8-8.3e-7
+    # from the float32 unsplit result; 2e-6 is ~4x the floor, and a wrong weighting is off by O(0.1).
+    assert (merged.double() - full64).abs().max() < 2e-6
+    assert (lse.double() - torch.logsumexp(scores64, dim=-1)).abs().max() < 2e-6  # measured <= 4.8e-7
 
 
 def recorded_inputs(model, monkeypatch, **kwargs) -> list[tuple]:
@@ -187,6 +192,8 @@ def test_marche_with_every_token_active_equals_plain(monkeypatch, cfg, num_iter,
     # Step by step on the same inputs (a whole run would amplify float rounding chaotically through
     # the random-weight head): every condition equals plain MAR's to float rounding, although only
     # the first step is a refresh and every other step goes through the cached-set/active-set merge.
+    # Measured: 8.7e-7 (cfg 3) and 7.3e-7 (cfg 1) of the max; plain MAR with the explicit attention
+    # kernel instead of the fused one moves by 5.5e-7, so 1e-5 is ~20x the floor.
     model = model_for()
     marche = MARcheConfig(active_fraction=1.0, refresh_every=1000, cache_encoder=cache_encoder)
     steps = AccelSteps(model, replace(OFF, marche=marche), num_iter=num_iter, guided=cfg != 1.0)
@@ -197,24 +204,41 @@ def test_marche_with_every_token_active_equals_plain(monkeypatch, cfg, num_iter,
             assert torch.allclose(steps.conditions(*inputs), z_plain, atol=1e-5 * z_plain.abs().max().item())
 
 
-def test_marche_partial_step_differs_from_plain_but_stays_close(monkeypatch):
+def test_marche_partial_step_beats_reusing_the_last_refresh(monkeypatch):
+    """Per step, on plain MAR's recorded inputs (16 steps, cfg 3, refresh every 3): refresh steps are
+    the plain computation (measured 0; float floor: an attention-kernel swap moves conditions by 5.5e-7),
+    and a partial step must be closer to plain MAR than the trivial cache, the plain conditions of the
+    same tokens computed from the last refresh step's inputs (what an implementation that never updates
+    its active set would give). Measured relative L2 errors: MARche 0.027-0.32 against 0.033-0.75 for
+    that trivial cache, a ratio of 0.43-0.81 (falling with the step), so <= 0.9 at every partial step.
+    The errors are large in absolute terms because the random-weight decoder attends diffusely."""
     model = model_for()
     steps = AccelSteps(model, PRESETS["marche"], num_iter=16, guided=True)
     plain = PlainSteps(model, 16)
-    errors = []
+    ratios = []
     with torch.no_grad():
         for inputs in recorded_inputs(model, monkeypatch, num_iter=16, cfg=3.0):
+            step, tokens, mask, to_pred, class_embedding = inputs
             z_plain = plain.conditions(*inputs)
-            errors.append(((steps.conditions(*inputs) - z_plain).norm() / z_plain.norm()).item())
-    assert errors[0] < 1e-5 and max(errors) > 1e-4  # refreshes are exact, partial steps are not
-    assert max(errors) < 0.5
+            err = float((steps.conditions(*inputs) - z_plain).norm() / z_plain.norm())
+            if step % 3 == 0:
+                last = inputs
+                assert err < 1e-5, (step, err)
+                continue
+            z_stale = plain.conditions(step, last[1], last[2], to_pred, last[4])
+            ratios.append(err / float((z_stale - z_plain).norm() / z_plain.norm()))
+    assert len(ratios) == 10 and max(ratios) <= 0.9 and min(ratios) > 0.1, ratios
 
 
 def test_marche_partial_steps_compute_fewer_tokens_and_stay_close():
+    """Whole run, 16 steps cfg 3: MARche is 1.1e-2 from plain MAR (measured); the attention-kernel swap
+    floor is 8.9e-7 and another seed (a different picture) is 1.56 away. > 1e-4 shows the partial steps
+    changed the computation; < 0.05 keeps the measured error with a ~5x margin."""
     model = model_for()
     plain = run(model, None)
     marche = run(model, "marche")
-    assert not torch.equal(marche, plain)
+    err = rel_err(marche, plain)
+    assert 1e-4 < err < 0.05, err
     flops = estimate(model, num_iter=16, cfg=3.0, accel="marche").components["decoder"]
     assert flops < estimate(model, num_iter=16, cfg=3.0).components["decoder"]
 
@@ -268,6 +292,6 @@ def test_composed_preset_is_cheaper_than_gtr_alone_on_mar_huge():
         model = build_released("mar_huge")
     base = estimate(model, num_iter=64, cfg=3.25).total
     gtr = estimate(model, num_iter=64, cfg=3.25, accel="gtr").total
-    assert 3.5 < base / gtr < 3.9  # the default stage steps are chosen for ~3.7x (lazymar/gtr.py)
+    assert round(base / gtr, 2) == 3.67  # the default stage steps' ratio (lazymar/gtr.py, README)
     for combo in ("gtr+lazymar", "gtr+marche+lazymar"):
         assert estimate(model, num_iter=64, cfg=3.25, accel=combo).total < gtr

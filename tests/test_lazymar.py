@@ -11,7 +11,7 @@ from lazymar.config import PRESETS, AccelConfig
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.policy import AccelSteps, resolve_accel
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, is_refresh_step
-from lazymar.token_cache import RELEASED_RETAIN, EncoderCache, TokenCacheConfig, encode
+from lazymar.token_cache import EncoderCache, TokenCacheConfig, encode
 from test_reference import TOL, reference_mar, rel_err, sample_run
 
 # 8x8 tokens + 4 buffer: large enough that the decoder's token selection really drops tokens.
@@ -39,7 +39,9 @@ def lazy_ref(reference_dir):
 def test_release_reproduced(lazy_ref, index):
     model, ref = lazy_ref
     r = ref["results"][index]
-    assert rel_err(sample_run(model, r, accel="lazymar"), r["tokens_lazymar"]) < 1e-4
+    # Measured 8.9e-7 (64 steps) and 7.1e-7 (32 steps); the upstream run itself moves by ~5e-7 with
+    # another attention kernel (tests/data/UPSTREAM_NOTES.md), so 1e-5 is 10x the floor.
+    assert rel_err(sample_run(model, r, accel="lazymar"), r["tokens_lazymar"]) < TOL
 
 
 def test_release_baseline_64_steps_without_accel(lazy_ref):
@@ -87,11 +89,19 @@ def test_scaled_equals_release_at_64_steps():
                                rtol=0, atol=0)
 
 
-def test_refresh_step_is_pure_and_total():
-    for n in (1, 2, 7, 64, 300):
-        assert is_refresh_step(0, n, 0.0, 0.5)  # the first step always refreshes
-        assert [is_refresh_step(s, n, 5 / 64, 9 / 64) for s in range(n)] == \
-               [is_refresh_step(s, n, 5 / 64, 9 / 64) for s in range(n)]
+@pytest.mark.parametrize("n, full", [
+    # warm-up = max(1, round_half_up(5n/64)) full steps, then one every max(1, round_half_up(9n/64)):
+    (1, [0]),  # warm-up 1 (0.08 rounds to 0, at least 1), period 1
+    (2, [0, 1]),  # warm-up 1, period 1 (0.28 -> 0 -> at least 1)
+    (7, list(range(7))),  # warm-up 1 (0.55), period 1 (0.98)
+    (16, [0, 1, 3, 5, 7, 9, 11, 13, 15]),  # warm-up 1 (1.25), period 2 (2.25)
+    (32, [0, 1, 2, 3, 8, 13, 18, 23, 28]),  # warm-up 3 (2.5 half up), period 5 (4.5 half up)
+    (64, [0, 1, 2, 3, 4, 5, 14, 23, 32, 41, 50, 59]),  # the release: 5 and 9
+    (300, list(range(23)) + [23, 65, 107, 149, 191, 233, 275]),  # warm-up 23 (23.44), period 42 (42.19)
+])
+def test_refresh_steps_at_other_step_counts(n, full):
+    assert [s for s in range(n) if is_refresh_step(s, n, 5 / 64, 9 / 64)] == full
+    assert is_refresh_step(0, n, 0.0, 0.5)  # the first step always refreshes, even with no warm-up
 
 
 # ------------------------------------------------------------------------------- exactness
@@ -103,8 +113,8 @@ def test_every_cache_disabled_equals_plain_exactly():
 def test_refresh_every_step_equals_plain():
     model = lazy_model()
     always = replace(PRESETS["lazymar"], refresh_warmup=1.0, head_cache=HeadCacheConfig(interval=1e-6))
-    torch.testing.assert_close(run(model, always, num_iter=32), run(model, None, num_iter=32),
-                               rtol=1e-5, atol=1e-5 * float(run(model, None, num_iter=32).abs().max()))
+    # A refresh step is the plain computation (lazymar/token_cache.py): measured bit-identical, so exact.
+    assert torch.equal(run(model, always, num_iter=32), run(model, None, num_iter=32))
 
 
 def test_incremental_encoder_equals_full_recompute_when_nothing_is_stale():
@@ -161,13 +171,50 @@ def test_incremental_encoder_keys_values_exact_for_one_layer_with_new_tokens():
 
 
 # ------------------------------------------------------------------------------- each cache alone
-@pytest.mark.parametrize("preset", ["lazymar-token", "lazymar-cond", "lazymar-head"])
-def test_each_cache_alone_is_active_and_close(preset):
+@pytest.mark.parametrize("preset", ["lazymar-token", "lazymar-cond"])
+def test_each_transformer_cache_alone_is_active_and_close(preset):
+    """Measured on this model, 32 steps cfg 3: token cache 2.1e-3, condition cache 4.5e-3 (relative max
+    error of the tokens against plain MAR). Floor: plain MAR with the explicit instead of the fused
+    attention kernel moves by 5.6e-7, so > 1e-4 (~200x the floor) means the cache changed the
+    computation. A different picture (plain MAR, another seed) is 1.23 away; < 0.02 keeps the measured
+    error with a 4x margin and fails an implementation that reuses stale conditions badly."""
     model = lazy_model()
     config = replace(PRESETS[preset], schedule_steps=None)
     plain, fast = run(model, None, num_iter=32), run(model, config, num_iter=32)
     err = rel_err(fast, plain)
-    assert 0 < err < 0.2, err  # different (the cache is used) but the same picture
+    assert 1e-4 < err < 0.02, err
+
+
+def test_head_cache_is_active_and_close():
+    """The head cache seen where it acts: eps along one plain denoising trajectory (100 steps, cfg 3, a
+    6-block head). On the whole image its effect is hidden: tokens are ~1e4 (x0 = x_t / sqrt(alpha_bar)
+    with random weights) and the cache moves them by 6e-7, as little as an attention-kernel swap.
+
+    Refresh steps run the plain computation (measured difference 0). Cached steps, measured on this
+    head: 1.8e-3 to 6.2e-3 relative max error of eps, so > 1e-4 (~1000x float32 rounding of a 48-wide
+    head) proves reuse and < 0.02 keeps the measured error with a 3x margin."""
+    from lazymar.head_cache import head_cache_factory
+    from models.diffloss import DiffLoss
+    head = lazy_model(diffloss_d=6).diffloss
+    g = torch.Generator().manual_seed(0)
+    n, cfg, diffusion = 6, 3.0, head.gen_diffusion
+    z = torch.randn(2 * n, head.net.cond_embed.in_features, generator=g)
+    x = torch.randn(n, head.in_channels, generator=g)
+    with torch.no_grad():
+        cond = head.net.cond_embed(z)
+        plain_fn = DiffLoss.guided_model_fn(head, cond, cfg, n, diffusion)
+        cache_fn = head_cache_factory(HeadCacheConfig())(head, cond, cfg, n, diffusion)
+        refresh_err, cached_err = [], []
+        for i in reversed(range(diffusion.num_timesteps)):
+            eps, var = plain_fn(x, i)
+            eps_cached, _ = cache_fn(x, i)
+            err = float((eps_cached - eps).abs().max() / eps.abs().max())
+            (refresh_err if is_head_refresh_step(i, 100, 0.07) else cached_err).append(err)
+            mean, log_var = diffusion.p_mean_log_variance(x, torch.full((n,), i), eps, var)
+            x = mean + float(i != 0) * torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=g)
+    assert len(refresh_err) == 16 and len(cached_err) == 84  # t = 99 and t = 0, 7, ..., 98
+    assert max(refresh_err) < 1e-6
+    assert min(cached_err) > 1e-4 and max(cached_err) < 0.02, (min(cached_err), max(cached_err))
 
 
 def test_token_cache_recomputes_only_the_kept_tokens(monkeypatch):
@@ -269,7 +316,21 @@ def test_config_validation(make):
 def test_presets_are_frozen():
     with pytest.raises(Exception):
         PRESETS["lazymar"].refresh_warmup = 0.5
-    assert PRESETS["lazymar"].token_cache.retain == RELEASED_RETAIN
+
+
+def test_lazymar_preset_is_the_release():
+    """The release's constants, written out (LazyMAR code: warm-up 5 steps, full step every 9, decoder
+    similarity at block 3 with 15 extra tokens, head refresh every 7 of 100 steps, MLPs recomputed
+    while t > 90, residuals of head blocks 1-4 reused), not read back from the defaults."""
+    p = PRESETS["lazymar"]
+    assert (p.refresh_warmup, p.refresh_interval, p.schedule_steps) == (5 / 64, 9 / 64, 64)
+    assert (p.token_cache.encoder, p.token_cache.decoder) == (True, True)
+    assert (p.token_cache.similarity_layer, p.token_cache.extra_tokens, p.token_cache.pinned_score) == (3, 15, 0.0)
+    assert p.token_cache.retain == ((0.0, 1.0), (20 / 64, 0.6), (21 / 64, 0.5), (25 / 64, 0.4),
+                                    (30 / 64, 0.15), (35 / 64, 0.12), (40 / 64, 0.05))
+    assert p.condition_cache is not None and (p.gtr, p.marche) == (None, None)
+    h = p.head_cache
+    assert (h.interval, h.mlp_warmup, h.residual_blocks, h.guidance) == (0.07, 0.09, (1, 2, 3, 4), True)
 
 
 def test_state_is_created_per_call():
