@@ -13,6 +13,7 @@ from lazymar.flops import estimate, measure
 from lazymar.gtr import (GtRConfig, fts_scores, fts_select, fts_steps_split, head_steps_of, stage_of_tokens,
                          stage_step_counts, staged_mask_lens, staged_orders)
 from lazymar.marche import MARcheConfig, merge_partials, partial_attention
+from lazymar.gtr import GtR
 from lazymar.policy import AccelSteps
 from models.mar import PlainSteps, build_released
 from models.schedules import plain_mask_lens
@@ -88,7 +89,8 @@ def test_staged_orders_generate_stage_by_stage_and_keep_random_order_within():
 def test_sampler_generates_the_stages_in_order():
     model = model_for()
     steps = AccelSteps(model, PRESETS["gtr"], num_iter=64, guided=True)
-    plan, stage = steps.mask_lens(), steps.stage
+    gtr = next(t for t in steps.techniques if isinstance(t, GtR))
+    plan, stage = steps.mask_lens(), gtr.stage
     orders = steps.arrange_orders(model.sample_orders(2))
     masked = torch.ones(2, 64, dtype=torch.bool)
     for i, mask_len in enumerate(plan):
@@ -96,7 +98,7 @@ def test_sampler_generates_the_stages_in_order():
         pred = masked if i == len(plan) - 1 else masked & ~nxt
         stages = {int(s) for s in stage[pred[0].nonzero().flatten()]}
         assert len(stages) == 1  # a step never mixes stages
-        assert (min(stages) == 2) == (i >= steps.generation_steps)  # reconstruction = the odd half
+        assert (min(stages) == 2) == (i >= gtr.generation_steps)  # reconstruction = the odd half
         masked = nxt
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_mar, load_reference
+from lazymar.condition_cache import ConditionCacheTechnique
 from lazymar.config import PRESETS, AccelConfig
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.policy import AccelSteps, resolve_accel
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, is_refresh_step
-from lazymar.token_cache import EncoderCache, TokenCacheConfig, encode
+from lazymar.token_cache import EncoderCache, TokenCache, TokenCacheConfig, encode
 from test_reference import TOL, reference_mar, rel_err, sample_run
 
 # 8x8 tokens + 4 buffer: large enough that the decoder's token selection really drops tokens.
@@ -220,8 +221,8 @@ def test_head_cache_is_active_and_close():
 def test_token_cache_recomputes_only_the_kept_tokens(monkeypatch):
     model = lazy_model()
     counts = []
-    import lazymar.policy as policy
-    original = policy.select_tokens
+    import lazymar.token_cache as token_cache
+    original = token_cache.select_tokens
 
     def spy(v, prev_v, pinned, count, score):
         kept = original(v, prev_v, pinned, count, score)
@@ -229,7 +230,7 @@ def test_token_cache_recomputes_only_the_kept_tokens(monkeypatch):
         assert torch.all(pinned.gather(1, kept).sum(dim=1) == pinned.sum(dim=1))  # pinned always kept
         return kept
 
-    monkeypatch.setattr(policy, "select_tokens", spy)
+    monkeypatch.setattr(token_cache, "select_tokens", spy)
     run(model, replace(PRESETS["lazymar"], schedule_steps=None), num_iter=64)
     assert counts, "the decoder never dropped a token"
     assert all(kept < total for kept, total, _ in counts)
@@ -335,6 +336,8 @@ def test_lazymar_preset_is_the_release():
 
 def test_state_is_created_per_call():
     model = lazy_model()
-    s1 = AccelSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
-    s2 = AccelSteps(model, PRESETS["lazymar"], num_iter=8, guided=True)
-    assert s1.encoder_cache is not s2.encoder_cache and s1.decoder_cache is not s2.decoder_cache
+    s1, s2 = (AccelSteps(model, PRESETS["lazymar"], num_iter=8, guided=True) for _ in range(2))
+    t1, t2 = (next(t for t in s.techniques if isinstance(t, TokenCache)) for s in (s1, s2))
+    assert t1.encoder_cache is not t2.encoder_cache and t1.decoder_cache is not t2.decoder_cache
+    c1, c2 = (next(t for t in s.techniques if isinstance(t, ConditionCacheTechnique)) for s in (s1, s2))
+    assert c1.state is not c2.state
