@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from models.vae import AutoencoderKL
 from util.generate import SamplingSettings, generate_batches, generate_images
 from util.loading import Generator
 
-CLASSIFIER = "pretrained_models/demo/classifier.pt"
+CLASSIFIER = str(Path(__file__).resolve().parents[1] / "pretrained_models" / "demo" / "classifier.pt")
 
 
 @pytest.fixture(scope="module")
