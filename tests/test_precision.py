@@ -32,8 +32,9 @@ def test_bf16_autocast_sampling_stays_close_to_fp32(accel):
     ref, low = run("fp32"), run("bf16")
     assert low.dtype == torch.float32 and torch.isfinite(low).all()  # tokens are carried in float32
     assert not torch.equal(ref, low)  # the products did run in bf16
-    # Same random draws, bf16 rounding only: ~0.1% relative here, against ~140% for another seed.
-    assert (low - ref).abs().mean() < 0.02 * ref.abs().mean()
+    # Same random draws, bf16 rounding only. Measured mean relative difference 1.18-1.21e-3 for these
+    # four policies, against 1.41 for another seed: 5e-3 is ~4x the bf16 floor and 280x below a wrong draw.
+    assert (low - ref).abs().mean() < 5e-3 * ref.abs().mean()
 
 
 def test_half_weights_are_refused_with_the_way_out():
