@@ -86,7 +86,8 @@ def test_buckets_off_is_the_previous_step(tiny_tokenizer, tmp_path):
     device-resident data), drawn exactly as before."""
     from torch.utils.data import DistributedSampler
 
-    from util.latents import draw_latents, load_or_build_latents
+    from demo.latents import load_or_build_latents
+    from util.latents import draw_latents
     args = _args(tiny_tokenizer, tmp_path, "off", epochs=1)
     out = train_mod.main(args)
     data = load_or_build_latents(tiny_tokenizer, 2, 0, tmp_path / "cache", verbose=False)
