@@ -274,12 +274,15 @@ def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path):
     # No dropout: compiled code draws its dropout masks from another random stream.
     eager = train_mod.main(_args(tiny_tokenizer, tmp_path, "eager", epochs=1, dropout=0.0))
     compiled = train_mod.main(_args(tiny_tokenizer, tmp_path, "compiled", epochs=1, dropout=0.0, compile=True))
-    assert torch.allclose(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-4)
+    # Measured on 2 CPU cores: losses equal, weights within 5.2e-8 after the run. Fused kernels may sum
+    # in another order (float32 rounding ~1e-7 relative per op), so the bounds are 1e-5 and 1e-6: ~20x
+    # the measurement, far below what a wrong compiled graph (a dropped term) would move.
+    assert torch.allclose(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-5, atol=0)
     a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "compiled" / "checkpoint-last.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()  # in-place compilation: the checkpoint loads into an eager model
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
     part = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True,
                                 stop_after=2))
     rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True))
