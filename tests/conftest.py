@@ -59,3 +59,16 @@ def tiny_mar():
 @pytest.fixture(autouse=True)
 def _cpu_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A demo tokenizer trained for 3 steps (train.py and its step tests need one; quality irrelevant)."""
+    from demo.tokenizer import train_tokenizer
+    out = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
+    torch.set_num_threads(1)
+    summary = train_tokenizer(out, num_per_class=2, epochs=1, batch_size=8, max_steps=3, progress=False,
+                              psnr_images=12)
+    assert len(summary["losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
+    return out

@@ -10,21 +10,10 @@ import torch.nn as nn
 
 import train as train_mod
 from demo import registry
-from demo.tokenizer import load_demo_tokenizer, train_tokenizer
+from demo.tokenizer import load_demo_tokenizer
 from models.mar import mar_from_config
 from util.ema import ParamEMA
 from demo.latents import load_or_build_latents
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
-    torch.set_num_threads(1)
-    summary = train_tokenizer(out, num_per_class=2, epochs=1, batch_size=8, max_steps=3, progress=False,
-                              psnr_images=12)
-    assert len(summary["losses"]) == 3
-    assert all(torch.isfinite(torch.tensor(summary["losses"])))
-    return out
 
 
 def test_tokenizer_trains_and_loads(tiny_tokenizer):

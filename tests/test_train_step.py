@@ -13,31 +13,15 @@ import torch
 import train as train_mod
 from demo.train_step import BucketedMaskStep, bucket_mask_counts
 from models.mar import MAR, mar_from_config
+from test_train import _args as _train_args, _log
 
 TINY = dict(train_mod.MODEL_SIZES["tiny"], img_size=32, vae_stride=2, vae_embed_dim=4, class_num=12,
             attn_dropout=0.0, proj_dropout=0.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory) -> Path:
-    from demo.tokenizer import train_tokenizer
-    out = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
-    torch.set_num_threads(1)
-    train_tokenizer(out, num_per_class=2, epochs=1, batch_size=8, max_steps=3, progress=False, psnr_images=12)
-    return out
-
-
 def _args(tok: Path, tmp: Path, out: str, **kw):
-    argv = ["--tokenizer", str(tok), "--num_per_class", "2", "--cache_dir", str(tmp / "cache"),
-            "--model", "tiny", "--epochs", "2", "--batch_size", "8", "--output_dir", str(tmp / out),
-            "--no_progress", "--save_every", "2", "--warmup_steps", "2", "--dropout", "0.0"]
-    for k, v in kw.items():
-        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
-    return train_mod.get_args_parser().parse_args(argv)
-
-
-def _log(path: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in path.read_text().splitlines()]
+    """test_train's arguments with 2 epochs and no dropout (compiled code draws other dropout masks)."""
+    return _train_args(tok, tmp, out, **{"epochs": 2, "dropout": 0.0, **kw})
 
 
 def _force_count(model: MAR, count: int) -> None:
