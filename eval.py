@@ -37,7 +37,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 import resource
@@ -57,6 +56,7 @@ from models.schedules import check_sampling_settings
 from demo.registry import DEMO_MODEL  # also registers the demo model with util.loading
 from util.checkpoint import atomic_path
 from util.generate import SEED_RULE, SamplingSettings, generate_batches
+from util.generate import num_batches as batch_count
 from util.hashing import cached_file_sha256, state_dict_sha256
 from util.loading import Generator, load_generator, model_choices
 from util.precision import PRECISIONS
@@ -398,7 +398,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         raise problem
 
     width = index_width(args.num_images)
-    num_batches = math.ceil(args.num_images / args.eval_bsz)
+    num_batches = batch_count(args.num_images, args.eval_bsz)
     mine = list(range(rank, num_batches, world))
     existing = set(os.listdir(image_dir))
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
-from lazymar.plan import ModelShape, StepPlan, block_macs
+from lazymar.plan import ModelShape, StepPlan, block_macs, decoder_embed_macs
 from lazymar.schedules import scaled_count
 from lazymar.technique import StepInputs, Technique
 from lazymar.token_cache import EncoderCache, incremental_encode, incremental_encoder_macs
@@ -264,8 +264,7 @@ class MARche(Technique):
         gen = positions(model.with_buffer(inp.to_pred))  # (R, g): generated now, first in the active set
         base = gen
         if self.config.include_prev:
-            prev = inp.prev_pred.repeat(R // inp.prev_pred.shape[0], 1)
-            base = torch.cat([gen, positions(model.with_buffer(prev & ~inp.to_pred))], dim=1)
+            base = torch.cat([gen, positions(model.with_buffer(inp.prev_rows() & ~inp.to_pred))], dim=1)
         generated = torch.arange(gen.shape[1], device=x.device).expand(R, -1)
         active = max(self.active_count, base.shape[1])
         if active >= x.shape[1]:  # the active set is everything: active from the first block on
@@ -284,5 +283,5 @@ class MARche(Technique):
         if n_active >= s.positions:  # every position is active from the first block on
             n_base = n_active
         score_layer = min(self.config.score_layer, s.dec_depth - 1)
-        return rows * ((s.buffer + p.n_known) * s.enc_dim * s.dec_dim
+        return rows * (decoder_embed_macs(s, s.buffer + p.n_known)
                        + marche_decoder_macs(s, n_base, n_active, score_layer))

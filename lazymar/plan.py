@@ -63,6 +63,17 @@ def block_macs(dim: int, hidden: int, n_q: int, n_k: int, n_rest: int | None = N
     return n_q * dim * 3 * dim + 2 * n_q * n_k * dim + n_rest * (dim * dim + 2 * dim * hidden)
 
 
+def encoder_macs(s: ModelShape, n_embedded: int, n_queries: int, n_keys: int) -> int:
+    """One row's encoder: ``z_proj`` of ``n_embedded`` tokens, every block for ``n_queries`` queries over
+    ``n_keys`` keys."""
+    return n_embedded * s.token_dim * s.enc_dim + s.enc_depth * block_macs(s.enc_dim, s.enc_hidden, n_queries, n_keys)
+
+
+def decoder_embed_macs(s: ModelShape, n_encoded: int) -> int:
+    """One row's ``decoder_embed`` of ``n_encoded`` encoder outputs."""
+    return n_encoded * s.enc_dim * s.dec_dim
+
+
 def head_step_macs(s: ModelShape, rows: int) -> int:
     """One full pass of the head's MLP (input projection, residual blocks, final layer) over ``rows``."""
     W, C = s.head_width, s.token_dim

@@ -88,6 +88,9 @@ class AccelSteps:
         self.schedule = schedule
         self.num_steps = schedule.num_steps
         self.plans = self._plan_steps()
+        self.head_factory = None  # the head's model-function factory, wrapped by every technique once
+        for t in self.techniques:
+            self.head_factory = t.wrap_head(self.head_factory)
         self.prev_pred: torch.Tensor | None = None  # (B, L) tokens predicted at the previous step
         self.bsz = 0
 
@@ -150,13 +153,10 @@ class AccelSteps:
     def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
                     generator: torch.Generator | None) -> torch.Tensor:
         p, head = self.plans[step], self.model.diffloss
-        factory = None
-        for t in self.techniques:
-            factory = t.wrap_head(factory)
 
         def sample(call: HeadCall, cond: torch.Tensor) -> torch.Tensor:
             return head.sample(cond, temperature, cfg, generator=generator, num_steps=call.steps,
-                               max_timestep=call.max_timestep, model_fn_factory=factory)
+                               max_timestep=call.max_timestep, model_fn_factory=self.head_factory)
 
         if len(p.head) == 1:
             return sample(p.head[0], z)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lazymar.indexing import gather_heads, gather_tokens, positions
-from lazymar.plan import HeadCall, ModelShape, Schedule, StepPlan, block_macs
+from lazymar.plan import HeadCall, ModelShape, Schedule, StepPlan, block_macs, decoder_embed_macs, encoder_macs
 from lazymar.schedules import scaled_count
 from lazymar.technique import Hidden, StepInputs, Technique
 
@@ -213,8 +213,6 @@ class ReCAP(Technique):
         known = self.known_at_start[start]
         n_local = p.n_known - known
         n_group = s.seq_len - known - self.group_end[start]
-        enc = n_local * s.token_dim * s.enc_dim + s.enc_depth * block_macs(
-            s.enc_dim, s.enc_hidden, n_local, s.buffer + known + n_local)
-        dec = n_local * s.enc_dim * s.dec_dim + s.dec_depth * block_macs(
-            s.dec_dim, s.dec_hidden, n_group, s.positions)
+        enc = encoder_macs(s, n_local, n_local, s.buffer + known + n_local)
+        dec = decoder_embed_macs(s, n_local) + s.dec_depth * block_macs(s.dec_dim, s.dec_hidden, n_group, s.positions)
         return {"encoder": rows * enc, "decoder": rows * dec}

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lazymar.plan import ModelShape, Schedule, StepPlan, block_macs, head_fixed_macs, head_step_macs
+from lazymar.plan import (ModelShape, Schedule, StepPlan, block_macs, decoder_embed_macs, encoder_macs,
+                          head_fixed_macs, head_step_macs)
 
 
 @dataclass
@@ -38,6 +39,10 @@ class StepInputs:
     to_pred: torch.Tensor
     class_embedding: torch.Tensor
     prev_pred: torch.Tensor | None
+
+    def prev_rows(self) -> torch.Tensor:
+        """``prev_pred`` repeated over the guidance halves that run: (R, L) bool."""
+        return self.prev_pred.repeat(self.tokens.shape[0] // self.prev_pred.shape[0], 1)
 
 
 @dataclass
@@ -89,12 +94,12 @@ class Technique:
     def encoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
         """Plain encoder: ``z_proj`` over every token, blocks over the buffer and the known tokens."""
         n = s.buffer + p.n_known
-        return rows * (s.seq_len * s.token_dim * s.enc_dim + s.enc_depth * block_macs(s.enc_dim, s.enc_hidden, n, n))
+        return rows * encoder_macs(s, s.seq_len, n, n)
 
     def decoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
         """``decoder_embed`` of the encoder outputs plus every decoder block over all positions."""
         N = s.positions
-        return rows * ((s.buffer + p.n_known) * s.enc_dim * s.dec_dim
+        return rows * (decoder_embed_macs(s, s.buffer + p.n_known)
                        + s.dec_depth * block_macs(s.dec_dim, s.dec_hidden, N, N))
 
     def transformer_macs(self, p: StepPlan, s: ModelShape, rows: int) -> dict[str, int]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
-from lazymar.plan import ModelShape, StepPlan, block_macs
+from lazymar.plan import ModelShape, StepPlan, block_macs, decoder_embed_macs, encoder_macs
 from lazymar.schedules import keep_count, piecewise_constant
 from lazymar.technique import StepInputs, Technique
 
@@ -234,8 +234,7 @@ class TokenCache(Technique):
         count = self.kept[p.step]
         if count is None:  # everything is recomputed: skip the similarity bookkeeping
             return decode(self.model, x, cache, self.similarity_layer, None)
-        prev = inp.prev_pred.repeat(R // inp.prev_pred.shape[0], 1)
-        pinned = self.model.with_buffer(inp.to_pred | prev)
+        pinned = self.model.with_buffer(inp.to_pred | inp.prev_rows())
 
         def choose(v: torch.Tensor) -> torch.Tensor:
             return select_tokens(v, cache.prev_v, pinned, count, self.config.pinned_score)
@@ -250,7 +249,7 @@ class TokenCache(Technique):
         if kept is None:
             return super().decoder_macs(p, s, rows)
         N, D, Hd, sim = s.positions, s.dec_dim, s.dec_hidden, self.similarity_layer
-        return rows * ((s.buffer + p.n_known) * s.enc_dim * D
+        return rows * (decoder_embed_macs(s, s.buffer + p.n_known)
                        + sim * block_macs(D, Hd, N, N) + block_macs(D, Hd, N, N, kept)
                        + (s.dec_depth - sim - 1) * block_macs(D, Hd, kept, N))
 
@@ -260,12 +259,10 @@ def incremental_encode(model, inp: StepInputs, cache: EncoderCache, *, full: boo
     generated at the previous step over the cached keys/values of the other known tokens. The first call
     allocates the buffers for all rows; later ones write the rows that run (the conditional half alone
     when the condition cache rebuilds the other)."""
-    R = inp.tokens.shape[0]
-    rows = cache if cache.out is None else cache.rows(R)
+    rows = cache if cache.out is None else cache.rows(inp.tokens.shape[0])
     compute = None
     if not full:
-        prev = inp.prev_pred.repeat(R // inp.prev_pred.shape[0], 1)
-        compute = positions(~model.with_buffer(~prev))  # (R, buf + n) ascending
+        compute = positions(~model.with_buffer(~inp.prev_rows()))  # (R, buf + n) ascending
     return encode(model, inp.tokens, inp.mask, inp.class_embedding, rows, compute)
 
 
@@ -273,5 +270,4 @@ def incremental_encoder_macs(p: StepPlan, s: ModelShape, rows: int, *, full: boo
     """Multiply-adds of :func:`incremental_encode`: ``z_proj`` over every token (the input is embedded
     whole, then gathered), blocks for the computed queries over every known key."""
     n_keys = s.buffer + p.n_known
-    n_q = n_keys if full else s.buffer + p.n_prev
-    return rows * (s.seq_len * s.token_dim * s.enc_dim + s.enc_depth * block_macs(s.enc_dim, s.enc_hidden, n_q, n_keys))
+    return rows * encoder_macs(s, s.seq_len, n_keys if full else s.buffer + p.n_prev, n_keys)
