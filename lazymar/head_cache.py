@@ -70,35 +70,41 @@ def head_cache_factory(config: HeadCacheConfig):
         T = diffusion.num_timesteps
         # Rows that run on cached steps: the conditional half when the guidance residual is reused.
         cached_rows = n if (guided and config.guidance) else cond.shape[0]
+        # Modulations as the steps need them: refresh steps for every row and block, cached steps for
+        # their rows and the blocks that do not reuse their whole residual.
+        steps = range(T - 1, -1, -1)
+        refreshes = [i for i in steps if is_head_refresh_step(i, T, config.interval)]
+        live = [j for j in range(len(net.res_blocks)) if j not in config.residual_blocks]
+        full_mods = head.modulations(diffusion, cond, refreshes)
+        cached_mods = head.modulations(diffusion, cond[:cached_rows], [i for i in steps if i not in refreshes], live)
 
-        def refresh(x: torch.Tensor, y: torch.Tensor):
+        def refresh(x: torch.Tensor, mod):
             h = net.input_proj(torch.cat([x, x], dim=0) if guided else x)
             cache.mlp_out.clear()
             cache.block_residual.clear()
             for j, block in enumerate(net.res_blocks):
-                shift, scale, gate = block.modulation(y)
+                shift, scale, gate = mod.blocks[j]
                 m = block.branch(h, shift, scale)
                 h_next = h + gate * m
                 cache.mlp_out.append(m[:cached_rows])
                 if j in config.residual_blocks:
                     cache.block_residual[j] = (h_next - h)[:cached_rows]
                 h = h_next
-            out = net.final_layer(h, y)
+            out = net.final_layer.modulated(h, *mod.final)
             if guided:
                 cache.eps_residual = out[:n, :C] - out[n:, :C]
             return head.split_output(out, cfg, n)
 
-        def cached(x: torch.Tensor, y: torch.Tensor, recompute_mlp: bool):
+        def cached(x: torch.Tensor, mod, recompute_mlp: bool):
             h = net.input_proj(x if cached_rows == n else torch.cat([x, x], dim=0))
-            y = y[:cached_rows]
             for j, block in enumerate(net.res_blocks):
                 if j in cache.block_residual:
                     h = h + cache.block_residual[j]
                     continue
-                shift, scale, gate = block.modulation(y)
+                shift, scale, gate = mod.blocks[j]
                 m = block.branch(h, shift, scale) if recompute_mlp else cache.mlp_out[j]
                 h = h + gate * m
-            out = net.final_layer(h, y)
+            out = net.final_layer.modulated(h, *mod.final)
             if not (guided and config.guidance):
                 return head.split_output(out, cfg, n)
             eps_cond = out[:, :C]
@@ -106,10 +112,9 @@ def head_cache_factory(config: HeadCacheConfig):
             return eps_uncond + cfg * (eps_cond - eps_uncond), out[:, C:]
 
         def model_fn(x: torch.Tensor, i: int):
-            y = head.time_embedding(diffusion, i, x.device) + cond
             if is_head_refresh_step(i, T, config.interval):
-                return refresh(x, y)
-            return cached(x, y, head_mlp_recompute(i, T, config.mlp_warmup))
+                return refresh(x, full_mods(i))
+            return cached(x, cached_mods(i), head_mlp_recompute(i, T, config.mlp_warmup))
 
         return model_fn
 

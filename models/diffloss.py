@@ -5,24 +5,33 @@ output ``z`` for that token. Parameter names follow the released checkpoints
 (``diffloss.net.time_embed.mlp.0``, ``res_blocks.i.adaLN_modulation.1``, ``final_layer.linear`` ...).
 
 Sampling does the same arithmetic as upstream with the work that cannot change the result hoisted:
-``cond_embed(z)`` is computed once per MAR step instead of once per diffusion step, the timestep
-embedding once per diffusion step instead of once per token, and with guidance only the conditional
-half of ``x`` is carried (upstream evolves an unconditional copy that it throws away at the end; its
-random draws are still made so that the random stream matches).
+``cond_embed(z)`` is computed once per MAR step instead of once per diffusion step, and with guidance
+only the conditional half of ``x`` is carried (upstream evolves an unconditional copy that it throws
+away at the end; its random draws are still made so that the random stream matches). The adaLN
+modulations (two thirds of the head's weights) depend on the timestep and the condition but not on
+``x``, so :class:`Modulations` computes them for a window of diffusion steps in one matrix product:
+with the few tokens of a MAR step, a per-step product streams those weights from memory for a handful
+of rows, 100 times per MAR step; this is what bounds the head's speed on a CPU at small batches.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.diffusion import GaussianDiffusion
 
 TIMESTEP_FREQ_DIM = 256
 TIMESTEP_MAX_PERIOD = 10000
+# Memory for the adaLN modulations of one window of diffusion steps (see :class:`Modulations`): MAR-B's
+# head at batch 1 with guidance fits its 100 steps in one window; large batches get shorter windows.
+MODULATION_WINDOW_BYTES = 128 << 20
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -77,9 +86,12 @@ class ResBlock(nn.Module):
         """The MLP output before gating."""
         return self.mlp(modulate(self.in_ln(x), shift, scale))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(y)
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The block given its modulation."""
         return x + gate * self.branch(x, shift, scale)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.modulated(x, *self.modulation(y))
 
 
 class FinalLayer(nn.Module):
@@ -91,9 +103,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(model_channels, out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 2 * model_channels, bias=True))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The layer given its modulation."""
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.modulated(x, *self.adaLN_modulation(y).chunk(2, dim=-1))
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -152,9 +167,73 @@ class SimpleMLPAdaLN(nn.Module):
                 x = block(x, y)
         return self.final_layer(x, y)
 
+    def forward_modulated(self, x: torch.Tensor, mod: "StepModulation") -> torch.Tensor:
+        """Denoiser output for noisy tokens ``x`` (n, C) given one step's precomputed modulations: the
+        same arithmetic as :meth:`forward_embedded` (sampling; see :class:`Modulations`)."""
+        h = self.input_proj(x)
+        for block, m in zip(self.res_blocks, mod.blocks):
+            h = block.modulated(h, *m)
+        return self.final_layer.modulated(h, *mod.final)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Upstream signature: noisy tokens (n, C), original timesteps (n,), conditions (n, D)."""
         return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+
+
+@dataclass
+class StepModulation:
+    """The adaLN outputs of one diffusion step: ``(shift, scale, gate)`` per residual block (None for a
+    block the caller skips) and ``(shift, scale)`` of the final layer, each (rows, W)."""
+
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+    final: tuple[torch.Tensor, torch.Tensor]
+
+
+class Modulations:
+    """adaLN modulations of one head call's diffusion steps, computed a window of steps at a time.
+
+    A modulation is ``Linear(SiLU(time_embed(t) + cond))``: it does not depend on the noisy tokens, so
+    the steps of a window share one matrix product over (steps x rows) inputs. Same multiply-adds as
+    step by step (each step's timestep embedding and modulations are computed once), but the weights are
+    read once per window instead of once per step. Windows hold at most ``budget_bytes``.
+
+    Args:
+        net: the denoiser.
+        timesteps: original timestep of each respaced step index (``GaussianDiffusion.timestep_map``).
+        cond: (rows, W) embedded conditions (``cond_embed(z)``).
+        steps: the step indices that will be asked for, in the order the loop visits them.
+        blocks: residual blocks whose modulation is needed (None: all); the final layer's always is.
+        budget_bytes: memory for one window.
+    """
+
+    def __init__(self, net: SimpleMLPAdaLN, timesteps: Sequence[int], cond: torch.Tensor, steps: Sequence[int],
+                 blocks: Collection[int] | None = None, budget_bytes: int = MODULATION_WINDOW_BYTES) -> None:
+        self.net, self.cond, self.timesteps = net, cond, timesteps
+        self.order = list(steps)
+        self.where = {i: k for k, i in enumerate(self.order)}
+        self.blocks = [j for j in range(len(net.res_blocks)) if blocks is None or j in blocks]
+        per_step = cond.shape[0] * net.model_channels * (3 * len(self.blocks) + 2) * cond.element_size()
+        self.window = max(1, budget_bytes // max(1, per_step))  # a call may have no tokens
+        self.start = -1
+        self.mods: list[StepModulation] = []
+
+    def __call__(self, i: int) -> StepModulation:
+        k = self.where[i]
+        if not self.start <= k < self.start + len(self.mods):
+            self._compute(k)
+        return self.mods[k - self.start]
+
+    def _compute(self, k: int) -> None:
+        net, steps = self.net, self.order[k:k + self.window]
+        t = torch.tensor([self.timesteps[i] for i in steps], device=self.cond.device)
+        y = F.silu(net.time_embed(t)[:, None, :] + self.cond[None])  # (S, rows, W)
+        per_block: list[tuple[torch.Tensor, ...] | None] = [None] * len(net.res_blocks)
+        for j in self.blocks:
+            per_block[j] = net.res_blocks[j].adaLN_modulation[1](y).chunk(3, dim=-1)
+        final = net.final_layer.adaLN_modulation[1](y).chunk(2, dim=-1)
+        self.mods = [StepModulation([None if m is None else (m[0][s], m[1][s], m[2][s]) for m in per_block],
+                                    (final[0][s], final[1][s])) for s in range(len(steps))]
+        self.start = k
 
 
 @lru_cache(maxsize=256)
@@ -255,10 +334,12 @@ class DiffLoss(nn.Module):
         steps = self.num_sampling_steps if num_steps is None else int(num_steps)
         return respaced_diffusion(steps, self.noise_schedule, max_timestep)
 
-    def time_embedding(self, diffusion: GaussianDiffusion, i: int, device: torch.device) -> torch.Tensor:
-        """(1, W) embedding of respaced step ``i``; shared by every token of the step."""
-        t = torch.tensor([diffusion.timestep_map[i]], device=device)
-        return self.net.time_embed(t)
+    def modulations(self, diffusion: GaussianDiffusion, cond: torch.Tensor, steps: Sequence[int] | None = None,
+                    blocks: Collection[int] | None = None) -> Modulations:
+        """The :class:`Modulations` of ``steps`` (None: every step, in the loop's order t = T-1 .. 0)."""
+        if steps is None:
+            steps = range(diffusion.num_timesteps - 1, -1, -1)
+        return Modulations(self.net, diffusion.timestep_map, cond, steps, blocks)
 
     def split_output(self, out: torch.Tensor, cfg: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output -> (eps, variance values) of the conditional half, guidance applied."""
@@ -272,10 +353,11 @@ class DiffLoss(nn.Module):
     @staticmethod
     def guided_model_fn(head: "DiffLoss", cond: torch.Tensor, cfg: float, n: int, diffusion: GaussianDiffusion):
         """Plain model function: both guidance halves every step (none with ``cfg == 1``)."""
+        mods = head.modulations(diffusion, cond)
+
         def model_fn(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            y = head.time_embedding(diffusion, i, x.device) + cond
             x_in = torch.cat([x, x], dim=0) if cfg != 1.0 else x
-            return head.split_output(head.net.forward_embedded(x_in, y), cfg, n)
+            return head.split_output(head.net.forward_modulated(x_in, mods(i)), cfg, n)
 
         return model_fn
 

@@ -146,8 +146,15 @@ class GaussianDiffusion:
         self.log_betas = np.log(betas)
 
     # ----------------------------------------------------------------------------------- per step
-    def _coef(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Gather ``arr[t]`` (float64 -> float32, as upstream) broadcast to ``like``'s rank."""
+    def _coef(self, arr: np.ndarray, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor | float:
+        """``arr[t]`` rounded to float32 as upstream: per row (``t`` a (n,) tensor, broadcast to ``like``'s
+        rank), or one Python float when ``t`` is an int (sampling: every row is at the same step).
+
+        The scalar form keeps the sampling loop free of host-to-device copies (CUDA-graph capturable)
+        and gives the same bits: a float32-representable scalar multiplies exactly like a float32 tensor.
+        """
+        if isinstance(t, int):
+            return float(np.float32(arr[t]))
         out = torch.from_numpy(arr).to(t.device)[t].float()
         return out.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -156,13 +163,13 @@ class GaussianDiffusion:
                 + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor,
-                    t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | float]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         mean = (self._coef(self.posterior_mean_coef1, t, x_t) * x_start
                 + self._coef(self.posterior_mean_coef2, t, x_t) * x_t)
         return mean, self._coef(self.posterior_log_variance_clipped, t, x_t)
 
-    def p_mean_log_variance(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+    def p_mean_log_variance(self, x: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor,
                             var_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(x_{t-1} | x_t) from predicted eps and learned-range variance.
 
@@ -193,9 +200,8 @@ class GaussianDiffusion:
         """
         x = noise
         for i in reversed(range(self.num_timesteps)):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             eps, var_values = model_fn(x, i)
-            mean, log_variance = self.p_mean_log_variance(x, t, eps, var_values)
+            mean, log_variance = self.p_mean_log_variance(x, i, eps, var_values)
             step_noise = noise_fn(tuple(x.shape))
             nonzero = float(i != 0)
             x = mean + nonzero * torch.exp(0.5 * log_variance) * step_noise * temperature
