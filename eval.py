@@ -35,6 +35,8 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   torch-fidelity's download into the torch.hub cache), which then computes the metrics; for the demo model,
   its classifier. A missing or unusable file ends the run in one ``error:`` line saying how to provide it,
   in seconds rather than after hours of sampling. ``--no_metrics`` loads none of it.
+* The progress bar counts images (rate and ETA); the last line and ``timing.images_per_second`` give each
+  process's rate: images it generated / wall seconds of its generation loop (warm-up and PNG writing included).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import os
 import platform
 import resource
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,8 @@ ISC_LAYER = "logits_unbiased"
 FID_DIM = 2048
 DEFAULT_FID_STATS = Path("fid_stats/adm_in256_stats.npz")
 DIST_TIMEOUT_MIN = 30
+# tqdm's default bar, but always in img/s (tqdm flips to s/img below 1 img/s, which reads as another unit).
+PROGRESS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
 ERROR_DETAIL_CHARS = 300  # of a library's exception text quoted in a one-line error
 TMP_MARK = ".tmp-"
 IDENTITY_FILE = "run.json"  # in the run folder: what made its images (see run_identity)
@@ -548,7 +553,10 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
 
     timed_images, sample_s, total_s, generated = 0, 0.0, 0.0, 0
     now = todo if args.stop_after_batches is None else todo[:args.stop_after_batches]
-    bar = tqdm(total=len(now), desc="batches", disable=rank != 0)
+    # Counted in images, so that the bar's rate and ETA read in images whatever the batch size.
+    bar = tqdm(total=sum(len(paths(b)) for b in now), unit="img", desc="sampling", bar_format=PROGRESS_FORMAT,
+               disable=rank != 0)
+    start = time.perf_counter()
     for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel), seed=args.seed,
                                                batch_size=args.eval_bsz, batches=now)):
         if k > 0:  # the first batch of each process is warm-up
@@ -558,14 +566,17 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         for img, p in zip(batch.images, paths(batch.index)):
             _save_png(img, p)
         generated += len(batch.images)
-        bar.update(1)
+        bar.update(len(batch.images))
+    wall_s = time.perf_counter() - start
     bar.close()
     if len(now) < len(todo):
         print(f"rank {rank}: stopping after {len(now)} batches (--stop_after_batches)", flush=True)
         sys.exit(3)
 
     timing = {"images_generated": generated, "images_timed": timed_images, "sample_s": sample_s,
-              "sample_vae_s": total_s, "peak_memory_bytes": _peak_memory_bytes(device),
+              "sample_vae_s": total_s, "wall_s": wall_s,
+              "images_per_second": generated / wall_s if generated else None,
+              "peak_memory_bytes": _peak_memory_bytes(device),
               "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS peak"}
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -595,14 +606,19 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     print(format_table(result))
     print(f"wrote {run_dir / 'metrics.json'}")
+    print(rate_line(result["timing"]))
     return result
 
 
 def _summarize_timing(per_rank: list[dict[str, Any]], eval_bsz: int) -> dict[str, Any]:
     timed = [t for t in per_rank if t["images_timed"] > 0]
+    rates = [t["images_per_second"] for t in per_rank if t["images_per_second"] is not None]
     out: dict[str, Any] = {"per_rank": per_rank, "batch_size": eval_bsz,
                            "peak_memory_gib": max(t["peak_memory_bytes"] for t in per_rank) / 2 ** 30,
-                           "peak_memory_kind": per_rank[0]["peak_memory_kind"]}
+                           "peak_memory_kind": per_rank[0]["peak_memory_kind"],
+                           # Per process, wall clock of the whole loop (warm-up, VAE, PNGs): what a long run
+                           # actually achieves; the mean over the processes that generated anything.
+                           "images_per_second": float(np.mean(rates)) if rates else None}
     if timed:
         # Per process: seconds per image at this batch size; all processes: images per second in total.
         out["latency_s_per_image"] = float(np.mean([t["sample_s"] / t["images_timed"] for t in timed]))
@@ -636,6 +652,18 @@ def _metrics(args: argparse.Namespace, inputs: MetricInputs, image_dir: Path, la
                              isc_splits=args.isc_splits)
 
 
+def rate_line(timing: dict[str, Any]) -> str:
+    """The run's last line: rank 0's sampling rate (and the mean over processes), the number to watch at scale."""
+    mine, world = timing["per_rank"][0], len(timing["per_rank"])
+    if mine["images_per_second"] is None:
+        return "sampling: nothing generated on rank 0 (every image of its batches already exists)"
+    line = (f"sampling: {mine['images_generated']} images in {mine['wall_s']:.1f} s on rank 0 = "
+            f"{mine['images_per_second']:.2f} images/s per process")
+    if world > 1:
+        line += f" (mean of {world} processes: {timing['images_per_second']:.2f})"
+    return line + ", wall clock incl. warm-up and PNG writing"
+
+
 def format_table(result: dict[str, Any]) -> str:
     s, t, f = result["settings"], result["timing"], result["flops"]
     rows = [("model", s["model"]), ("accel", s["accel"] or "none"),
@@ -650,6 +678,8 @@ def format_table(result: dict[str, Any]) -> str:
         rows += [("latency s/image (bsz %d)" % t["batch_size"], f"{t['latency_s_per_image']:.4f}"),
                  ("latency s/image incl. VAE", f"{t['latency_with_vae_s_per_image']:.4f}"),
                  ("throughput images/s (all)", f"{t['throughput_images_per_s']:.2f}")]
+    if t["images_per_second"] is not None:
+        rows.append(("images/s per process (wall)", f"{t['images_per_second']:.2f}"))
     rows.append(("peak memory GiB", f"{t['peak_memory_gib']:.2f}"))
     for k, v in result.get("metrics", {}).items():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))

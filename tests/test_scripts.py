@@ -6,7 +6,9 @@ other thread counts, so every generation here runs single-threaded for byte-leve
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -531,3 +533,20 @@ def test_fid_ref_dir_matches_calculate_metrics(tmp_path, inception_weights):
     assert ours["fid"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
     assert ours["inception_score"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-6)
 
+
+def test_progress_counts_images_and_the_last_line_gives_images_per_second(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("--no_metrics loaded Inception"))
+    run_eval("--output_dir", str(tmp_path), "--num_images", "10", "--eval_bsz", "4", "--num_iter", "2")
+    stdout, stderr = capsys.readouterr()
+    assert "10/10" in stderr and "img/s" in stderr  # the bar counts the 10 images, not the 3 batches
+    last = stdout.strip().splitlines()[-1]
+    found = re.search(r"= ([0-9.]+) images/s per process", last)
+    assert found, last
+    printed = float(found.group(1))
+    timing = json.loads((run_dir(tmp_path) / "metrics.json").read_text())["timing"]
+    (rank0,) = timing["per_rank"]
+    assert rank0["images_generated"] == 10 and rank0["wall_s"] > 0
+    assert math.isfinite(printed) and printed > 0
+    assert rank0["images_per_second"] == pytest.approx(10 / rank0["wall_s"])
+    assert timing["images_per_second"] == pytest.approx(rank0["images_per_second"])  # one process: its rate
+    assert printed == pytest.approx(timing["images_per_second"], abs=0.006)  # printed with 2 decimals
