@@ -30,6 +30,13 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   ``fid_stats/adm_in256_stats.npz``) or against ``--fid_ref_dir`` (a folder of reference images); the demo
   model gets :func:`demo.fidelity.demo_metrics` (demo FID, demo IS, class accuracy). Everything goes to
   ``metrics.json`` in the run folder.
+* What the metrics need is loaded on rank 0 before the weights and before any image (:func:`prepare_metrics`):
+  the FID statistics or reference folder, and the Inception network (``--inception_weights FILE``, else
+  torch-fidelity's download into the torch.hub cache), which then computes the metrics; for the demo model,
+  its classifier. A missing or unusable file ends the run in one ``error:`` line saying how to provide it,
+  in seconds rather than after hours of sampling. ``--no_metrics`` loads none of it.
+* The progress bar counts images (rate and ETA); the last line and ``timing.images_per_second`` give each
+  process's rate: images it generated / wall seconds of its generation loop (warm-up and PNG writing included).
 """
 from __future__ import annotations
 
@@ -41,8 +48,11 @@ import os
 import platform
 import resource
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import PIL
@@ -53,8 +63,8 @@ from tqdm.auto import tqdm
 
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
-from demo.registry import DEMO_MODEL  # also registers the demo model with util.loading
-from util.checkpoint import atomic_path
+from demo.registry import DEMO_MODEL, demo_path  # also registers the demo model with util.loading
+from util.checkpoint import CheckpointError, atomic_path
 from util.generate import SEED_RULE, SamplingSettings, generate_batches
 from util.generate import num_batches as batch_count
 from util.hashing import cached_file_sha256, state_dict_sha256
@@ -67,6 +77,9 @@ ISC_LAYER = "logits_unbiased"
 FID_DIM = 2048
 DEFAULT_FID_STATS = Path("fid_stats/adm_in256_stats.npz")
 DIST_TIMEOUT_MIN = 30
+# tqdm's default bar, but always in img/s (tqdm flips to s/img below 1 img/s, which reads as another unit).
+PROGRESS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+ERROR_DETAIL_CHARS = 300  # of a library's exception text quoted in a one-line error
 TMP_MARK = ".tmp-"
 IDENTITY_FILE = "run.json"  # in the run folder: what made its images (see run_identity)
 DIGEST_CACHE = "sha256_cache.json"  # in --output_dir: checkpoint digests keyed by (path, size, mtime)
@@ -252,6 +265,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _raise_everywhere(problem: BaseException | None, world: int) -> None:
+    """Raise rank 0's ``problem`` (if any) on every rank, so that none waits at a collective for a rank that stopped."""
+    if world > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise problem
+
+
 # ---------------------------------------------------------------------------------------- writing
 def _save_png(image: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
@@ -299,48 +322,161 @@ def load_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
-def inception_metrics(image_dir: Path, *, fid_stats: str | Path | None, fid_ref_dir: str | Path | None,
-                      inception_weights: str | None, cuda: bool, batch_size: int, isc_splits: int,
-                      verbose: bool = False) -> dict[str, Any]:
-    """IS and FID with torch-fidelity's Inception-v3 (as in MAR's evaluation).
+def _one_line(err: BaseException) -> str:
+    """``err`` as ``Type: text`` on one line, shortened: for quoting a library's error in our own message."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= ERROR_DETAIL_CHARS else text[:ERROR_DETAIL_CHARS - 3] + "..."
 
-    With ``fid_stats``: features are extracted once through torch-fidelity's own extractor and loader;
-    IS is torch-fidelity's ``isc_featuresdict_to_metric`` and FID its ``fid_statistics_to_metric`` against
-    the file's mu/sigma. With ``fid_ref_dir``: ``torch_fidelity.calculate_metrics(isc=True, fid=True)``.
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """What rank 0's metrics need besides the images, loaded before sampling by :func:`prepare_metrics`.
+
+    A missing or unusable file then stops the run in seconds instead of after hours of sampling, and nothing
+    is loaded twice: the Inception network built here is the one that computes the metrics.
+    """
+    inception: torch.nn.Module | None = None  # torch-fidelity's inception-v3-compat, on the CPU until the metrics
+    fid_stats_path: Path | None = None
+    fid_stats: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) read from fid_stats_path
+    fid_ref_dir: Path | None = None  # a checked folder of reference images (instead of fid_stats)
+    demo_classifier: Path | None = None  # the demo model's metrics network (demo.fidelity loads it itself)
+
+
+def inception_download() -> tuple[str, Path]:
+    """torch-fidelity's Inception-v3 weights URL, and where torch.hub caches that download (under $TORCH_HOME).
+
+    Read from the installed torch-fidelity, so that the error messages name the file it actually wants.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    return URL_INCEPTION_V3, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(URL_INCEPTION_V3).path).name
+
+
+def load_inception(weights: str | Path | None, verbose: bool = False) -> torch.nn.Module:
+    """torch-fidelity's Inception-v3 (``inception-v3-compat``, FID and IS layers) on the CPU.
+
+    From ``weights`` when given; else from torch-fidelity's download, fetched now into the torch.hub cache (where
+    torch-fidelity would put it itself) unless it is there already. It stays on the CPU during sampling so that the
+    reported peak GPU memory is the sampler's alone.
+
+    Raises:
+        CheckpointError: one line saying how to provide the weights, when the file is missing, unreadable, not
+            Inception-v3 weights, or cannot be downloaded (an offline machine).
+    """
+    from torch_fidelity.utils import create_feature_extractor
+    url, cached = inception_download()
+    advice = (f"download {url} on a machine with internet and pass it as --inception_weights FILE, or copy it to "
+              f"{cached} (torch-fidelity's download cache, under $TORCH_HOME), or pass --no_metrics")
+    if weights is not None:
+        path, source = Path(weights), f"--inception_weights {weights}"
+        if not path.is_file():
+            raise CheckpointError(f"{source}: no such file; {advice}")
+    else:
+        path, source = cached, f"{cached} (torch-fidelity's cached download; delete it to download again)"
+        if not path.is_file():
+            print(f"downloading torch-fidelity's Inception-v3 weights: {url} -> {cached}", flush=True)
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(cached), progress=verbose)
+            except Exception as e:  # offline, proxy, HTTP error, unwritable cache: all end the same way
+                raise CheckpointError(f"cannot download torch-fidelity's Inception-v3 weights for IS/FID "
+                                      f"({_one_line(e)}); {advice}") from e
+    try:
+        return create_feature_extractor(INCEPTION_NAME, [FID_LAYER, ISC_LAYER], cuda=False, verbose=verbose,
+                                        feature_extractor_weights_path=str(path))
+    except Exception as e:  # unpickling, zip, truncation and state-dict key errors of all kinds
+        raise CheckpointError(f"{source} is not usable as torch-fidelity's Inception-v3 weights ({_one_line(e)}); "
+                              f"{advice}") from e
+
+
+def check_fid_ref_dir(path: str | Path) -> Path:
+    """``path`` if it is a folder with images torch-fidelity will read (its defaults: not recursive, png/jpg/jpeg)."""
+    from torch_fidelity.defaults import DEFAULTS
+    from torch_fidelity.utils import glob_samples_paths
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--fid_ref_dir {path}: no such folder (give a folder of reference images, or "
+                                f"--fid_stats FILE.npz)")
+    if not glob_samples_paths(str(path), DEFAULTS["samples_find_deep"], DEFAULTS["samples_find_ext"], verbose=False):
+        raise ValueError(f"--fid_ref_dir {path} holds no {DEFAULTS['samples_find_ext']} files directly inside "
+                         f"(subfolders are not searched)")
+    return path
+
+
+def check_demo_classifier(path: Path) -> Path:
+    """``path`` if it holds a loadable demo classifier (the demo model's metrics network), else a one-line error.
+
+    Loading the small classifier once more costs milliseconds; :func:`demo.fidelity.demo_metrics` loads it itself.
+    """
+    from demo.classifier import TRAIN_COMMAND, load_classifier
+    advice = f"train it with `{TRAIN_COMMAND}` (minutes on a CPU), or pass --no_metrics"
+    if not path.is_file():
+        raise CheckpointError(f"the demo model's metrics need the demo classifier {path}, which does not exist: "
+                              f"{advice}")
+    try:
+        load_classifier(path)
+    except Exception as e:  # unpickling, zip and state-dict errors
+        raise CheckpointError(f"demo classifier {path} cannot be loaded ({_one_line(e)}): {advice}") from e
+    return path
+
+
+def prepare_metrics(args: argparse.Namespace) -> MetricInputs:
+    """Check and load what the metrics of ``args.model`` will use, before any sampling.
+
+    The demo model is scored by :func:`demo.fidelity.demo_metrics` with its own classifier, so only that file is
+    checked; an ImageNet model gets its FID reference (``--fid_stats``, else ``--fid_ref_dir``, else
+    ``fid_stats/adm_in256_stats.npz`` if present, else IS only) and the Inception network (:func:`load_inception`).
+    """
+    if args.model == DEMO_MODEL:
+        return MetricInputs(demo_classifier=check_demo_classifier(demo_path("classifier")))
+    stats_path = Path(args.fid_stats) if args.fid_stats is not None else None
+    ref_dir = check_fid_ref_dir(args.fid_ref_dir) if args.fid_ref_dir is not None else None
+    if stats_path is None and ref_dir is None:
+        if DEFAULT_FID_STATS.is_file():
+            stats_path = DEFAULT_FID_STATS
+        else:
+            print(f"warning: no --fid_stats / --fid_ref_dir (and no {DEFAULT_FID_STATS}); computing IS only")
+    stats = load_fid_stats(stats_path) if stats_path is not None else None
+    return MetricInputs(inception=load_inception(args.inception_weights), fid_stats_path=stats_path,
+                        fid_stats=stats, fid_ref_dir=ref_dir)
+
+
+def inception_metrics(image_dir: Path, inputs: MetricInputs, *, device: torch.device, batch_size: int,
+                      isc_splits: int, verbose: bool = False) -> dict[str, Any]:
+    """IS and FID with torch-fidelity's Inception-v3 (as in MAR's evaluation), using ``inputs.inception``.
+
+    Features come from torch-fidelity's own loader; IS is its ``isc_featuresdict_to_metric`` and FID its
+    ``fid_statistics_to_metric``, against the ``--fid_stats`` mu/sigma or the statistics of the ``--fid_ref_dir``
+    images (read as ``torch_fidelity.calculate_metrics`` reads a folder, so the numbers are that function's).
     """
     import torch_fidelity
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import extract_featuresdict_from_input_id, get_featuresdict_from_dataset
 
     from demo.fidelity import IndexedPNGFolder
 
+    if inputs.inception is None:
+        raise TypeError("inception_metrics needs MetricInputs.inception (see prepare_metrics)")
+    cuda = device.type == "cuda"
+    fe = inputs.inception.to(device)
     samples = IndexedPNGFolder(image_dir)
-    fe_kwargs: dict[str, Any] = {}
-    if inception_weights is not None:
-        fe_kwargs["feature_extractor_weights_path"] = str(inception_weights)
-    out: dict[str, Any] = {"num_samples": len(samples)}
-    if fid_ref_dir is not None:
-        m = torch_fidelity.calculate_metrics(
-            input1=samples, input2=str(fid_ref_dir), isc=True, fid=True, cuda=cuda, batch_size=batch_size,
-            isc_splits=isc_splits, feature_extractor=INCEPTION_NAME, verbose=verbose, cache=False,
-            save_cpu_ram=True, **fe_kwargs)
-        out.update(fid=float(m[torch_fidelity.KEY_METRIC_FID]), inception_score=float(m[torch_fidelity.KEY_METRIC_ISC_MEAN]),
-                   inception_score_std=float(m[torch_fidelity.KEY_METRIC_ISC_STD]), fid_reference=str(fid_ref_dir))
-        return out
-    mu_sigma = load_fid_stats(fid_stats) if fid_stats is not None else None
-    fe = create_feature_extractor(INCEPTION_NAME, [FID_LAYER, ISC_LAYER], cuda=cuda, verbose=verbose, **fe_kwargs)
-    feats = get_featuresdict_from_dataset(samples, fe, batch_size, cuda, True, verbose)
+    feats = get_featuresdict_from_dataset(samples, fe, batch_size, cuda, True, verbose)  # True: no workers
     isc = isc_featuresdict_to_metric(feats, ISC_LAYER, isc_splits=isc_splits, samples_shuffle=True,
                                      rng_seed=2020, verbose=verbose)
-    out.update(inception_score=float(isc[torch_fidelity.KEY_METRIC_ISC_MEAN]),
-               inception_score_std=float(isc[torch_fidelity.KEY_METRIC_ISC_STD]))
-    if mu_sigma is not None:
-        ours = fid_features_to_statistics(feats[FID_LAYER])
-        ours = {k: v.astype(np.float64) for k, v in ours.items()}
-        ref = {"mu": mu_sigma[0], "sigma": mu_sigma[1]}
+    out: dict[str, Any] = {"num_samples": len(samples),
+                           "inception_score": float(isc[torch_fidelity.KEY_METRIC_ISC_MEAN]),
+                           "inception_score_std": float(isc[torch_fidelity.KEY_METRIC_ISC_STD])}
+    if inputs.fid_stats is not None:
+        ours = {k: v.astype(np.float64) for k, v in fid_features_to_statistics(feats[FID_LAYER]).items()}
+        ref = {"mu": inputs.fid_stats[0], "sigma": inputs.fid_stats[1]}
         out.update(fid=float(fid_statistics_to_metric(ours, ref, verbose)[torch_fidelity.KEY_METRIC_FID]),
-                   fid_reference=str(fid_stats))
+                   fid_reference=str(inputs.fid_stats_path))
+    elif inputs.fid_ref_dir is not None:
+        ref_feats = extract_featuresdict_from_input_id(2, fe, input2=str(inputs.fid_ref_dir), batch_size=batch_size,
+                                                       cuda=cuda, save_cpu_ram=True, verbose=verbose)
+        fid = fid_statistics_to_metric(fid_features_to_statistics(feats[FID_LAYER]),
+                                       fid_features_to_statistics(ref_feats[FID_LAYER]), verbose)
+        out.update(fid=float(fid[torch_fidelity.KEY_METRIC_FID]), fid_reference=str(inputs.fid_ref_dir))
     return out
 
 
@@ -352,8 +488,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_sampling_settings(args.num_iter, args.cfg, args.cfg_schedule, args.temperature)  # before loading
     if args.fid_stats is not None and args.fid_ref_dir is not None:
         raise SystemExit("give --fid_stats or --fid_ref_dir, not both")
-    if args.fid_stats is not None and not args.no_metrics:
-        load_fid_stats(args.fid_stats)  # fail before hours of sampling, not after
     rank, world, device = init_distributed(args.device)
     try:
         return _run(args, accel, rank, world, device)
@@ -364,6 +498,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
          device: torch.device) -> dict[str, Any]:
+    # Metric files first, before the weights and the run folder: fail before hours of sampling, not after.
+    metric_inputs: MetricInputs | None = None
+    problem: BaseException | None = None
+    if rank == 0 and not args.no_metrics:
+        try:
+            metric_inputs = prepare_metrics(args)
+        except Exception as e:  # every rank must stop, not wait for rank 0 at a collective
+            problem = e
+    _raise_everywhere(problem, world)
+
     gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
@@ -378,7 +522,6 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     run_dir = Path(args.output_dir) / run_name(args, device)
     image_dir = run_dir / "images"
     identity: dict[str, Any] = {}
-    problem: BaseException | None = None
     if rank == 0:
         image_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -390,12 +533,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
             stale = _remove_stale_tmp(image_dir)
             if stale:
                 print(f"removed {stale} partial files from an interrupted run")
-    if world > 1:
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
-    if problem is not None:
-        raise problem
+    _raise_everywhere(problem, world)
 
     width = index_width(args.num_images)
     num_batches = batch_count(args.num_images, args.eval_bsz)
@@ -415,7 +553,10 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
 
     timed_images, sample_s, total_s, generated = 0, 0.0, 0.0, 0
     now = todo if args.stop_after_batches is None else todo[:args.stop_after_batches]
-    bar = tqdm(total=len(now), desc="batches", disable=rank != 0)
+    # Counted in images, so that the bar's rate and ETA read in images whatever the batch size.
+    bar = tqdm(total=sum(len(paths(b)) for b in now), unit="img", desc="sampling", bar_format=PROGRESS_FORMAT,
+               disable=rank != 0)
+    start = time.perf_counter()
     for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel), seed=args.seed,
                                                batch_size=args.eval_bsz, batches=now)):
         if k > 0:  # the first batch of each process is warm-up
@@ -425,14 +566,17 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         for img, p in zip(batch.images, paths(batch.index)):
             _save_png(img, p)
         generated += len(batch.images)
-        bar.update(1)
+        bar.update(len(batch.images))
+    wall_s = time.perf_counter() - start
     bar.close()
     if len(now) < len(todo):
         print(f"rank {rank}: stopping after {len(now)} batches (--stop_after_batches)", flush=True)
         sys.exit(3)
 
     timing = {"images_generated": generated, "images_timed": timed_images, "sample_s": sample_s,
-              "sample_vae_s": total_s, "peak_memory_bytes": _peak_memory_bytes(device),
+              "sample_vae_s": total_s, "wall_s": wall_s,
+              "images_per_second": generated / wall_s if generated else None,
+              "peak_memory_bytes": _peak_memory_bytes(device),
               "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS peak"}
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -457,19 +601,24 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         "timing": _summarize_timing(gathered, args.eval_bsz),
         "flops": _flops(gen, args, accel),
     }
-    if not args.no_metrics:
-        result["metrics"] = _metrics(args, gen, image_dir, labels_all, device)
+    if metric_inputs is not None:
+        result["metrics"] = _metrics(args, metric_inputs, image_dir, labels_all, device)
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     print(format_table(result))
     print(f"wrote {run_dir / 'metrics.json'}")
+    print(rate_line(result["timing"]))
     return result
 
 
 def _summarize_timing(per_rank: list[dict[str, Any]], eval_bsz: int) -> dict[str, Any]:
     timed = [t for t in per_rank if t["images_timed"] > 0]
+    rates = [t["images_per_second"] for t in per_rank if t["images_per_second"] is not None]
     out: dict[str, Any] = {"per_rank": per_rank, "batch_size": eval_bsz,
                            "peak_memory_gib": max(t["peak_memory_bytes"] for t in per_rank) / 2 ** 30,
-                           "peak_memory_kind": per_rank[0]["peak_memory_kind"]}
+                           "peak_memory_kind": per_rank[0]["peak_memory_kind"],
+                           # Per process, wall clock of the whole loop (warm-up, VAE, PNGs): what a long run
+                           # actually achieves; the mean over the processes that generated anything.
+                           "images_per_second": float(np.mean(rates)) if rates else None}
     if timed:
         # Per process: seconds per image at this batch size; all processes: images per second in total.
         out["latency_s_per_image"] = float(np.mean([t["sample_s"] / t["images_timed"] for t in timed]))
@@ -493,23 +642,26 @@ def _flops(gen, args: argparse.Namespace, accel: str | None) -> dict[str, Any]:
     return out
 
 
-def _metrics(args: argparse.Namespace, gen, image_dir: Path, labels_all: np.ndarray,
+def _metrics(args: argparse.Namespace, inputs: MetricInputs, image_dir: Path, labels_all: np.ndarray,
              device: torch.device) -> dict[str, Any]:
-    cuda = device.type == "cuda"
-    if args.model == DEMO_MODEL:
+    if inputs.demo_classifier is not None:
         from demo.fidelity import demo_metrics
-        from demo.registry import DEMO_DIR, DEMO_FILES
-        return demo_metrics(image_dir, Path(DEMO_DIR) / DEMO_FILES["classifier"], labels=labels_all,
-                            batch_size=args.metrics_bsz, device=device, isc_splits=args.isc_splits)
-    fid_stats = args.fid_stats
-    if fid_stats is None and args.fid_ref_dir is None:
-        if DEFAULT_FID_STATS.is_file():
-            fid_stats = DEFAULT_FID_STATS
-        else:
-            print(f"warning: no --fid_stats / --fid_ref_dir (and no {DEFAULT_FID_STATS}); computing IS only")
-    return inception_metrics(image_dir, fid_stats=fid_stats, fid_ref_dir=args.fid_ref_dir,
-                             inception_weights=args.inception_weights, cuda=cuda, batch_size=args.metrics_bsz,
+        return demo_metrics(image_dir, inputs.demo_classifier, labels=labels_all, batch_size=args.metrics_bsz,
+                            device=device, isc_splits=args.isc_splits)
+    return inception_metrics(image_dir, inputs, device=device, batch_size=args.metrics_bsz,
                              isc_splits=args.isc_splits)
+
+
+def rate_line(timing: dict[str, Any]) -> str:
+    """The run's last line: rank 0's sampling rate (and the mean over processes), the number to watch at scale."""
+    mine, world = timing["per_rank"][0], len(timing["per_rank"])
+    if mine["images_per_second"] is None:
+        return "sampling: nothing generated on rank 0 (every image of its batches already exists)"
+    line = (f"sampling: {mine['images_generated']} images in {mine['wall_s']:.1f} s on rank 0 = "
+            f"{mine['images_per_second']:.2f} images/s per process")
+    if world > 1:
+        line += f" (mean of {world} processes: {timing['images_per_second']:.2f})"
+    return line + ", wall clock incl. warm-up and PNG writing"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -526,6 +678,8 @@ def format_table(result: dict[str, Any]) -> str:
         rows += [("latency s/image (bsz %d)" % t["batch_size"], f"{t['latency_s_per_image']:.4f}"),
                  ("latency s/image incl. VAE", f"{t['latency_with_vae_s_per_image']:.4f}"),
                  ("throughput images/s (all)", f"{t['throughput_images_per_s']:.2f}")]
+    if t["images_per_second"] is not None:
+        rows.append(("images/s per process (wall)", f"{t['images_per_second']:.2f}"))
     rows.append(("peak memory GiB", f"{t['peak_memory_gib']:.2f}"))
     for k, v in result.get("metrics", {}).items():
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))

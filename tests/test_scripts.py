@@ -6,11 +6,15 @@ other thread counts, so every generation here runs single-threaded for byte-leve
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 from unittest import mock
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -131,6 +135,14 @@ def test_run_name_encodes_every_image_setting():
     assert eval_script.run_name(parse([*base, "--precision", "fp32"]), cpu) == names[0]
 
 
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random Inception-v3 weights file for torch-fidelity (see _random_inception_weights)."""
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    _random_inception_weights(path)
+    return path
+
+
 def _random_inception_weights(path: Path) -> None:
     """A state dict for torch-fidelity's Inception-v3 with random (He-initialised) weights, no download."""
     import torch_fidelity.feature_extractor_inceptionv3 as fei
@@ -147,11 +159,18 @@ def _random_inception_weights(path: Path) -> None:
     torch.save(fe.state_dict(), path)
 
 
-def test_fid_and_is_offline_match_direct_computation(tmp_path):
+def test_fid_and_is_offline_match_direct_computation(tmp_path, inception_weights, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as fei
 
-    weights = tmp_path / "inception.pth"
-    _random_inception_weights(weights)
+    weights = inception_weights
+    built = []  # every Inception-v3 torch-fidelity constructs: eval.py must build one and reuse it
+    original_init = fei.FeatureExtractorInceptionV3.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(args)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(fei.FeatureExtractorInceptionV3, "__init__", counting_init)
     d = eval_script.FID_DIM
     rng = np.random.default_rng(0)
     a = rng.standard_normal((d, 64)) * 0.1
@@ -164,6 +183,7 @@ def test_fid_and_is_offline_match_direct_computation(tmp_path):
                    "--metrics_bsz", "10", metrics=True)
     metrics = out["metrics"]
     assert metrics["num_samples"] == 10
+    assert len(built) == 1  # built before sampling, used for the metrics
     folder = run_dir(tmp_path / "out")
     assert json.loads((folder / "metrics.json").read_text())["metrics"] == metrics
 
@@ -362,3 +382,171 @@ def test_changed_sampler_setting_gets_a_new_folder_and_a_forged_one_is_refused(t
     record.unlink()  # images without a record: written by an older eval.py
     with pytest.raises(ValueError, match="no run.json"):
         run_eval(*tiny)
+
+
+# ------------------------------------------------------------------ metric inputs before sampling
+def _no_generator(*args, **kwargs):
+    pytest.fail("eval.py loaded the generator before the metric inputs failed")
+
+
+def shell_error(*flags: str) -> str:
+    """eval.py as the shell runs it (util.cli.run, metrics on): the one-line message it exits with, status 1."""
+    from util import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(eval_script.main, eval_script.build_parser().parse_args([*BASE, *flags]))
+    message = exit_info.value.code
+    assert isinstance(message, str), f"exit status {message!r}, expected an error message (status 1)"
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def pngs_under(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.png")) if folder.exists() else []
+
+
+def test_missing_inception_weights_fail_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_script, "load_generator", _no_generator)
+    out = tmp_path / "out"
+    message = shell_error("--output_dir", str(out), "--inception_weights", "/nonexistent/file.pth")
+    url, cached = eval_script.inception_download()
+    assert "--inception_weights /nonexistent/file.pth: no such file" in message
+    assert "--inception_weights FILE" in message and url in message and str(cached) in message
+    assert not out.exists()
+
+
+def test_inception_download_failure_fails_before_sampling(tmp_path, monkeypatch):
+    """Default weights, an empty torch.hub cache and no network: one line naming the file torch-fidelity wants."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fei
+
+    torch_home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    requested: list[tuple[str, Path]] = []
+
+    def no_network(url, dst, *args, **kwargs):
+        requested.append((url, Path(dst)))
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(eval_script, "load_generator", _no_generator)
+    out = tmp_path / "out"
+    message = shell_error("--output_dir", str(out))
+    assert not out.exists()
+
+    # The URL is the one torch-fidelity itself fetches without a weights path, saved where torch.hub would.
+    wanted: list[str] = []
+
+    def record(url, **kwargs):
+        wanted.append(url)
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(fei, "load_state_dict_from_url", record)
+    with pytest.raises(urllib.error.URLError):
+        fei.FeatureExtractorInceptionV3(eval_script.INCEPTION_NAME, [eval_script.FID_LAYER])
+    ((url, dst),) = requested
+    assert [url] == wanted
+    assert dst == torch_home / "hub" / "checkpoints" / Path(urlparse(url).path).name
+    assert "cannot download" in message and "--inception_weights FILE" in message
+    assert url in message and str(dst) in message
+
+
+def test_offline_eval_exits_with_one_error_line(tmp_path):
+    """From the shell, downloads refused (a proxy on a closed local port, an empty TORCH_HOME): status 1, one
+    stderr line, no image."""
+    out, torch_home = tmp_path / "out", tmp_path / "torch_home"
+    proxy = "http://127.0.0.1:9"  # the discard port: connection refused at once, nothing leaves the machine
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env.update(TORCH_HOME=str(torch_home), https_proxy=proxy, HTTPS_PROXY=proxy, http_proxy=proxy,
+               HTTP_PROXY=proxy, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *BASE, "--output_dir", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot download") and "--inception_weights FILE" in lines[0]
+    assert not pngs_under(tmp_path) and not out.exists()
+
+
+@pytest.mark.parametrize("content", ["random bytes", "empty", "other state dict"])
+def test_unusable_inception_weights_fail_before_sampling(tmp_path, monkeypatch, content):
+    weights = tmp_path / "inception.pth"
+    if content == "random bytes":
+        weights.write_bytes(np.random.default_rng(0).bytes(64))
+    elif content == "empty":
+        weights.write_bytes(b"")
+    else:  # a readable file whose keys do not fit (torch's message spans lines)
+        torch.save({"fc.weight": torch.zeros(3)}, weights)
+    monkeypatch.setattr(eval_script, "load_generator", _no_generator)
+    out = tmp_path / "out"
+    message = shell_error("--output_dir", str(out), "--inception_weights", str(weights))
+    assert f"--inception_weights {weights} is not usable as torch-fidelity's Inception-v3 weights" in message
+    assert "--inception_weights FILE" in message
+    assert not out.exists()
+
+
+def test_bad_fid_reference_folder_fails_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_script, "load_generator", _no_generator)
+    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("checked after the Inception"))
+    out = tmp_path / "out"
+    message = shell_error("--output_dir", str(out), "--fid_ref_dir", str(tmp_path / "missing"))
+    assert f"--fid_ref_dir {tmp_path / 'missing'}: no such folder" in message
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(nested / "sub" / "0.png")  # torch-fidelity does not look into subfolders
+    message = shell_error("--output_dir", str(out), "--fid_ref_dir", str(nested))
+    assert f"--fid_ref_dir {nested} holds no png,jpg,jpeg files" in message
+    assert not out.exists()
+
+
+def test_demo_metrics_need_the_classifier_before_sampling(tmp_path, monkeypatch):
+    """The demo model's metrics use its classifier (not Inception): a missing or broken one fails first."""
+    from demo.registry import DEMO_MODEL, demo_path
+    monkeypatch.chdir(tmp_path)  # the demo files are found relative to the working directory: none here
+    monkeypatch.setattr(eval_script, "load_generator", _no_generator)
+    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("the demo path needs no Inception"))
+    flags = ["--model", DEMO_MODEL, "--output_dir", str(tmp_path / "out")]
+    message = shell_error(*flags)
+    assert f"demo classifier {demo_path('classifier')}, which does not exist" in message
+    assert "python -m demo.classifier" in message
+    demo_path("classifier").parent.mkdir(parents=True)
+    demo_path("classifier").write_bytes(b"not a checkpoint")
+    assert "cannot be loaded" in shell_error(*flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fid_ref_dir_matches_calculate_metrics(tmp_path, inception_weights):
+    """FID against a folder with the preloaded network equals torch-fidelity's own calculate_metrics."""
+    import torch_fidelity
+    rng = np.random.default_rng(0)
+    samples, reference = tmp_path / "samples", tmp_path / "reference"
+    for folder, count, brightness in ((samples, 6, 255), (reference, 8, 128)):
+        folder.mkdir()
+        for i in range(count):
+            pixels = (rng.random((32, 32, 3)) * brightness).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:06d}.png")
+    inputs = eval_script.MetricInputs(inception=eval_script.load_inception(inception_weights), fid_ref_dir=reference)
+    ours = eval_script.inception_metrics(samples, inputs, device=torch.device("cpu"), batch_size=8, isc_splits=1)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(samples), input2=str(reference), isc=True, fid=True, cuda=False, batch_size=8, isc_splits=1,
+        feature_extractor=eval_script.INCEPTION_NAME, feature_extractor_weights_path=str(inception_weights),
+        cache=False, save_cpu_ram=True, verbose=False)
+    assert ours["fid"] > 1.0 and ours["fid_reference"] == str(reference)
+    assert ours["fid"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
+    assert ours["inception_score"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-6)
+
+
+def test_progress_counts_images_and_the_last_line_gives_images_per_second(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("--no_metrics loaded Inception"))
+    run_eval("--output_dir", str(tmp_path), "--num_images", "10", "--eval_bsz", "4", "--num_iter", "2")
+    stdout, stderr = capsys.readouterr()
+    assert "10/10" in stderr and "img/s" in stderr  # the bar counts the 10 images, not the 3 batches
+    last = stdout.strip().splitlines()[-1]
+    found = re.search(r"= ([0-9.]+) images/s per process", last)
+    assert found, last
+    printed = float(found.group(1))
+    timing = json.loads((run_dir(tmp_path) / "metrics.json").read_text())["timing"]
+    (rank0,) = timing["per_rank"]
+    assert rank0["images_generated"] == 10 and rank0["wall_s"] > 0
+    assert math.isfinite(printed) and printed > 0
+    assert rank0["images_per_second"] == pytest.approx(10 / rank0["wall_s"])
+    assert timing["images_per_second"] == pytest.approx(rank0["images_per_second"])  # one process: its rate
+    assert printed == pytest.approx(timing["images_per_second"], abs=0.006)  # printed with 2 decimals
