@@ -76,7 +76,11 @@ def fill_speedups(results: Sequence[Result]) -> None:
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
+    """``value`` in ``spec``, in 3 significant digits where ``spec`` would round it to zero (tiny models)."""
+    if value is None:
+        return "-"
+    text = f"{value:{spec}}"
+    return (f"{value:.3g}" if value and float(text) == 0 else text) + suffix
 
 
 def format_markdown(meta: dict[str, Any], results: Sequence[Result]) -> str:
@@ -98,7 +102,7 @@ def format_markdown(meta: dict[str, Any], results: Sequence[Result]) -> str:
         status = f"{r.status}: {r.detail}" if r.detail else r.status
         lines.append(f"| {r.cell.model} | {r.cell.batch} | {r.cell.policy} | {r.cell.precision} | "
                      f"{_fmt(r.seconds, '.3f')} | {_fmt(r.images_per_s, '.2f')} | {_fmt(r.speedup, '.2f', 'x')} | "
-                     f"{r.tflops_per_image:.2f} | {_fmt(r.tflops_per_s, '.1f')} | {_fmt(r.peak_mem_gib, '.1f')} | "
+                     f"{_fmt(r.tflops_per_image, '.2f')} | {_fmt(r.tflops_per_s, '.1f')} | {_fmt(r.peak_mem_gib, '.1f')} | "
                      f"{status.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
