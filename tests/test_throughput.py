@@ -94,7 +94,7 @@ def test_budget_interrupts_the_cell_in_progress(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tp, "generate", fake_generate)
     start = time.monotonic()
-    rc, report, markdown = run_main(tmp_path, "--budget_s", "2")
+    rc, report, markdown = run_main(tmp_path, "--budget_s", "3")
     assert time.monotonic() - start < 20
     assert rc == 0
     statuses = [c["status"] for c in report["cells"]]
