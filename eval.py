@@ -68,6 +68,7 @@ from util.checkpoint import CheckpointError, atomic_path
 from util.generate import SEED_RULE, SamplingSettings, generate_batches
 from util.generate import num_batches as batch_count
 from util.hashing import cached_file_sha256, state_dict_sha256
+from util.compile import add_compile_args, apply_compile, compile_mode
 from util.loading import Generator, load_generator, model_choices
 from util.precision import PRECISIONS
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accel", default=None, choices=sorted(PRESETS), help="acceleration preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="output/eval", help="root; each setting gets its own subfolder")
+    add_compile_args(p)
     p.add_argument("--resume", "--ckpt", dest="ckpt", default=None, help="MAR checkpoint (default: released path)")
     p.add_argument("--vae_path", default=None, help="VAE checkpoint (default: released path)")
     p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
@@ -162,6 +164,8 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
               f"ds{args.num_sampling_steps}"]
     if args.precision != "fp32":  # fp32 is the default and gets no name part
         parts.append(args.precision)
+    if args.compile or args.cuda_graph:  # compiled arithmetic rounds differently: another run
+        parts.append("cudagraph" if args.cuda_graph else "compiled")
     parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
     parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
     return "-".join(parts)
@@ -204,7 +208,8 @@ def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, de
         "model": args.model, **weights, "ema": not args.no_ema, "latent_scale": gen.latent_scale,
         "num_iter": args.num_iter, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
         "temperature": args.temperature, "num_sampling_steps": gen.mar.diffloss.num_sampling_steps,
-        "precision": args.precision, "accel": accel, "accel_config": repr(PRESETS[accel]) if accel else None,
+        "precision": args.precision, "compile": compile_mode(args, device), "accel": accel,
+        "accel_config": repr(PRESETS[accel]) if accel else None,
         "seed": args.seed, "seed_rule": SEED_RULE, "eval_bsz": args.eval_bsz, "num_images": args.num_images,
         "labels": f"image i has class i % {num_classes}",
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -511,6 +516,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
+    apply_compile(mar, compile_mode(args, device))
     if gen.is_random and rank == 0:
         print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")
     num_classes = mar.num_classes

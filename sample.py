@@ -25,6 +25,7 @@ from demo.registry import DEMO_DEFAULTS, DEMO_MODEL  # also registers the demo m
 from lazymar.config import PRESETS
 from models.schedules import check_sampling_settings
 from util.generate import SamplingSettings, generate_batches
+from util.compile import add_compile_args, apply_compile, compile_mode
 from util.loading import TINY_MODEL, Generator, load_generator, model_choices
 from util.precision import PRECISIONS
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="autocast sampling and decoding (weights stay float32)")
+    add_compile_args(p)
     p.add_argument("--ckpt", default=None, help="MAR checkpoint (released models)")
     p.add_argument("--vae_path", default=None, help="VAE checkpoint (released models)")
     return p
@@ -123,7 +125,9 @@ def main(args: argparse.Namespace) -> Image.Image:
     accel = "lazymar" if args.lazy_mar else args.accel
     t_start = time.perf_counter()
     check_sampling_settings(**_settings(args))  # before loading any weights
+    mode = compile_mode(args, args.device)
     gen = _load(args)
+    apply_compile(gen.mar, mode)
     settings = _settings(args)  # the model may have fallen back to tiny-random, with its own defaults
     num_classes = gen.mar.num_classes
     classes = args.classes

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from models.indexing import true_positions
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool with the same count per row -> (B, n) ascending positions where it is True."""
+
+def positions(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """(B, N) bool with the same count per row -> (B, n) ascending positions where it is True.
+
+    Give ``count`` where the plan knows it: then no host synchronisation (see :mod:`models.indexing`).
+    """
+    if count is not None:
+        return true_positions(mask, count)
     return mask.nonzero(as_tuple=True)[1].reshape(mask.shape[0], -1)
 
 

@@ -254,7 +254,7 @@ class MARche(Technique):
         return self.full[p.step] or self.active_count >= self.model.seq_len + self.model.buffer_size
 
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
-        return incremental_encode(self.model, inp, self.encoder_cache, full=self.encoder_full(p))
+        return incremental_encode(self.model, p, inp, self.encoder_cache, full=self.encoder_full(p))
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
         model, R = self.model, x.shape[0]

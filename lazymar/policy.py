@@ -25,11 +25,13 @@ from lazymar.config import PRESETS, AccelConfig
 from lazymar.disa import DiSA
 from lazymar.gtr import GtR
 from lazymar.head_cache import HeadCacheTechnique
+from lazymar.indexing import positions
 from lazymar.marche import MARche
 from lazymar.plan import HeadCall, Schedule, StepPlan
 from lazymar.recap import ReCAP
 from lazymar.technique import Hidden, PlainMAR, StepInputs, Technique
 from lazymar.token_cache import TokenCache
+from models.indexing import gather_rows
 
 
 def resolve_accel(accel: Any) -> AccelConfig:
@@ -131,23 +133,24 @@ class AccelSteps:
         B = tokens.shape[0]
         self.bsz = B
         both = p.halves == 2
-        inp = StepInputs(*(torch.cat([t, t]) if both else t for t in (tokens, mask.float(), to_pred)),
-                         class_embedding[:p.rows(B)], self.prev_pred)
+        tokens, mask, to_pred_rows = (torch.cat([t, t]) if both else t for t in (tokens, mask.float(), to_pred))
+        inp = StepInputs(tokens, mask, to_pred_rows, class_embedding[:p.rows(B)], self.prev_pred,
+                         model.known_positions(mask, p.n_known))
         if p.transformer is not None:
             out = p.transformer.run_transformer(p, inp)
         else:
             enc = p.encoder.run_encoder(p, inp)
-            out = Hidden(p.decoder.run_decoder(p, inp, model.decoder_input(enc, inp.mask)))
+            out = Hidden(p.decoder.run_decoder(p, inp, model.decoder_input(enc, inp.mask, inp.keep)))
         for t in self.techniques:
             out = t.complete(p, out)
         self.prev_pred = to_pred
         pred = torch.cat([to_pred, to_pred]) if p.guided else to_pred
         if out.positions is None:
             z = model.decoder_output(out.x)  # (B', L, D)
-            return z[pred.nonzero(as_tuple=True)]
+            return gather_rows(z, positions(pred, p.n_pred))
         image_positions = out.positions - model.buffer_size
         z = model.decoder_norm(out.x) + model.diffusion_pos_embed_learned[0, image_positions]
-        return z[pred.gather(1, image_positions)]
+        return gather_rows(z, positions(pred.gather(1, image_positions), p.n_pred))
 
     # ---------------------------------------------------------------------------------- head
     def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,

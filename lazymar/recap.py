@@ -155,7 +155,7 @@ class ReCAP(Technique):
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
         model, ctx = self.model, self.context
         x = model.encoder_input(inp.tokens, inp.class_embedding)
-        x = gather_tokens(x, positions(model.with_buffer(inp.mask) == 0))  # (R, buf + known, D)
+        x = gather_tokens(x, inp.keep)  # (R, buf + known, D)
         ctx.enc_k.clear()
         ctx.enc_v.clear()
         for block in model.encoder_blocks:

@@ -32,6 +32,8 @@ class StepInputs:
         tokens: (R, L, C) current tokens; mask: (R, L) float, 1 = unknown; to_pred: (R, L) bool.
         class_embedding: (R, D); prev_pred: (B, L) bool, the tokens predicted at the previous step
             (None at the first step).
+        keep: (R, buffer + known) ascending positions of the buffer and the known tokens
+            (``MAR.known_positions``, from the plan's count: no host synchronisation).
     """
 
     tokens: torch.Tensor
@@ -39,6 +41,7 @@ class StepInputs:
     to_pred: torch.Tensor
     class_embedding: torch.Tensor
     prev_pred: torch.Tensor | None
+    keep: torch.Tensor
 
     def prev_rows(self) -> torch.Tensor:
         """``prev_pred`` repeated over the guidance halves that run: (R, L) bool."""
@@ -72,7 +75,7 @@ class Technique:
 
     # ------------------------------------------------------------------------------ execution
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
-        return self.model.forward_mae_encoder(inp.tokens, inp.mask, inp.class_embedding)
+        return self.model.forward_mae_encoder(inp.tokens, inp.mask, inp.class_embedding, inp.keep)
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
         return self.model.run_blocks(self.model.decoder_blocks, x)

@@ -36,6 +36,7 @@ from lazymar.flops import estimate
 from lazymar.throughput_report import ERROR, OK, OOM, PLAIN, SKIPPED, Cell, Result, write_reports
 from models.mar import MAR, MAR_FACTORIES, build_released, mar_from_config
 from models.schedules import check_sampling_settings
+from util.compile import add_compile_args, apply_compile, compile_mode
 from util.deadline import DeadlineExceeded, deadline
 from util.loading import TINY_MAR, TINY_MODEL, check_sampling_steps
 from util.precision import PRECISIONS, autocast
@@ -67,6 +68,7 @@ class Settings:
         warmup_iter: MAR steps of the untimed warm-up generation (0: none).
         seed: seed of the weights and of every generation.
         sampler_options: keywords passed through to ``sample_tokens``.
+        compile_mode: ``torch.compile`` mode of the sampling (``--compile``/``--cuda_graph``; None: eager).
     """
 
     num_iter: int = 64
@@ -75,6 +77,7 @@ class Settings:
     warmup_iter: int = 2
     seed: int = 0
     sampler_options: SamplerOptions = field(default_factory=dict)
+    compile_mode: str | None = None
 
 
 def order_cells(models: Sequence[str], batches: dict[str, Sequence[int]], policies: Sequence[str],
@@ -213,6 +216,7 @@ def run_cells(cells: Sequence[Cell], tflops: dict[Cell, float], settings: Settin
                     try:
                         model = build(cell.model, num_sampling_steps=settings.num_sampling_steps, device=device,
                                       seed=settings.seed)
+                        apply_compile(model, settings.compile_mode)
                         print(f"built {cell.model} on {device} in {time.monotonic() - running[1]:.1f} s",
                               flush=True)
                     except Exception as err:  # noqa: BLE001 - recorded for every cell of this model
@@ -268,6 +272,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--warmup_iter", type=int, default=Settings.warmup_iter,
                    help="MAR steps of each cell's untimed warm-up generation (0: none)")
     p.add_argument("--seed", type=int, default=Settings.seed)
+    add_compile_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S,
                    help="seconds from the start (model building included) after which the cell in progress "
@@ -300,10 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
-    # --compile / --cuda_graph (being added to the sampler) go here, and only here.
     sampler_options: SamplerOptions = {}
     settings = Settings(num_iter=args.num_iter, cfg=args.cfg, num_sampling_steps=args.num_sampling_steps,
-                        warmup_iter=args.warmup_iter, seed=args.seed, sampler_options=sampler_options)
+                        warmup_iter=args.warmup_iter, seed=args.seed, sampler_options=sampler_options,
+                        compile_mode=compile_mode(args, device))
     models = [TINY_MODEL] if args.tiny else args.models
     batches = {m: args.batches or DEFAULT_BATCHES[m] for m in models}
     cells = order_cells(models, batches, args.policies, args.precisions)
@@ -318,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "num_iter": settings.num_iter, "cfg": settings.cfg, "cfg_schedule": CFG_SCHEDULE,
         "num_sampling_steps": settings.num_sampling_steps, "warmup_iter": settings.warmup_iter,
-        "seed": settings.seed, "sampler_options": sampler_options, "weights": "random",
+        "seed": settings.seed, "sampler_options": sampler_options, "compile": settings.compile_mode, "weights": "random",
         "budget_s": args.budget_s, "elapsed_s": 0.0}
     print(f"{len(cells)} cells on {meta['device_name']}, budget {args.budget_s:g} s", flush=True)
 

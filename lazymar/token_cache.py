@@ -96,13 +96,14 @@ class DecoderCache:
         return DecoderCache([k[:n] for k in self.k], [v[:n] for v in self.v], self.prev_v[:n], self.out[:n])
 
 
-def encode(model, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
+def encode(model, tokens: torch.Tensor, known: torch.Tensor, class_embedding: torch.Tensor,
            cache: EncoderCache, compute: torch.Tensor | None) -> torch.Tensor:
     """Encoder pass that computes only positions ``compute`` (None: all known) and caches as it goes.
 
     Args:
         model: the MAR.
-        tokens: (R, L, C) current tokens; mask: (R, L) float, 1 = unknown.
+        tokens: (R, L, C) current tokens; known: (R, buf + known) ascending positions of the buffer and
+            the known tokens (``MAR.known_positions``).
         class_embedding: (R, D).
         cache: position-indexed cache, filled by a first call with ``compute=None``.
         compute: (R, n) ascending positions (buffer included) to compute, or None for every known one.
@@ -111,8 +112,7 @@ def encode(model, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: tor
         (R, buffer + known, D) encoder outputs of the known positions in position order, as
         ``forward_mae_encoder`` returns them.
     """
-    known = positions(model.with_buffer(mask) == 0)  # (R, buf + known)
-    P = mask.shape[1] + model.buffer_size
+    P = tokens.shape[1] + model.buffer_size
     x = gather_tokens(model.encoder_input(tokens, class_embedding), known if compute is None else compute)
     write_at = known if compute is None else compute
     for layer, block in enumerate(model.encoder_blocks):
@@ -226,7 +226,7 @@ class TokenCache(Technique):
             self.kept[p.step] = kept
 
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
-        return incremental_encode(self.model, inp, self.encoder_cache, full=p.refresh)
+        return incremental_encode(self.model, p, inp, self.encoder_cache, full=p.refresh)
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
         R = x.shape[0]
@@ -254,7 +254,7 @@ class TokenCache(Technique):
                        + (s.dec_depth - sim - 1) * block_macs(D, Hd, kept, N))
 
 
-def incremental_encode(model, inp: StepInputs, cache: EncoderCache, *, full: bool) -> torch.Tensor:
+def incremental_encode(model, p: StepPlan, inp: StepInputs, cache: EncoderCache, *, full: bool) -> torch.Tensor:
     """The incremental encoder of one step: everything when ``full``, else the buffer and the tokens
     generated at the previous step over the cached keys/values of the other known tokens. The first call
     allocates the buffers for all rows; later ones write the rows that run (the conditional half alone
@@ -262,8 +262,8 @@ def incremental_encode(model, inp: StepInputs, cache: EncoderCache, *, full: boo
     rows = cache if cache.out is None else cache.rows(inp.tokens.shape[0])
     compute = None
     if not full:
-        compute = positions(~model.with_buffer(~inp.prev_rows()))  # (R, buf + n) ascending
-    return encode(model, inp.tokens, inp.mask, inp.class_embedding, rows, compute)
+        compute = positions(~model.with_buffer(~inp.prev_rows()), model.buffer_size + p.n_prev)  # ascending
+    return encode(model, inp.tokens, inp.keep, inp.class_embedding, rows, compute)
 
 
 def incremental_encoder_macs(p: StepPlan, s: ModelShape, rows: int, *, full: bool) -> int:

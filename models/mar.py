@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from models.blocks import Block
 from models.diffloss import DiffLoss
+from models.indexing import gather_rows, true_positions
 from models.schedules import check_sampling_settings, guidance_scale, plain_mask_lens
 
 MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
+SAMPLING_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes for sampling
 
 
 class MAR(nn.Module):
@@ -204,21 +206,34 @@ class MAR(nn.Module):
                 x = block(x)
         return x
 
-    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor,
-                            class_embedding: torch.Tensor) -> torch.Tensor:
-        """Encode the known tokens (mask == 0) and the buffer: (B, L, Ct) -> (B, buf + known, D)."""
-        bsz = x.shape[0]
+    def known_positions(self, mask: torch.Tensor, n_known: int | None = None) -> torch.Tensor:
+        """(B, buf + known) ascending positions of the buffer and the known tokens (mask == 0).
+
+        With ``n_known`` (sampling: the schedule knows it) without a host synchronisation; without it
+        (training) counted from the mask.
+        """
+        known = self.with_buffer(mask) == 0
+        if n_known is None:
+            return known.nonzero(as_tuple=True)[1].reshape(mask.shape[0], -1)  # same count in every row
+        return true_positions(known, self.buffer_size + n_known)
+
+    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
+                            keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode the known tokens (mask == 0) and the buffer: (B, L, Ct) -> (B, buf + known, D).
+
+        ``keep``: :meth:`known_positions` of ``mask``, when the caller has them.
+        """
         x = self.encoder_input(x, class_embedding)
-        keep = (1 - self.with_buffer(mask)).nonzero(as_tuple=True)
-        x = x[keep].reshape(bsz, -1, x.shape[-1])  # (B, buf + known, D): same count in every row
+        keep = self.known_positions(mask) if keep is None else keep
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.encoder_norm(self.run_blocks(self.encoder_blocks, x))
 
-    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Scatter encoded tokens into a full sequence of mask tokens, add positions: (B, buf+L, Dd)."""
         x = self.decoder_embed(x)
-        mask_with_buffer = self.with_buffer(mask)
-        full = self.mask_token.to(x.dtype).expand(mask_with_buffer.shape[0], mask_with_buffer.shape[1], -1).clone()
-        full[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[-1])
+        keep = self.known_positions(mask) if keep is None else keep
+        full = self.mask_token.to(x.dtype).expand(mask.shape[0], self.buffer_size + mask.shape[1], -1)
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         return full + self.decoder_pos_embed_learned
 
     def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +241,9 @@ class MAR(nn.Module):
         x = self.decoder_norm(x)
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Decode all positions to per-token conditions (B, L, Dd)."""
-        x = self.decoder_input(x, mask)
+        x = self.decoder_input(x, mask, keep)
         return self.decoder_output(self.run_blocks(self.decoder_blocks, x))
 
     # ------------------------------------------------------------------------------ training
@@ -258,9 +273,35 @@ class MAR(nn.Module):
             return torch.cat([cond, self.fake_latent.repeat(bsz, 1)], dim=0)
         return cond
 
-    def transformer(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
-        """Plain MAR transformer pass: per-token conditions (B', L, Dd) for the current tokens and mask."""
-        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding), mask)
+    def transformer(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
+                    n_known: int | None = None) -> torch.Tensor:
+        """Plain MAR transformer pass: per-token conditions (B', L, Dd) for the current tokens and mask
+        (``n_known`` known tokens per row, when the caller knows it: see :meth:`known_positions`)."""
+        keep = self.known_positions(mask, n_known)
+        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, keep), mask, keep)
+
+    def compile_for_sampling(self, mode: str = "default") -> None:
+        """Compile what every sampling step runs with ``torch.compile``: the diffusion head's denoising
+        step (:meth:`SimpleMLPAdaLN.forward_modulated`, 6400 calls per image at 64 x 100 steps) and the
+        encoder and decoder block stacks. Shapes change with the step's token count, so the graphs are
+        dynamic. ``mode="reduce-overhead"`` also replays the compiled step as a CUDA graph on a GPU
+        (``--cuda_graph``): the head's step is then one launch instead of ~30 small kernels.
+
+        The random draws stay outside the compiled code, so the random stream is the eager one; the
+        fused arithmetic rounds differently in the last bits (tests hold it to the vector tolerance).
+        Sampling only: training keeps the eager, checkpointable blocks. Undo with :meth:`eager_sampling`.
+        """
+        if mode not in SAMPLING_COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; choose one of {SAMPLING_COMPILE_MODES}")
+        self.eager_sampling()
+        net = self.diffloss.net
+        net.forward_modulated = torch.compile(net.forward_modulated, dynamic=True, mode=mode)
+        self.run_blocks = torch.compile(self.run_blocks, dynamic=True, mode=mode)
+
+    def eager_sampling(self) -> None:
+        """Back to the eager methods after :meth:`compile_for_sampling` (the instance attributes go)."""
+        for obj, name in ((self.diffloss.net, "forward_modulated"), (self, "run_blocks")):
+            obj.__dict__.pop(name, None)
 
     @torch.no_grad()
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
@@ -305,20 +346,25 @@ class MAR(nn.Module):
         plan = sampler.mask_lens()  # tokens left masked after each step; its length is the step count
         guidance_lens = sampler.guidance_lens()  # the masked count each step's guidance scale is read at
         steps = tqdm(plan, desc="MAR steps", leave=False) if progress else plan
+        masked = self.seq_len
         for step, mask_len in enumerate(steps):
             # Which tokens stay masked after this step, and which are predicted now (at the last step:
             # all remaining). Known before the transformer runs, so policies can plan with it.
             mask_next = self.mask_by_order(mask_len, orders)
-            to_pred = mask if step == len(plan) - 1 else mask & ~mask_next
+            last = step == len(plan) - 1
+            to_pred = mask if last else mask & ~mask_next
+            n_pred = masked if last else masked - mask_len  # the same in every image
             scale = guidance_scale(cfg, cfg_schedule, guidance_lens[step], self.seq_len)
 
             # Per-token conditions of the tokens predicted now: (n, Dd), or (2n, Dd) with guidance.
             z = sampler.conditions(step, tokens, mask, to_pred, class_embedding)
             sampled = sampler.sample_head(step, z, temperature, scale, generator)  # (n, Ct)
 
-            tokens = tokens.clone()
-            tokens[to_pred.nonzero(as_tuple=True)] = sampled.to(tokens.dtype)
-            mask = mask_next
+            # Rows of ``sampled`` are the predicted tokens image by image, in position order.
+            idx = true_positions(to_pred, n_pred)
+            tokens = tokens.scatter(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]),
+                                    sampled.to(tokens.dtype).reshape(bsz, n_pred, self.token_embed_dim))
+            mask, masked = mask_next, mask_len
         return self.unpatchify(tokens)
 
     def _check_sampling_args(self, bsz: int, num_iter: int, cfg: float, cfg_schedule: str,
@@ -393,10 +439,12 @@ class PlainSteps:
 
     def conditions(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, to_pred: torch.Tensor,
                    class_embedding: torch.Tensor) -> torch.Tensor:
+        masked = self.model.seq_len if step == 0 else self.plan[step - 1]
+        n_pred = masked if step == len(self.plan) - 1 else masked - self.plan[step]
         if class_embedding.shape[0] != tokens.shape[0]:  # guided: conditional half first
             tokens, mask, to_pred = (torch.cat([t, t], dim=0) for t in (tokens, mask, to_pred))
-        z = self.model.transformer(tokens, mask.float(), class_embedding)  # (B', L, D)
-        return z[to_pred.nonzero(as_tuple=True)]
+        z = self.model.transformer(tokens, mask.float(), class_embedding, self.model.seq_len - masked)  # (B', L, D)
+        return gather_rows(z, true_positions(to_pred, n_pred))
 
     def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
                     generator: torch.Generator | None) -> torch.Tensor:

@@ -108,9 +108,9 @@ def test_gtr_sampler_follows_the_hand_worked_plan():
     masks, head_calls = [], []
     encoder, head = model.forward_mae_encoder, model.diffloss.sample
 
-    def spy_encoder(x, mask, class_embedding):
+    def spy_encoder(x, mask, class_embedding, keep=None):
         masks.append(mask[0].tolist())
-        return encoder(x, mask, class_embedding)
+        return encoder(x, mask, class_embedding, keep)
 
     def spy_head(z, temperature=1.0, cfg=1.0, *, num_steps=None, **kwargs):
         head_calls.append((len(masks) - 1, z.shape[0], num_steps, z.clone()))

@@ -132,11 +132,11 @@ def test_incremental_encoder_equals_full_recompute_when_nothing_is_stale():
     with torch.no_grad():
         full = model.forward_mae_encoder(tokens, mask, cls)
         cache = EncoderCache()
-        first = encode(model, tokens, mask, cls, cache, None)
+        first = encode(model, tokens, model.known_positions(mask), cls, cache, None)
         known = (mask == 0).nonzero(as_tuple=True)[1].reshape(R, -1) + model.buffer_size
         buffer = torch.arange(model.buffer_size).expand(R, -1)
         compute = torch.cat([buffer, known[:, :5]], dim=1)
-        again = encode(model, tokens, mask, cls, cache, compute)
+        again = encode(model, tokens, model.known_positions(mask), cls, cache, compute)
     torch.testing.assert_close(first, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, full, rtol=1e-5, atol=1e-5)
 
@@ -161,9 +161,9 @@ def test_incremental_encoder_keys_values_exact_for_one_layer_with_new_tokens():
     known = (model.with_buffer(after) == 0).nonzero(as_tuple=True)[1].reshape(R, -1)
     with torch.no_grad():
         cache, fresh = EncoderCache(), EncoderCache()
-        encode(model, tokens, before, cls, cache, None)
-        encode(model, tokens, after, cls, cache, compute)
-        encode(model, tokens, after, cls, fresh, None)
+        encode(model, tokens, model.known_positions(before), cls, cache, None)
+        encode(model, tokens, model.known_positions(after), cls, cache, compute)
+        encode(model, tokens, model.known_positions(after), cls, fresh, None)
     pick = known[:, None, :, None].expand(-1, cache.k[0].shape[1], -1, cache.k[0].shape[3])
     torch.testing.assert_close(cache.k[0].gather(2, pick), fresh.k[0].gather(2, pick))
     torch.testing.assert_close(cache.v[0].gather(2, pick), fresh.v[0].gather(2, pick))
@@ -286,7 +286,7 @@ def test_kv_cached_in_activation_dtype():
     mask[0, :7] = 0
     cache = EncoderCache()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        encode(model, tokens, mask, torch.randn(1, 32), cache, None)
+        encode(model, tokens, model.known_positions(mask), torch.randn(1, 32), cache, None)
         out = run(model, "lazymar", num_iter=8, bsz=1)
     assert cache.k[0].dtype == torch.bfloat16 and len(cache.k) == len(model.encoder_blocks)
     assert cache.k[0].shape[2] == model.seq_len + model.buffer_size

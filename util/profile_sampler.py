@@ -15,6 +15,7 @@ import torch
 
 from models.mar import build_released
 from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
+from util.compile import apply_compile, compile_mode
 from util.precision import autocast
 from util.timing import ComponentTimer, add_sampler_args, apply_threads, check_sampler_args, time_call
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
     vae = AutoencoderKL(**KL16_CONFIG).to(device).eval()
+    apply_compile(model, compile_mode(args, device))
     with autocast(device, args.precision):
         profile(model, vae, bsz=args.bsz, num_iter=2, cfg=args.cfg, device=device)  # warm-up, not timed
         seconds, total = profile(model, vae, bsz=args.bsz, num_iter=args.num_iter, cfg=args.cfg, device=device)

@@ -76,6 +76,8 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="autocast the sampling (weights stay float32; see util.precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from util.compile import add_compile_args
+    add_compile_args(parser)
 
 
 def check_sampler_args(args: argparse.Namespace) -> None:
