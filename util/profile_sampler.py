@@ -3,13 +3,16 @@
 Random weights: the cost of sampling does not depend on the weights, so any released size can be timed
 without its checkpoint. Example (CPU, MAR-B, 64 steps)::
 
-    python -m util.profile_sampler --model mar_base --num_iter 64 --bsz 1 --cfg 3.0
+    python -m util.profile_sampler --model mar_base --num_iter 64 --bsz 1 --cfg 3.0 [--ops 15]
 
 The first run is a short warm-up and is not timed; on GPU the clock is read after synchronizing.
+``--ops N`` also prints the N operators with the most self time (torch.profiler over the timed run), which
+is where to look before optimizing anything.
 """
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 import torch
 
@@ -42,8 +45,11 @@ def profile(model, vae, *, bsz: int, num_iter: int, cfg: float, device: torch.de
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sampler_args(p)
+    p.add_argument("--ops", type=int, default=0, help="also print the N operators with the most self time")
     args = p.parse_args(argv)
     check_sampler_args(args)
+    if args.ops < 0:
+        raise ValueError(f"--ops must be >= 0, got {args.ops}")
     apply_threads(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -52,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_compile(model, compile_mode(args, device))
     with autocast(device, args.precision):
         profile(model, vae, bsz=args.bsz, num_iter=2, cfg=args.cfg, device=device)  # warm-up, not timed
-        seconds, total = profile(model, vae, bsz=args.bsz, num_iter=args.num_iter, cfg=args.cfg, device=device)
+        recorder = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        with recorder if args.ops else nullcontext():
+            seconds, total = profile(model, vae, bsz=args.bsz, num_iter=args.num_iter, cfg=args.cfg, device=device)
     print(f"{args.model}, {args.num_iter} steps, batch {args.bsz}, cfg {args.cfg}, "
           f"{args.num_sampling_steps} diffusion steps, {device} ({torch.get_num_threads()} threads), "
           f"{args.precision}")
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in seconds.items():
         print(f"{name:<16}{s:>10.2f}{s / args.bsz:>11.2f}{s / total:>8.1%}")
     print(f"{'total':<16}{total:>10.2f}{total / args.bsz:>11.2f}")
+    if args.ops:
+        print(recorder.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
     return 0
 
 
