@@ -503,6 +503,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
          device: torch.device) -> dict[str, Any]:
+    sampling_compile = compile_mode(args, device)  # a bad --cuda_graph fails before anything loads
     # Metric files first, before the weights and the run folder: fail before hours of sampling, not after.
     metric_inputs: MetricInputs | None = None
     problem: BaseException | None = None
@@ -516,7 +517,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
-    apply_compile(mar, compile_mode(args, device))
+    apply_compile(mar, sampling_compile)
     if gen.is_random and rank == 0:
         print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")
     num_classes = mar.num_classes

@@ -17,11 +17,9 @@ import torch
 
 from lazymar.config import PRESETS
 from lazymar.flops import estimate
-from models.mar import build_released
 from util.cli import check_positive
-from util.compile import apply_compile, compile_mode
 from util.precision import autocast
-from util.timing import add_sampler_args, apply_threads, check_sampler_args, median_time
+from util.timing import add_sampler_args, build_timed_model, check_sampler_args, median_time
 
 
 @dataclass
@@ -82,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     check_positive(repeats=args.repeats)
     if args.warmup_iter < 0:
         raise ValueError(f"--warmup_iter must be >= 0, got {args.warmup_iter}")
-    apply_threads(args)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
-    apply_compile(model, compile_mode(args, device))
+    model, device = build_timed_model(args)
     with autocast(device, args.precision):
         rows = bench(model, [None, *args.policies], num_iter=args.num_iter, cfg=args.cfg, bsz=args.bsz,
                      repeats=args.repeats, device=device, warmup_iter=args.warmup_iter or None)

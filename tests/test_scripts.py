@@ -125,7 +125,7 @@ def test_run_name_encodes_every_image_setting():
     variants = [[], ["--model", "mar_base"], ["--num_iter", "32"], ["--cfg", "2.9"], ["--cfg_schedule", "constant"],
                 ["--temperature", "0.9"], ["--num_sampling_steps", "50"], ["--lazy_mar"], ["--accel", "lazymar-token"],
                 ["--seed", "1"], ["--num_images", "100"], ["--eval_bsz", "32"], ["--no_ema"], ["--ckpt", "x.pth"],
-                ["--precision", "bf16"], ["--precision", "fp16"]]
+                ["--precision", "bf16"], ["--precision", "fp16"], ["--compile"], ["--cuda_graph"]]
     names = [eval_script.run_name(parse([*base, *v]), cpu) for v in variants]
     assert len(set(names)) == len(names), names
     assert eval_script.run_name(parse([*base, "--accel", "lazymar"]), cpu) == names[7]

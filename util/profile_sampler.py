@@ -16,11 +16,9 @@ from contextlib import nullcontext
 
 import torch
 
-from models.mar import build_released
 from models.vae import KL16_CONFIG, VAE_LATENT_SCALE, AutoencoderKL
-from util.compile import apply_compile, compile_mode
 from util.precision import autocast
-from util.timing import ComponentTimer, add_sampler_args, apply_threads, check_sampler_args, time_call
+from util.timing import ComponentTimer, add_sampler_args, build_timed_model, check_sampler_args, time_call
 
 PARTS = (("forward_mae_encoder", "encoder"), ("forward_mae_decoder", "decoder"))
 
@@ -50,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     check_sampler_args(args)
     if args.ops < 0:
         raise ValueError(f"--ops must be >= 0, got {args.ops}")
-    apply_threads(args)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
+    model, device = build_timed_model(args)
     vae = AutoencoderKL(**KL16_CONFIG).to(device).eval()
-    apply_compile(model, compile_mode(args, device))
     with autocast(device, args.precision):
         profile(model, vae, bsz=args.bsz, num_iter=2, cfg=args.cfg, device=device)  # warm-up, not timed
         recorder = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])

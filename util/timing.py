@@ -88,8 +88,23 @@ def check_sampler_args(args: argparse.Namespace) -> None:
     check_positive(bsz=args.bsz)
     check_sampling_steps(args.num_sampling_steps)
     check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
+    from util.compile import compile_mode
+    compile_mode(args, args.device)  # --cuda_graph without CUDA fails here, before a model is built
 
 
 def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def build_timed_model(args: argparse.Namespace) -> tuple[Any, torch.device]:
+    """The model the sampler benchmarks time, and its device: ``args.model`` with random weights (the cost
+    does not depend on them; seed 0), on ``args.device`` with ``args.threads``, compiled as the flags ask."""
+    from models.mar import build_released
+    from util.compile import apply_compile, compile_mode
+    apply_threads(args)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
+    apply_compile(model, compile_mode(args, device))
+    return model, device
