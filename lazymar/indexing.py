@@ -9,24 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from models.indexing import true_positions
+from models.indexing import gather_tokens, positions  # the token helpers live with the model, re-exported
 
-
-def positions(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
-    """(B, N) bool with the same count per row -> (B, n) ascending positions where it is True.
-
-    Give ``count`` where the plan knows it: then no host synchronisation (see :mod:`models.indexing`).
-    """
-    if count is not None:
-        return true_positions(mask, count)
-    return mask.nonzero(as_tuple=True)[1].reshape(mask.shape[0], -1)
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """(B, N, D) -> (B, n, D)."""
-    if idx is None:
-        return x
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+__all__ = ["positions", "gather_tokens", "scatter_tokens", "gather_heads", "scatter_heads"]
 
 
 def scatter_tokens(buf: torch.Tensor, idx: torch.Tensor | None, x: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from models.blocks import Block
 from models.diffloss import DiffLoss
-from models.indexing import gather_rows, true_positions
+from models.indexing import gather_rows, gather_tokens, positions, scattered_tokens
 from models.schedules import check_sampling_settings, guidance_scale, plain_mask_lens
 
 MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
@@ -212,10 +212,7 @@ class MAR(nn.Module):
         With ``n_known`` (sampling: the schedule knows it) without a host synchronisation; without it
         (training) counted from the mask.
         """
-        known = self.with_buffer(mask) == 0
-        if n_known is None:
-            return known.nonzero(as_tuple=True)[1].reshape(mask.shape[0], -1)  # same count in every row
-        return true_positions(known, self.buffer_size + n_known)
+        return positions(self.with_buffer(mask) == 0, None if n_known is None else self.buffer_size + n_known)
 
     def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
                             keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,7 +222,7 @@ class MAR(nn.Module):
         """
         x = self.encoder_input(x, class_embedding)
         keep = self.known_positions(mask) if keep is None else keep
-        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = gather_tokens(x, keep)
         return self.encoder_norm(self.run_blocks(self.encoder_blocks, x))
 
     def decoder_input(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,7 +230,7 @@ class MAR(nn.Module):
         x = self.decoder_embed(x)
         keep = self.known_positions(mask) if keep is None else keep
         full = self.mask_token.to(x.dtype).expand(mask.shape[0], self.buffer_size + mask.shape[1], -1)
-        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        full = scattered_tokens(full, keep, x)
         return full + self.decoder_pos_embed_learned
 
     def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,9 +358,8 @@ class MAR(nn.Module):
             sampled = sampler.sample_head(step, z, temperature, scale, generator)  # (n, Ct)
 
             # Rows of ``sampled`` are the predicted tokens image by image, in position order.
-            idx = true_positions(to_pred, n_pred)
-            tokens = tokens.scatter(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]),
-                                    sampled.to(tokens.dtype).reshape(bsz, n_pred, self.token_embed_dim))
+            tokens = scattered_tokens(tokens, positions(to_pred, n_pred),
+                                      sampled.reshape(bsz, n_pred, self.token_embed_dim))
             mask, masked = mask_next, mask_len
         return self.unpatchify(tokens)
 
@@ -444,7 +440,7 @@ class PlainSteps:
         if class_embedding.shape[0] != tokens.shape[0]:  # guided: conditional half first
             tokens, mask, to_pred = (torch.cat([t, t], dim=0) for t in (tokens, mask, to_pred))
         z = self.model.transformer(tokens, mask.float(), class_embedding, self.model.seq_len - masked)  # (B', L, D)
-        return gather_rows(z, true_positions(to_pred, n_pred))
+        return gather_rows(z, positions(to_pred, n_pred))
 
     def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
                     generator: torch.Generator | None) -> torch.Tensor:
