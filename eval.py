@@ -83,11 +83,15 @@ PROGRESS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {ra
 ERROR_DETAIL_CHARS = 300  # of a library's exception text quoted in a one-line error
 TMP_MARK = ".tmp-"
 IDENTITY_FILE = "run.json"  # in the run folder: what made its images (see run_identity)
-DIGEST_CACHE = "sha256_cache.json"  # in --output_dir: checkpoint digests keyed by (path, size, mtime)
+DIGEST_CACHE = "sha256_cache.json"  # in --output_dir: checkpoint digests (util.hashing.cached_file_sha256)
 ROOT = Path(__file__).resolve().parent
-# The sources whose edits can change the images; their digest is part of a run's identity.
-IMAGE_CODE = ("models", "lazymar", "util/generate.py", "util/loading.py", "util/precision.py", "demo/registry.py",
-              "demo/tokenizer.py")
+# The sources whose edits can change the images; their digest is part of a run's identity. This script is
+# one of them (class labels, the folder layout, PNG writing), and so is how weights are read. Benchmarks
+# and reports under these folders cannot change an image, so editing them does not refuse a resume.
+IMAGE_CODE = ("eval.py", "models", "lazymar", "util/generate.py", "util/loading.py", "util/checkpoint.py",
+              "util/precision.py", "util/compile.py", "demo/registry.py", "demo/tokenizer.py")
+NOT_IMAGE_CODE = frozenset({"lazymar/bench.py", "lazymar/throughput.py", "lazymar/throughput_report.py",
+                            "lazymar/flops.py"})
 
 
 # ------------------------------------------------------------------------------------------- args
@@ -181,13 +185,16 @@ def class_labels(num_images: int, num_classes: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- run identity
-def code_sha256(root: Path = ROOT, sources: tuple[str, ...] = IMAGE_CODE) -> str:
-    """Digest of the Python files under ``sources`` (relative paths and contents)."""
+def code_sha256(root: Path = ROOT, sources: tuple[str, ...] = IMAGE_CODE,
+                exclude: frozenset[str] = NOT_IMAGE_CODE) -> str:
+    """Digest of the Python files under ``sources`` but not in ``exclude`` (relative paths and contents)."""
     h = hashlib.sha256()
     for source in sources:
         files = sorted((root / source).rglob("*.py")) if (root / source).is_dir() else [root / source]
         for f in files:
-            h.update(f"{f.relative_to(root).as_posix()}\0".encode() + f.read_bytes() + b"\0")
+            name = f.relative_to(root).as_posix()
+            if name not in exclude:
+                h.update(f"{name}\0".encode() + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -196,7 +203,7 @@ def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, de
     """Everything that makes a run's images what they are, as JSON values.
 
     The weights by content (each file's SHA-256, cached in ``<output_dir>/sha256_cache.json`` by path,
-    size and mtime, so a resume does not re-read GBs; in-memory weights by their tensors), the sampler
+    size, mtime, inode and ctime, so a resume does not re-read GBs; in-memory weights by their tensors), the sampler
     settings, the preset's full definition, the seed rule, the sampling code and library versions, and
     the device. Two runs with equal identities write byte-identical images on the same machine.
     """

@@ -72,7 +72,8 @@ RESUME_EXEMPT: dict[str, str] = {
     "log_every": "how often losses are read back; the log keeps every step either way",
     "no_progress": "progress bar",
     "threads": "CPU threads of this machine",
-    "compile": "how the same step is executed (equal to float tolerance, tests/test_train_step.py)",
+    "compile": "how the same step is executed: the compiled step draws the eager random stream "
+               "(demo.train_step.eager_random_stream) and sums equal to float tolerance (tests/test_train_step.py)",
     "cuda_graph": "how the same step is executed (GPU only)",
     "output_dir": "a run folder may be moved or carried to another machine",
     "cache_dir": "where the latent cache lives; its content is keyed by tokenizer SHA-256 and split",

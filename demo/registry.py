@@ -89,9 +89,15 @@ def load_demo(device: str | torch.device = "cpu"):
 
 
 def _load_generator(*, ckpt=None, vae_path=None, use_ema: bool = True) -> LoadedModel:
-    """The loader ``util.loading.load_generator('demo')`` calls: the demo files, on the CPU."""
+    """The loader ``util.loading.load_generator('demo')`` calls: the demo files, on the CPU.
+
+    The export holds the EMA weights only (what the demo is evaluated with), so ``use_ema=False`` is
+    refused rather than answered with EMA weights under a run record that says raw."""
     if ckpt is not None or vae_path is not None:
         raise ValueError("--ckpt / --vae_path apply to the released models; the demo loads its own files")
+    if not use_ema:
+        raise ValueError("--no_ema: the demo export holds only its EMA weights; evaluate the raw weights of a "
+                         "training run by exporting them (train.py --export) or drop --no_ema")
     mar, vae, scale = load_demo(device="cpu")
     return LoadedModel(mar, vae, scale, files={"mar": demo_path("mar"), "tokenizer": demo_path("tokenizer")})
 

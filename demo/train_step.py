@@ -99,6 +99,19 @@ class BucketedMaskStep(nn.Module):
         return m.forward_loss(z=z, target=gt_latents, mask=mask)
 
 
+def eager_random_stream() -> None:
+    """Make compiled training code draw its random numbers (dropout, the head's noise and timesteps) with
+    the eager generator calls (inductor's ``fallback_random``), instead of its own Philox stream.
+
+    Why: a run may be resumed with or without ``--compile`` (train.py exempts the flag from the resume
+    check), which is only sound if both execute the same step: same random draws, sums equal to float
+    tolerance. Without this the compiled step is another, equally valid, but different random stream.
+    Process-wide, as every compiled graph of a training process should follow it.
+    """
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+
+
 def compile_step(step: nn.Module, num_buckets: int, cuda_graph: bool) -> nn.Module:
     """``torch.compile`` the whole bucketed training forward (and so its backward); with ``cuda_graph``
     the compiled step is also captured and replayed as CUDA graphs, one per bucket.
@@ -110,6 +123,7 @@ def compile_step(step: nn.Module, num_buckets: int, cuda_graph: bool) -> nn.Modu
     specialisation can never silently fall back to eager.
     """
     import torch._dynamo
+    eager_random_stream()
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(cfg, name, max(getattr(cfg, name), num_buckets + 2))
@@ -126,6 +140,7 @@ def compile_for_training(model: MAR) -> None:
     that number change every step, so they are compiled with dynamic shapes. In-place compilation
     keeps ``state_dict`` keys as they are, so checkpoints, resume and export do not change.
     """
+    eager_random_stream()
     model.diffloss.net.compile()
     for block in model.encoder_blocks:
         block.compile(dynamic=True)

@@ -80,6 +80,9 @@ class GtRConfig:
             raise ValueError(f"fts_fraction must be in [0, 1], got {self.fts_fraction}")
         if self.fts_source not in ("cond", "guided"):
             raise ValueError(f"fts_source must be 'cond' or 'guided', got {self.fts_source!r}")
+        if self.fts and not self.diffusion:
+            raise ValueError("fts=True needs diffusion=True: FTS splits the stage-aware head calls, which "
+                             "diffusion=False turns off (pass fts=False for the transformer-only ablation)")
 
     @property
     def has_reconstruction(self) -> bool:

@@ -10,7 +10,8 @@ through their ``plan`` hook (:mod:`lazymar.technique`); :mod:`lazymar.policy` ex
 :mod:`lazymar.flops` prices it, so what is counted is what runs.
 
 The multiply-add formulas of the plain parts live here too (:class:`ModelShape`, :func:`block_macs`,
-:func:`head_macs`); a technique that runs a part differently reports that part's multiply-adds itself.
+:func:`encoder_macs`, :func:`head_step_macs`, :func:`head_fixed_macs`); a technique that runs a part
+differently reports that part's multiply-adds itself.
 """
 from __future__ import annotations
 

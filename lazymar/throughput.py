@@ -4,9 +4,11 @@ time-boxed run sized for a GPU window.
     python -m lazymar.throughput --out_json $OUT/throughput.json --out_md $OUT/throughput.md
 
 Random weights (cost does not depend on them), built on the device. Each cell (model, batch, policy,
-precision) runs one short untimed warm-up generation (``--warmup_iter`` MAR steps, same batch) and
-then times ONE full ``--num_iter``-step generation of the batch, synchronized; ``sample_tokens`` only:
-the VAE decode is excluded, as in :mod:`lazymar.bench`. FLOPs come from :func:`lazymar.flops.estimate`.
+precision) runs ``--warmup_runs`` untimed generations identical to the timed one (same batch, preset
+and step schedule, so every cached path and every token count, i.e. every compiled graph or CUDA graph,
+is met before the clock starts) and then times ONE ``--num_iter``-step generation of the batch,
+synchronized; ``sample_tokens`` only: the VAE decode is excluded, as in :mod:`lazymar.bench`. FLOPs come
+from :func:`lazymar.flops.estimate`.
 
 Budget: ``--budget_s`` counts from the start, model building included. The cells run most important
 first (:func:`order_cells`); when the budget is reached the cell in progress is interrupted
@@ -25,7 +27,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,13 @@ import torch
 from lazymar.config import PRESETS
 from lazymar.flops import estimate
 from lazymar.throughput_report import ERROR, OK, OOM, PLAIN, SKIPPED, Cell, Result, write_reports
-from models.mar import MAR, MAR_FACTORIES, build_released, mar_from_config
+from models.mar import MAR, MAR_FACTORIES
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.deadline import DeadlineExceeded, deadline
-from util.loading import TINY_MAR, TINY_MODEL, check_sampling_steps
+from util.loading import TINY_MODEL, check_sampling_steps
 from util.precision import PRECISIONS, autocast
-from util.timing import synchronize, time_call
+from util.timing import build_random_model, synchronize, time_call
 
 POLICIES = (PLAIN, *sorted(PRESETS))
 DEFAULT_MODELS = ("mar_base", "mar_large", "mar_huge")
@@ -52,9 +54,6 @@ DEFAULT_PRECISIONS = ("bf16", "fp32")
 CFG_SCHEDULE = "linear"
 DEFAULT_BUDGET_S = 270.0  # 5 minutes less ~30 s for starting Python and torch and writing the reports
 
-# Sampler execution options (the coming --compile / --cuda_graph): keywords of sample_tokens that reach
-# it only through generate(), and are recorded in the report's settings.
-SamplerOptions = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -65,18 +64,16 @@ class Settings:
         num_iter: MAR steps of the timed generation.
         cfg: guidance scale (linear schedule).
         num_sampling_steps: the diffusion head's steps.
-        warmup_iter: MAR steps of the untimed warm-up generation (0: none).
+        warmup_runs: untimed generations identical to the timed one, run before it (0: none).
         seed: seed of the weights and of every generation.
-        sampler_options: keywords passed through to ``sample_tokens``.
         compile_mode: ``torch.compile`` mode of the sampling (``--compile``/``--cuda_graph``; None: eager).
     """
 
     num_iter: int = 64
     cfg: float = 3.0
     num_sampling_steps: int = 100
-    warmup_iter: int = 2
+    warmup_runs: int = 1
     seed: int = 0
-    sampler_options: SamplerOptions = field(default_factory=dict)
     compile_mode: str | None = None
 
 
@@ -104,45 +101,38 @@ def order_cells(models: Sequence[str], batches: dict[str, Sequence[int]], polici
     return cells
 
 
-def build(name: str, *, num_sampling_steps: int, device: torch.device | str, seed: int = 0) -> MAR:
-    """A randomly initialised MAR, created on ``device`` (initialising MAR-H on the CPU and copying it
-    over would spend seconds of the budget); ``meta`` gives one for FLOPs counts."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        if name == TINY_MODEL:
-            model = mar_from_config(dict(TINY_MAR, num_sampling_steps=str(num_sampling_steps)))
-        else:
-            model = build_released(name, num_sampling_steps=num_sampling_steps)
-    return model.to(device).eval()  # anything made from numpy during __init__ is on the CPU
+build = build_random_model  # the models every cell times: random weights, created on the device
 
 
-def generate(model: MAR, *, bsz: int, num_iter: int, cfg: float, policy: str, seed: int,
-             sampler_options: SamplerOptions) -> torch.Tensor:
+def generate(model: MAR, *, bsz: int, num_iter: int, cfg: float, policy: str, seed: int) -> torch.Tensor:
     """The one call of the sampler: token latents of ``bsz`` images (labels 0, 1, ... in turn)."""
     device = model.fake_latent.device
     labels = torch.arange(bsz, device=device) % model.num_classes
     generator = torch.Generator(device).manual_seed(seed)
     return model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=CFG_SCHEDULE, labels=labels,
-                               generator=generator, accel=None if policy == PLAIN else policy,
-                               **sampler_options)
+                               generator=generator, accel=None if policy == PLAIN else policy)
 
 
 def measure(model: MAR, cell: Cell, settings: Settings) -> tuple[float, float | None]:
-    """Seconds of one synchronized ``num_iter``-step generation of the cell's batch after an untimed
-    ``warmup_iter``-step one, and the peak device memory of the timed one in GiB (CUDA only)."""
+    """Seconds of one synchronized generation of the cell's batch after ``warmup_runs`` identical untimed
+    ones, and the peak device memory of the timed one in GiB (CUDA only).
+
+    The warm-up is the same call, not a shorter one: a few MAR steps never reach LazyMAR's cached steps,
+    and every step's token count is a shape that ``--compile`` / ``--cuda_graph`` compile or record once.
+    """
     device = model.fake_latent.device
     on_cuda = device.type == "cuda"
 
-    def run(steps: int) -> torch.Tensor:
-        return generate(model, bsz=cell.batch, num_iter=steps, cfg=settings.cfg, policy=cell.policy,
-                        seed=settings.seed, sampler_options=settings.sampler_options)
+    def run() -> torch.Tensor:
+        return generate(model, bsz=cell.batch, num_iter=settings.num_iter, cfg=settings.cfg, policy=cell.policy,
+                        seed=settings.seed)
 
     with torch.no_grad(), autocast(device, cell.precision):
-        if settings.warmup_iter:
-            run(settings.warmup_iter)
+        for _ in range(settings.warmup_runs):
+            run()
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, _ = time_call(lambda: run(settings.num_iter), device)
+        seconds, _ = time_call(run, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None
     return seconds, peak
 
@@ -269,8 +259,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--num_iter", type=int, default=Settings.num_iter)
     p.add_argument("--cfg", type=float, default=Settings.cfg)
     p.add_argument("--num_sampling_steps", type=int, default=Settings.num_sampling_steps)
-    p.add_argument("--warmup_iter", type=int, default=Settings.warmup_iter,
-                   help="MAR steps of each cell's untimed warm-up generation (0: none)")
+    p.add_argument("--warmup_runs", type=int, default=Settings.warmup_runs,
+                   help="untimed generations identical to each cell's timed one, run before it (0: none)")
     p.add_argument("--seed", type=int, default=Settings.seed)
     add_compile_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -293,8 +283,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batches must all be >= 1, got {args.batches}")
     if not (math.isfinite(args.budget_s) and args.budget_s > 0):
         raise ValueError(f"--budget_s must be a positive number of seconds, got {args.budget_s}")
-    if args.warmup_iter < 0:
-        raise ValueError(f"--warmup_iter must be >= 0, got {args.warmup_iter}")
+    if args.warmup_runs < 0:
+        raise ValueError(f"--warmup_runs must be >= 0, got {args.warmup_runs}")
     check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
     check_sampling_steps(args.num_sampling_steps)
 
@@ -305,10 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
-    sampler_options: SamplerOptions = {}
     settings = Settings(num_iter=args.num_iter, cfg=args.cfg, num_sampling_steps=args.num_sampling_steps,
-                        warmup_iter=args.warmup_iter, seed=args.seed, sampler_options=sampler_options,
-                        compile_mode=compile_mode(args, device))
+                        warmup_runs=args.warmup_runs, seed=args.seed, compile_mode=compile_mode(args, device))
     models = [TINY_MODEL] if args.tiny else args.models
     batches = {m: args.batches or DEFAULT_BATCHES[m] for m in models}
     cells = order_cells(models, batches, args.policies, args.precisions)
@@ -322,8 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda or "none",
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "num_iter": settings.num_iter, "cfg": settings.cfg, "cfg_schedule": CFG_SCHEDULE,
-        "num_sampling_steps": settings.num_sampling_steps, "warmup_iter": settings.warmup_iter,
-        "seed": settings.seed, "sampler_options": sampler_options, "compile": settings.compile_mode, "weights": "random",
+        "num_sampling_steps": settings.num_sampling_steps, "warmup_runs": settings.warmup_runs,
+        "seed": settings.seed, "compile": settings.compile_mode, "weights": "random",
         "budget_s": args.budget_s, "elapsed_s": 0.0}
     print(f"{len(cells)} cells on {meta['device_name']}, budget {args.budget_s:g} s", flush=True)
 
@@ -334,7 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_result(results: list[Result], i: int) -> None:
         report(results)
         r = results[i]
-        shown = f"{r.seconds:.3f} s, {r.images_per_s:.2f} images/s" if r.status == OK else f"{r.status} {r.detail}"
+        if r.status != OK:
+            shown = f"{r.status} {r.detail}"
+        elif r.images_per_s is None:
+            shown = f"{r.seconds} s: too short to measure"
+        else:
+            shown = f"{r.seconds:.3f} s, {r.images_per_s:.2f} images/s"
         print(f"[{time.monotonic() - started:6.1f} s] {r.cell.model} batch {r.cell.batch} {r.cell.precision} "
               f"{r.cell.policy}: {shown}", flush=True)
 

@@ -34,9 +34,10 @@ class Result:
         cell: what was measured.
         status: ``ok``, ``skipped (budget)``, ``OOM`` or ``error``.
         tflops_per_image: from :func:`lazymar.flops.estimate` (known for every cell, run or not).
-        seconds: one timed generation of the whole batch (``ok`` only).
+        seconds: one timed generation of the whole batch (``ok`` only). 0.0 means the clock did not
+            advance (a clock coarser than the work): reported as such, and nothing is divided by it.
         speedup: plain seconds / these seconds, same model, batch and precision; None when either did
-            not run.
+            not run or measured no time.
         peak_mem_gib: peak device memory of the timed generation (CUDA only).
         detail: why a cell is not ``ok`` (the exception's first line), empty otherwise.
     """
@@ -50,8 +51,13 @@ class Result:
     detail: str = ""
 
     @property
+    def measured(self) -> bool:
+        """Ran, and took a time that can be divided by."""
+        return self.status == OK and self.seconds is not None and self.seconds > 0
+
+    @property
     def images_per_s(self) -> float | None:
-        return self.cell.batch / self.seconds if self.seconds else None
+        return self.cell.batch / self.seconds if self.measured else None
 
     @property
     def tflops_per_s(self) -> float | None:
@@ -69,10 +75,10 @@ class Result:
 def fill_speedups(results: Sequence[Result]) -> None:
     """Set each result's speedup against the plain cell of its model, batch and precision."""
     plain = {(r.cell.model, r.cell.batch, r.cell.precision): r.seconds
-             for r in results if r.cell.policy == PLAIN and r.status == OK}
+             for r in results if r.cell.policy == PLAIN and r.measured}
     for r in results:
         base = plain.get((r.cell.model, r.cell.batch, r.cell.precision))
-        r.speedup = base / r.seconds if base is not None and r.status == OK else None
+        r.speedup = base / r.seconds if base is not None and r.measured else None
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -92,14 +98,16 @@ def format_markdown(meta: dict[str, Any], results: Sequence[Result]) -> str:
              "",
              f"{meta['num_iter']} MAR steps, cfg {meta['cfg']} ({meta['cfg_schedule']}), "
              f"{meta['num_sampling_steps']} head steps, random weights, VAE decode excluded; one timed "
-             f"generation per cell after a {meta['warmup_iter']}-step warm-up; sampler options "
-             f"{meta['sampler_options'] or 'none'}; budget {meta['budget_s']:g} s, {meta['elapsed_s']:.1f} s used.",
+             f"generation per cell after {meta['warmup_runs']} identical untimed one(s); compile "
+             f"{meta['compile'] or 'off'}; budget {meta['budget_s']:g} s, {meta['elapsed_s']:.1f} s used.",
              "",
              "| model | batch | policy | precision | s / batch | images/s | speedup | TFLOPs / image | "
              "TFLOP/s | peak GiB | status |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         status = f"{r.status}: {r.detail}" if r.detail else r.status
+        if r.status == OK and not r.measured:
+            status = f"{OK}: no time measured"
         lines.append(f"| {r.cell.model} | {r.cell.batch} | {r.cell.policy} | {r.cell.precision} | "
                      f"{_fmt(r.seconds, '.3f')} | {_fmt(r.images_per_s, '.2f')} | {_fmt(r.speedup, '.2f', 'x')} | "
                      f"{_fmt(r.tflops_per_image, '.2f')} | {_fmt(r.tflops_per_s, '.1f')} | {_fmt(r.peak_mem_gib, '.1f')} | "

@@ -306,7 +306,7 @@ class DiffLoss(nn.Module):
             num_steps: respaced diffusion steps; ``None`` uses ``num_sampling_steps``.
             max_timestep: clamp the respaced timesteps to at most this one (see
                 :class:`~models.diffusion.GaussianDiffusion`); ``None`` does not clamp.
-            model_fn_factory: ``(head, cond, cfg, n) -> model_fn`` replacing :meth:`guided_model_fn`
+            model_fn_factory: ``(head, cond, cfg, n, diffusion) -> model_fn`` replacing :meth:`guided_model_fn`
                 (the diffusion-head cache plugs in here; the loop stays the same).
 
         Returns:

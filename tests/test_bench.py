@@ -3,6 +3,7 @@ each component's time attributed to it (no real timing is asserted: the clock is
 from __future__ import annotations
 
 import types
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -42,6 +43,26 @@ def test_bench_rows_pair_latency_with_flops(monkeypatch):
     assert "    4.00x" in table.splitlines()[3] and "lazymar-off" in table.splitlines()[4]
 
 
+@contextmanager
+def _costs(obj, attr: str, seconds: float, now: list[float], calls: dict, name: str):
+    """For the block: ``obj.attr`` advances the scripted clock by ``seconds`` per call (and counts calls);
+    afterwards the instance is exactly as before. Not ``monkeypatch``: undoing a patched method of an
+    ``nn.Module`` instance is not portable across pytest versions, and a failed undo leaves the other
+    patches (the scripted clock) in place for every later test."""
+    original = getattr(obj, attr)
+
+    def timed(*args, **kwargs):
+        now[0] += seconds
+        calls[name] = calls.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    setattr(obj, attr, timed)
+    try:
+        yield
+    finally:
+        delattr(obj, attr)
+
+
 def test_profile_attributes_each_component(monkeypatch):
     """A scripted clock advances only inside each component (encoder 1 s per call, decoder 10, head 100,
     VAE 1000) and in the sampler's own code around them (7 s): the profile must give back exactly those
@@ -51,25 +72,33 @@ def test_profile_attributes_each_component(monkeypatch):
     model = build_tiny_mar()
     vae = AutoencoderKL(16, (1, 1, 1, 1, 2), ch=32).eval()  # stride 16, like the tiny model expects
     calls = {}
-
-    def costs(obj, attr, name, seconds):
-        original = getattr(obj, attr)
-
-        def timed(*args, **kwargs):
-            now[0] += seconds
-            calls[name] = calls.get(name, 0) + 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(obj, attr, timed)
-
-    costs(model, "forward_mae_encoder", "encoder", 1.0)
-    costs(model, "forward_mae_decoder", "decoder", 10.0)
-    costs(model.diffloss, "sample", "diffusion_head", 100.0)
-    costs(vae, "decode", "vae_decode", 1000.0)
-    costs(model, "sample_tokens", "sampler", 7.0)
-    seconds, total = profile(model, vae, bsz=1, num_iter=3, cfg=2.0, device=torch.device("cpu"))
+    with ExitStack() as stack:
+        for obj, attr, name, seconds in ((model, "forward_mae_encoder", "encoder", 1.0),
+                                         (model, "forward_mae_decoder", "decoder", 10.0),
+                                         (model.diffloss, "sample", "diffusion_head", 100.0),
+                                         (vae, "decode", "vae_decode", 1000.0),
+                                         (model, "sample_tokens", "sampler", 7.0)):
+            stack.enter_context(_costs(obj, attr, seconds, now, calls, name))
+        seconds, total = profile(model, vae, bsz=1, num_iter=3, cfg=2.0, device=torch.device("cpu"))
+        # The timer put back the instance attributes it found (the scripted costs), not the class methods.
+        assert vae.decode.__name__ == "timed" and model.forward_mae_encoder.__name__ == "timed"
+    assert "decode" not in vars(vae) and "forward_mae_encoder" not in vars(model)
     # Plain MAR: one encoder, decoder and head call per step (guidance doubles the batch, not the calls).
     assert calls == {"sampler": 1, "encoder": 3, "decoder": 3, "diffusion_head": 3, "vae_decode": 1}
     assert seconds == {"encoder": 3.0, "decoder": 30.0, "diffusion_head": 300.0, "vae_decode": 1000.0,
                        "other": 7.0}
     assert total == 3.0 + 30.0 + 300.0 + 1000.0 + 7.0
+
+
+def test_component_timer_restores_what_it_found():
+    """Wrapping a method that is already an instance attribute (compiled, or another wrapper) puts that
+    attribute back; wrapping a plain method leaves the class's method showing through."""
+    timer = util.timing.ComponentTimer("cpu")
+    model = build_tiny_mar()
+    shadow = lambda *a, **k: "shadow"  # noqa: E731
+    model.forward_mae_encoder = shadow
+    with timer.wrap(model, "forward_mae_encoder", "encoder"), timer.wrap(model, "forward_mae_decoder", "decoder"):
+        assert model.forward_mae_encoder() == "shadow"
+    assert vars(model)["forward_mae_encoder"] is shadow
+    assert "forward_mae_decoder" not in vars(model)
+    assert timer.seconds["encoder"] >= 0.0 and set(timer.seconds) == {"encoder"}

@@ -291,6 +291,14 @@ def test_config_validation(make):
         make()
 
 
+def test_fts_without_the_stage_aware_head_is_refused():
+    """FTS splits the stage-aware head calls; with diffusion=False there are none, and the setting was
+    silently dropped."""
+    with pytest.raises(ValueError, match="fts=True needs diffusion=True"):
+        GtRConfig(diffusion=False)
+    assert not GtRConfig(diffusion=False, fts=False).fts  # the transformer-only ablation
+
+
 def test_composed_preset_is_cheaper_than_gtr_alone_on_mar_huge():
     with torch.device("meta"):
         model = build_released("mar_huge")

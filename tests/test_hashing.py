@@ -1,4 +1,4 @@
-"""util.hashing: file digests cached by (path, size, mtime), and digests of in-memory weights."""
+"""util.hashing: file digests cached by (path, size, mtime, inode, ctime), and digests of in-memory weights."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,26 @@ def test_cached_digest_is_reused_until_the_file_changes(tmp_path, monkeypatch):
     second = hashing.cached_file_sha256(f, cache)
     assert second != first and len(calls) == 1
     assert list(json.loads(cache.read_text()).values()) == [second]  # the stale entry is dropped
+
+
+def test_a_replacement_with_the_same_size_and_mtime_is_hashed_again(tmp_path, monkeypatch):
+    """``cp -p`` / ``rsync -t`` of another file over the checkpoint: same path, size and mtime."""
+    f, other, cache = tmp_path / "w.bin", tmp_path / "new.bin", tmp_path / "cache.json"
+    f.write_bytes(b"first")
+    first = hashing.cached_file_sha256(f, cache)
+    other.write_bytes(b"other")
+    st = f.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old file's mtime, preserved
+    os.replace(other, f)
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert hashing.cached_file_sha256(f, cache) == hashing.file_sha256(f) != first
+
+    # Rewritten in place (same inode) with the mtime set back: the ctime still moves.
+    st = f.stat()
+    f.write_bytes(b"third")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_ino == st.st_ino and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert hashing.cached_file_sha256(f, cache) == hashing.file_sha256(f)
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path):

@@ -135,6 +135,42 @@ def test_run_name_encodes_every_image_setting():
     assert eval_script.run_name(parse([*base, "--precision", "fp32"]), cpu) == names[0]
 
 
+def test_code_identity_covers_what_makes_images_and_nothing_else(tmp_path):
+    """Editing eval.py (labels, PNG writing) or how weights are read changes the sampling-code digest;
+    editing a benchmark does not (a resume is not refused for it)."""
+    root = tmp_path / "tree"
+    for source in eval_script.IMAGE_CODE:
+        src = eval_script.ROOT / source
+        files = sorted(src.rglob("*.py")) if src.is_dir() else [src]
+        for f in files:
+            dst = root / f.relative_to(eval_script.ROOT)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    base = eval_script.code_sha256(root)
+    assert base == eval_script.code_sha256()  # the copy is the tree
+    for name in ("eval.py", "util/checkpoint.py", "models/mar.py", "lazymar/token_cache.py"):
+        path = root / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        assert eval_script.code_sha256(root) != base, name
+        path.write_bytes(original)
+    for name in sorted(eval_script.NOT_IMAGE_CODE):
+        path = root / name
+        assert path.is_file(), name  # the exclusions name real files
+        path.write_bytes(path.read_bytes() + b"\n# edited\n")
+    assert eval_script.code_sha256(root) == base
+
+
+@pytest.mark.parametrize("model", ["demo", "tiny-random"])
+def test_no_ema_is_refused_where_there_are_only_one_kind_of_weights(model):
+    """The demo export holds EMA weights only and tiny-random has random ones: --no_ema would be recorded
+    in run.json as raw weights while the EMA ones (or random ones) sample."""
+    import demo.registry  # noqa: F401  registers the demo loader
+    from util.loading import load_generator
+    with pytest.raises(ValueError, match="--no_ema"):
+        load_generator(model, use_ema=False)
+
+
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
     """A random Inception-v3 weights file for torch-fidelity (see _random_inception_weights)."""

@@ -16,7 +16,7 @@ from lazymar.throughput_report import OK, OOM, SKIPPED, Cell
 from util.deadline import can_interrupt
 
 TINY = ["--tiny", "--device", "cpu", "--policies", "plain", "lazymar", "--precisions", "bf16", "fp32",
-        "--batches", "2", "--num_iter", "4", "--num_sampling_steps", "4", "--warmup_iter", "1"]
+        "--batches", "2", "--num_iter", "4", "--num_sampling_steps", "4", "--warmup_runs", "1"]
 PLANNED = [("plain", "bf16"), ("lazymar", "bf16"), ("plain", "fp32"), ("lazymar", "fp32")]
 
 
@@ -60,7 +60,7 @@ def test_tiny_run_measures_every_cell(tiny_run, capsys):
     meta = report["meta"]
     assert meta["command"].startswith("python -m lazymar.throughput --tiny --device cpu")
     assert meta["torch"] == torch.__version__ and meta["device"] == "cpu"
-    assert meta["sampler_options"] == {} and meta["num_iter"] == 4 and meta["cfg_schedule"] == "linear"
+    assert meta["warmup_runs"] == 1 and meta["num_iter"] == 4 and meta["cfg_schedule"] == "linear"
     rows = table_rows(markdown)
     assert len(rows) == 4
     for row, (policy, prec) in zip(rows, PLANNED):
@@ -87,7 +87,7 @@ def test_budget_skips_cells_and_exits_0(tmp_path, monkeypatch):
 @pytest.mark.skipif(not can_interrupt(), reason="needs SIGALRM in the main thread")
 def test_budget_interrupts_the_cell_in_progress(tmp_path, monkeypatch):
     """lazymar would take a minute: the deadline cuts it at the budget, and what ran stays reported."""
-    def fake_generate(model, *, bsz, num_iter, cfg, policy, seed, sampler_options):
+    def fake_generate(model, *, bsz, num_iter, cfg, policy, seed):
         if policy == "lazymar":
             time.sleep(60)
         return torch.zeros(bsz)
@@ -106,7 +106,7 @@ def test_budget_interrupts_the_cell_in_progress(tmp_path, monkeypatch):
 
 
 def test_oom_and_errors_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    def fake_generate(model, *, bsz, num_iter, cfg, policy, seed, sampler_options):
+    def fake_generate(model, *, bsz, num_iter, cfg, policy, seed):
         if policy == "lazymar" and torch.is_autocast_enabled("cpu"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
         if policy == "lazymar":
@@ -126,18 +126,44 @@ def test_oom_and_errors_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, 
     assert rows[1].endswith("| OOM: CUDA out of memory. Tried to allocate 80 GiB |")
 
 
-def test_sampler_options_reach_sample_tokens(tiny_mar):
-    seen = {}
+def test_warmup_is_the_timed_generation(tiny_mar):
+    """Every warm-up call is the timed call itself (same steps, preset, guidance, batch, seed), so the
+    cached paths and every step's token count are met before the clock starts."""
+    calls = []
+    real = tiny_mar.sample_tokens
 
-    def fake_sample_tokens(bsz, **kwargs):
-        seen.update(kwargs)
-        return torch.zeros(bsz)
+    def recording(bsz, **kwargs):
+        calls.append((bsz, {k: v for k, v in kwargs.items() if k not in ("labels", "generator")}))
+        return real(bsz, **kwargs)
 
-    tiny_mar.sample_tokens = fake_sample_tokens
-    settings = tp.Settings(num_iter=4, warmup_iter=0, sampler_options={"cuda_graph": True})
-    tp.measure(tiny_mar, Cell("tiny", 2, "lazymar", "fp32"), settings)
-    assert seen["cuda_graph"] is True and seen["accel"] == "lazymar" and seen["num_iter"] == 4
-    assert seen["cfg_schedule"] == "linear" and seen["cfg"] == 3.0
+    tiny_mar.sample_tokens = recording
+    try:
+        settings = tp.Settings(num_iter=6, warmup_runs=2, num_sampling_steps=4)
+        seconds, _ = tp.measure(tiny_mar, Cell("tiny", 2, "lazymar", "fp32"), settings)
+    finally:
+        del tiny_mar.sample_tokens
+    assert len(calls) == 3 and calls[0] == calls[1] == calls[2]
+    assert calls[0] == (2, dict(num_iter=6, cfg=3.0, cfg_schedule="linear", accel="lazymar"))
+    assert seconds > 0
+
+
+def test_a_time_of_zero_is_reported_never_divided_by(tmp_path):
+    """A clock that did not advance gives seconds 0.0: no speedup, no images/s, a status that says so."""
+    from lazymar.throughput_report import Result, write_reports
+    results = [Result(Cell("m", 2, "plain", "fp32"), OK, 1.0, seconds=0.0),
+               Result(Cell("m", 2, "lazymar", "fp32"), OK, 0.5, seconds=0.5),
+               Result(Cell("m", 2, "plain", "bf16"), OK, 1.0, seconds=2.0),
+               Result(Cell("m", 2, "lazymar", "bf16"), OK, 0.5, seconds=0.0)]
+    meta = dict(device_name="cpu", torch="x", cuda="none", float32_matmul_precision="highest", command="c",
+                num_iter=4, cfg=3.0, cfg_schedule="linear", num_sampling_steps=4, warmup_runs=1, compile=None,
+                budget_s=1.0, elapsed_s=0.1)
+    markdown = write_reports(meta, results, out_json=tmp_path / "r.json", out_md=None)
+    assert [r.speedup for r in results] == [None, None, 1.0, None]
+    assert results[0].images_per_s is None and results[0].tflops_per_s is None
+    assert results[1].images_per_s == 4.0
+    rows = [line for line in markdown.splitlines() if line.startswith("| m |")]
+    assert rows[0].endswith("| ok: no time measured |") and rows[3].endswith("| ok: no time measured |")
+    assert json.loads((tmp_path / "r.json").read_text())["cells"][0]["speedup"] is None
 
 
 def test_default_order_puts_the_headline_first():
@@ -164,7 +190,7 @@ def test_default_order_puts_the_headline_first():
     (["--policies", "plain", "lazymar", "plain"], "--policies lists plain more than once"),
     (["--num_iter", "0"], "num_iter must be >= 1"),
     (["--num_sampling_steps", "0"], "--num_sampling_steps"),
-    (["--warmup_iter", "-1"], "--warmup_iter"),
+    (["--warmup_runs", "-1"], "--warmup_runs"),
     (["--tiny", "--num_iter", "65"], "exceeds tiny-random's 64 tokens"),
     (["--device", "tpu"], "--device"),
 ])

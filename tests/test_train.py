@@ -259,22 +259,29 @@ def test_non_finite_loss_stops_before_it_is_checkpointed(tiny_tokenizer, tmp_pat
     assert len(_log(tmp_path / "nan" / "log.jsonl")) == 3  # the bad step is logged, not saved
 
 
-def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path):
-    # No dropout: compiled code draws its dropout masks from another random stream.
-    eager = train_mod.main(_args(tiny_tokenizer, tmp_path, "eager", epochs=1, dropout=0.0))
-    compiled = train_mod.main(_args(tiny_tokenizer, tmp_path, "compiled", epochs=1, dropout=0.0, compile=True))
+def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path, monkeypatch):
+    """--compile runs the eager step: same random draws (dropout included) and sums to float tolerance, so
+    a run may be resumed with the flag switched (train.py exempts it from the resume check)."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fallback_random", False)  # inductor's default: train.py must set it
+    eager = train_mod.main(_args(tiny_tokenizer, tmp_path, "eager", epochs=1))
+    compiled = train_mod.main(_args(tiny_tokenizer, tmp_path, "compiled", epochs=1, compile=True))
     # Measured on 2 CPU cores: losses equal, weights within 5.2e-8 after the run. Fused kernels may sum
     # in another order (float32 rounding ~1e-7 relative per op), so the bounds are 1e-5 and 1e-6: ~20x
-    # the measurement, far below what a wrong compiled graph (a dropped term) would move.
+    # the measurement, far below what a wrong compiled graph (a dropped term, another dropout mask) moves.
     assert torch.allclose(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-5, atol=0)
     a = torch.load(tmp_path / "eager" / "checkpoint-last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "compiled" / "checkpoint-last.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()  # in-place compilation: the checkpoint loads into an eager model
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
-    part = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True,
-                                stop_after=2))
-    rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, dropout=0.0, compile=True))
+    # A window in eager mode resumed compiled continues the same run.
+    first = train_mod.main(_args(tiny_tokenizer, tmp_path, "switched", epochs=1, stop_after=2))
+    second = train_mod.main(_args(tiny_tokenizer, tmp_path, "switched", epochs=1, compile=True))
+    assert torch.allclose(torch.tensor(first["losses"] + second["losses"]), torch.tensor(eager["losses"]),
+                          rtol=1e-5, atol=0)
+    part = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, compile=True, stop_after=2))
+    rest = train_mod.main(_args(tiny_tokenizer, tmp_path, "resumed", epochs=1, compile=True))
     assert part["losses"] + rest["losses"] == compiled["losses"]  # exact resume holds when compiled too
 
 

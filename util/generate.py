@@ -32,7 +32,7 @@ class SamplingSettings:
         num_iter: MAR steps.
         cfg: classifier-free guidance scale (at the end of the linear schedule).
         cfg_schedule: ``'linear'`` or ``'constant'``.
-        temperature: sampling temperature of the head and of the orders.
+        temperature: scale of the diffusion head's injected noise (orders are uniform permutations, never tempered).
         accel: acceleration preset name or config; ``None`` is plain MAR.
         precision: autocast for sampling and decoding (``util.precision.PRECISIONS``).
     """

@@ -1,8 +1,11 @@
 """SHA-256 digests of files and in-memory weights, to record what produced a result.
 
 A multi-GB checkpoint takes seconds to hash, so :func:`cached_file_sha256` keeps digests in a small
-JSON file keyed by (resolved path, size, modification time): a rerun on an untouched file reads the
-digest back, and a file replaced at the same path (new mtime or size) is hashed again.
+JSON file keyed by (resolved path, size, modification time, inode, status-change time): a rerun on an
+untouched file reads the digest back, and a file replaced at the same path is hashed again, even one
+copied over with its size and modification time preserved (``cp -p``, ``rsync -t``, ``os.replace`` of a
+file whose mtime was set back): a new file has a new inode, and writing or renaming sets the ctime, which
+no user call can set back.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def cached_file_sha256(path: str | os.PathLike, cache_file: str | os.PathLike) -
     """:func:`file_sha256` of ``path``, read from / recorded in the JSON ``cache_file``."""
     path, cache_file = Path(path).resolve(), Path(cache_file)
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     try:
         cache = json.loads(cache_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):  # first use, or a file cut by a kill: rebuild
@@ -35,7 +38,7 @@ def cached_file_sha256(path: str | os.PathLike, cache_file: str | os.PathLike) -
     if key in cache:
         return cache[key]
     digest = file_sha256(path)
-    # Entries of the same path with another size or mtime describe a replaced file: drop them.
+    # Entries of the same path with another size, mtime, inode or ctime describe a replaced file: drop them.
     cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")} | {key: digest}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f"{cache_file.name}.tmp-{os.getpid()}")  # per process: writers may race

@@ -141,6 +141,8 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
     elif model == TINY_MODEL:
         if ckpt is not None or vae_path is not None:
             raise ValueError("tiny-random has no checkpoint; drop --ckpt / --vae_path")
+        if not use_ema:
+            raise ValueError("tiny-random has random weights, no EMA and raw ones; drop --no_ema")
         mar, vae = _tiny_random(steps)
         scale, is_random = VAE_LATENT_SCALE, True
     elif model in _REGISTERED:

@@ -24,15 +24,19 @@ PARTS = (("forward_mae_encoder", "encoder"), ("forward_mae_decoder", "decoder"))
 
 
 def profile(model, vae, *, bsz: int, num_iter: int, cfg: float, device: torch.device,
-            accel=None, seed: int = 0) -> tuple[dict[str, float], float]:
-    """Seconds per component and in total for one generation of ``bsz`` images."""
+            seed: int = 0) -> tuple[dict[str, float], float]:
+    """Seconds per component and in total for one plain-MAR generation of ``bsz`` images.
+
+    Plain MAR only: the component timers wrap the encoder, decoder and head methods the plain step
+    calls; an acceleration technique runs its own parts of the transformer, which they would not see.
+    """
     timer = ComponentTimer(device)
     labels = torch.arange(bsz, device=device) % model.num_classes
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad(), timer.wrap(model, *PARTS[0]), timer.wrap(model, *PARTS[1]), \
             timer.wrap(model.diffloss, "sample", "diffusion_head"), timer.wrap(vae, "decode", "vae_decode"):
         def run():
-            tokens = model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, labels=labels, generator=gen, accel=accel)
+            tokens = model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, labels=labels, generator=gen)
             return vae.decode(tokens / VAE_LATENT_SCALE)
         total, _ = time_call(run, device)
     seconds = dict(timer.seconds)

@@ -41,7 +41,9 @@ class ComponentTimer:
     """Accumulates wall-clock seconds of named callables, by wrapping them on their instances.
 
     ``with timer.wrap(model, "forward_mae_encoder", "encoder"): ...`` replaces the bound method on that
-    instance for the duration of the block (the class and other instances are untouched).
+    instance for the duration of the block (the class and other instances are untouched). On exit the
+    instance is left exactly as it was: an attribute it held before (a compiled method, another wrapper)
+    is put back, otherwise the class's method shows through again.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -57,11 +59,16 @@ class ComponentTimer:
             self.seconds[name] += dt
             return out
 
+        missing = object()
+        own = vars(obj).get(attr, missing)  # an instance attribute shadowing the class's method, if any
         setattr(obj, attr, timed)
         try:
             yield
         finally:
-            delattr(obj, attr)  # back to the class's method
+            if own is missing:
+                delattr(obj, attr)  # back to the class's method
+            else:
+                setattr(obj, attr, own)
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -97,14 +104,27 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def build_random_model(name: str, *, num_sampling_steps: int, device: torch.device | str, seed: int = 0):
+    """A released size (or the tiny test model) with random weights, in eval mode: the cost of sampling
+    does not depend on the weights. Created on ``device`` (initialising MAR-H on the CPU and copying it
+    over would spend seconds of a GPU window); ``"meta"`` gives one for FLOPs counts."""
+    from models.mar import build_released, mar_from_config
+    from util.loading import TINY_MAR, TINY_MODEL
+    torch.manual_seed(seed)
+    with torch.device(device):
+        if name == TINY_MODEL:
+            model = mar_from_config(dict(TINY_MAR, num_sampling_steps=str(num_sampling_steps)))
+        else:
+            model = build_released(name, num_sampling_steps=num_sampling_steps)
+    return model.to(device).eval()  # anything made from numpy during __init__ is on the CPU
+
+
 def build_timed_model(args: argparse.Namespace) -> tuple[Any, torch.device]:
-    """The model the sampler benchmarks time, and its device: ``args.model`` with random weights (the cost
-    does not depend on them; seed 0), on ``args.device`` with ``args.threads``, compiled as the flags ask."""
-    from models.mar import build_released
+    """The model the sampler benchmarks time, and its device: ``args.model`` with random weights (seed 0),
+    on ``args.device`` with ``args.threads``, compiled as the flags ask."""
     from util.compile import apply_compile, compile_mode
     apply_threads(args)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build_released(args.model, num_sampling_steps=args.num_sampling_steps).to(device).eval()
+    model = build_random_model(args.model, num_sampling_steps=args.num_sampling_steps, device=device)
     apply_compile(model, compile_mode(args, device))
     return model, device
