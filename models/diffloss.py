@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.diffusion import GaussianDiffusion
+from models.diffusion import GaussianDiffusion, TrajectoryTrace
 
 TIMESTEP_FREQ_DIM = 256
 TIMESTEP_MAX_PERIOD = 10000
@@ -294,7 +294,8 @@ class DiffLoss(nn.Module):
 
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, *,
                generator: torch.Generator | None = None, num_steps: int | None = None,
-               max_timestep: int | None = None, model_fn_factory=None) -> torch.Tensor:
+               max_timestep: int | None = None, model_fn_factory=None, noise: torch.Tensor | None = None,
+               step_noise: torch.Tensor | None = None, trace: TrajectoryTrace | None = None) -> torch.Tensor:
         """Sample one latent per condition.
 
         Args:
@@ -308,6 +309,11 @@ class DiffLoss(nn.Module):
                 :class:`~models.diffusion.GaussianDiffusion`); ``None`` does not clamp.
             model_fn_factory: ``(head, cond, cfg, n, diffusion) -> model_fn`` replacing :meth:`guided_model_fn`
                 (the diffusion-head cache plugs in here; the loop stays the same).
+            noise: (n, C) starting noise to use instead of drawing it.
+            step_noise: (n, S, C) noise to inject at respaced step ``i`` (``step_noise[:, i]``, S = the
+                process's step count) instead of drawing it each step. With ``noise``, nothing is drawn:
+                speculative decoding gives draft and target the same trajectory noise this way.
+            trace: records the trajectory's statistics (:class:`~models.diffusion.TrajectoryTrace`).
 
         Returns:
             (n, C) sampled latents of the conditional half.
@@ -315,17 +321,23 @@ class DiffLoss(nn.Module):
         guided = cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
         diffusion = self.sampling_diffusion(num_steps, max_timestep)
-        noise = _randn((n, self.in_channels), generator, z.device, initial=True)
+        if noise is None:
+            noise = _randn((n, self.in_channels), generator, z.device, initial=True)
         # Each step draws noise for the whole (doubled) batch, as upstream does; only our half is used.
         draw_rows = 2 * n if guided else n
+        if step_noise is not None and step_noise.shape != (n, diffusion.num_timesteps, self.in_channels):
+            raise ValueError(f"step_noise must have shape ({n}, {diffusion.num_timesteps}, {self.in_channels}) "
+                             f"(tokens, diffusion steps, channels), got {tuple(step_noise.shape)}")
 
-        def noise_fn(shape: tuple[int, ...]) -> torch.Tensor:
+        def noise_fn(shape: tuple[int, ...], i: int) -> torch.Tensor:
+            if step_noise is not None:
+                return step_noise[:, i]
             return _randn((draw_rows, *shape[1:]), generator, z.device)[: shape[0]]
 
         cond = self.net.cond_embed(z)  # (n or 2n, W): independent of the diffusion step
         factory = model_fn_factory or DiffLoss.guided_model_fn
         model_fn = factory(self, cond, cfg, n, diffusion)
-        return diffusion.p_sample_loop(model_fn, noise, noise_fn=noise_fn, temperature=temperature)
+        return diffusion.p_sample_loop(model_fn, noise, noise_fn=noise_fn, temperature=temperature, trace=trace)
 
     def sampling_diffusion(self, num_steps: int | None = None, max_timestep: int | None = None) -> GaussianDiffusion:
         """The respaced process :meth:`sample` runs for these settings (``None``: the model's own)."""

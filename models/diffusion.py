@@ -24,8 +24,9 @@ MAX_BETA = 0.999
 
 # model_fn(x, t_index) -> (eps, var_values); t_index indexes the (respaced) schedule, 0 = last step.
 ModelFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-# noise_fn(shape) -> standard normal tensor on the right device (lets callers own the RNG stream).
-NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+# noise_fn(shape, t_index) -> standard normal tensor on the right device (lets callers own the RNG stream;
+# the index lets them hand out noise drawn in advance for each step, as speculative decoding does).
+NoiseFn = Callable[[tuple[int, ...], int], torch.Tensor]
 
 
 def cosine_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -187,7 +188,7 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------------- sampling
     def p_sample_loop(self, model_fn: ModelFn, noise: torch.Tensor, *, noise_fn: NoiseFn,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float = 1.0, trace: "TrajectoryTrace | None" = None) -> torch.Tensor:
         """Ancestral sampling from ``noise`` over all (respaced) steps, t = T-1 .. 0.
 
         Args:
@@ -197,12 +198,16 @@ class GaussianDiffusion:
             noise_fn: draws the per-step noise; it is called every step, also at t = 0 where the noise
                 is multiplied by 0, because upstream does so and the random stream must line up.
             temperature: scales the injected noise.
+            trace: when given, records each step's mean and log-variance (see :class:`TrajectoryTrace`);
+                it draws nothing and changes nothing.
         """
         x = noise
         for i in reversed(range(self.num_timesteps)):
             eps, var_values = model_fn(x, i)
             mean, log_variance = self.p_mean_log_variance(x, i, eps, var_values)
-            step_noise = noise_fn(tuple(x.shape))
+            if trace is not None:
+                trace.record(i, mean, log_variance)
+            step_noise = noise_fn(tuple(x.shape), i)
             nonzero = float(i != 0)
             x = mean + nonzero * torch.exp(0.5 * log_variance) * step_noise * temperature
         return x
@@ -229,6 +234,32 @@ class GaussianDiffusion:
         vb = torch.where(t == 0, nll, kl)
         mse = _mean_flat((noise - eps) ** 2)
         return mse + vb
+
+
+@dataclass
+class TrajectoryTrace:
+    """Per-token statistics of one ancestral trajectory, filled in by :meth:`GaussianDiffusion.p_sample_loop`.
+
+    Continuous speculative decoding compares the draft's and the target's densities of a token through
+    them (:mod:`lazymar.cspd`): the last step's Gaussian, and the earlier steps' standard deviations.
+
+    Attributes:
+        last_mean: (n, C) mean of the last step (t index 0); it is the sample, as that step adds no noise.
+        last_log_variance: (n, C) log-variance of the last step (temperature not included).
+        logstd_sum: (n, C) sum over the steps t index >= 1 of ``0.5 * log_variance``, accumulated in loop
+            order: the log of the product of those steps' standard deviations (temperature not included).
+    """
+
+    last_mean: torch.Tensor | None = None
+    last_log_variance: torch.Tensor | None = None
+    logstd_sum: torch.Tensor | None = None
+
+    def record(self, i: int, mean: torch.Tensor, log_variance: torch.Tensor) -> None:
+        if i == 0:
+            self.last_mean, self.last_log_variance = mean, log_variance
+            return
+        half = 0.5 * log_variance
+        self.logstd_sum = half if self.logstd_sum is None else self.logstd_sum + half
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
