@@ -22,6 +22,7 @@ import torch
 
 from lazymar.condition_cache import ConditionCacheTechnique
 from lazymar.config import PRESETS, AccelConfig
+from lazymar.cspd import CSpD, CSpDConfig, make_cspd
 from lazymar.disa import DiSA
 from lazymar.gtr import GtR
 from lazymar.head_cache import HeadCacheTechnique
@@ -46,8 +47,11 @@ def resolve_accel(accel: Any) -> AccelConfig:
                     f"got {type(accel).__name__}")
 
 
-def make_sampler(model, accel: Any, *, num_iter: int, cfg: float) -> "AccelSteps":
-    """The step strategy of ``accel`` for one ``sample_tokens`` call."""
+def make_sampler(model, accel: Any, *, num_iter: int, cfg: float) -> "AccelSteps | CSpD":
+    """The step strategy of ``accel`` for one ``sample_tokens`` call (for a :class:`CSpDConfig`, the
+    speculative sampler, which runs its own loop over two models: :mod:`lazymar.cspd`)."""
+    if isinstance(accel, CSpDConfig):
+        return make_cspd(model, accel, num_iter=num_iter, cfg=cfg)
     return AccelSteps(model, resolve_accel(accel), num_iter=num_iter, guided=cfg != 1.0)
 
 

@@ -1,4 +1,4 @@
-"""The configs that reproduce the released DiSA and ReCAP code from its own sampling arguments.
+"""The configs that reproduce the released DiSA, ReCAP and CSpD code from its own sampling arguments.
 
 ``released_config('disa', diff_sampler='DiSA', diff_upper_steps=50, ...)`` takes the argument names of
 the release's ``main_mar.py`` and returns what that code does with them, defects included, so that a
@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from lazymar.config import OFF, AccelConfig
+from lazymar.cspd import CSpDConfig, cspd_preset
 from lazymar.disa import ANNEALING, DiSAConfig
 from lazymar.recap import ReCAPConfig
 
@@ -19,18 +20,22 @@ DISA_DEFAULTS = dict(diff_sampler="default", diff_upper_steps=25, diff_lower_ste
 DISA_SAMPLERS = ("DiSA", "default")  # the release's DDIM / DPM-Solver variants are not reproduced
 RECAP_DEFAULTS = dict(pre_full_iters=0, num_cache_iters=1, diff_fast_ratio=0.5, cache_buffer=True)
 RELEASED_FAST_RATIO = 0.5  # what the ReCAP release runs whatever diff_fast_ratio says
+# CSpD: its runner's constructor (ratio, inner_temperature) and ``run`` (num_draft) defaults.
+CSPD_DEFAULTS = dict(draft=None, ratio=0.15, inner_temperature=42.0, num_draft=8)
 
 
-def released_config(method: str, **kwargs: Any) -> AccelConfig:
-    """The :class:`AccelConfig` that does what the released ``method`` does with these arguments.
+def released_config(method: str, **kwargs: Any) -> AccelConfig | CSpDConfig:
+    """The config that does what the released ``method`` does with these arguments (an
+    :class:`AccelConfig`, or for CSpD a :class:`~lazymar.cspd.CSpDConfig` with the release's defects).
 
     Args:
-        method: ``"disa"`` or ``"recap"``.
+        method: ``"disa"``, ``"recap"`` or ``"cspd"``.
         kwargs: the release's sampling arguments; those left out take the release's defaults.
             DiSA: ``diff_sampler`` (``"DiSA"`` anneals; ``"default"`` is plain MAR), ``diff_upper_steps``,
             ``diff_lower_steps``, ``diff_annealing_strategy``. ReCAP: ``pre_full_iters``,
             ``num_cache_iters``, ``diff_fast_ratio`` (ignored by the release: its fast head is built at
             the first call, a full step with the default 0.5; passing it warns), ``cache_buffer``.
+            CSpD: ``draft`` (the draft MAR, required), ``ratio``, ``inner_temperature``, ``num_draft``.
     """
     if method == "disa":
         return _disa(**_with_defaults("disa", DISA_DEFAULTS, kwargs))
@@ -41,7 +46,12 @@ def released_config(method: str, **kwargs: Any) -> AccelConfig:
                           f"config reproduces that. Use ReCAPConfig(fast_ratio=...) for a fast ratio that "
                           f"takes effect", stacklevel=2)
         return _recap(**_with_defaults("recap", RECAP_DEFAULTS, kwargs))
-    raise ValueError(f"unknown released method {method!r}; choose 'disa' or 'recap'")
+    if method == "cspd":
+        settings = _with_defaults("cspd", CSPD_DEFAULTS, kwargs)
+        if settings["draft"] is None:
+            raise ValueError("released_config('cspd', ...) needs draft=<the draft MAR model>")
+        return cspd_preset("cspd-release", **settings)
+    raise ValueError(f"unknown released method {method!r}; choose 'disa', 'recap' or 'cspd'")
 
 
 def _with_defaults(method: str, defaults: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.stats as stats
@@ -331,6 +331,11 @@ class MAR(nn.Module):
                 raise RuntimeError("accel= needs the acceleration package registered: `import lazymar` first "
                                    "(models/ does not import the layers built on it)")
             sampler = _ACCEL_FACTORY(self, accel, num_iter=num_iter, cfg=cfg)
+        if isinstance(sampler, LoopStrategy):  # runs the whole generation itself (speculative decoding)
+            tokens = sampler.generate(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, labels=labels,
+                                      temperature=temperature, orders=orders, generator=generator,
+                                      progress=progress)
+            return self.unpatchify(tokens)
         device = self.fake_latent.device
         if orders is None:
             orders = self.sample_orders(bsz, generator, device)
@@ -415,6 +420,21 @@ class StepStrategy(Protocol):
     def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
                     generator: torch.Generator | None) -> torch.Tensor:
         """Sampled latents (n, C) for conditions ``z``."""
+
+
+@runtime_checkable
+class LoopStrategy(Protocol):
+    """A strategy that runs the whole generation instead of answering per-step hooks.
+
+    For samplers whose loop is not MAR's one-step-at-a-time loop: continuous speculative decoding
+    (:mod:`lazymar.cspd`) runs two models in turn, and its verification pass rewrites tokens drafted at
+    earlier steps. :meth:`MAR.sample_tokens` checks the arguments, then hands the call over.
+    """
+
+    def generate(self, bsz: int, *, num_iter: int, cfg: float, cfg_schedule: str, labels: torch.Tensor | None,
+                 temperature: float, orders: torch.Tensor | None, generator: torch.Generator | None,
+                 progress: bool) -> torch.Tensor:
+        """Token latents (bsz, L, C) in sequence order (``sample_tokens``'s arguments, already checked)."""
 
 
 class PlainSteps:

@@ -1,0 +1,152 @@
+"""The acceptance test and residual sampler of continuous speculative decoding, on their own.
+
+Pure functions of the two heads' Gaussians at the verified tokens (no model): :func:`verify` decides,
+for ``n`` drafted tokens at once, which drafts are kept and what replaces the others, as released
+(``MarkXCloud/CSpD``), with the release's defects as switches that :class:`lazymar.cspd.CSpDConfig`
+documents and sets. Each head's token is described by a :class:`HeadGaussian`: its last denoising
+step's mean and standard deviation, and the summed log-standard-deviations of its earlier steps.
+
+Random draws, in the release's order, from ``generator`` where given, else from the device's global
+generator: one uniform per token; then, if a draft was rejected, per residual round a normal (n, C)
+followed by a uniform (n).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+UNACCEPTED = ("zero", "target")  # what a token gets when no residual proposal was accepted in time
+RESIDUAL_STOP = ("all", "rejected")  # which tokens the residual rounds wait for
+
+
+@dataclass
+class HeadGaussian:
+    """One head's view of ``n`` tokens (all (n, C)).
+
+    Attributes:
+        mean: last-step mean (the head's own sample on its trajectory: the last step adds no noise).
+        std: last-step standard deviation, ``exp(0.5 * log_variance) * temperature``.
+        logstd_sum: per channel, the sum over the earlier steps (t index >= 1) of ``0.5 * log_variance``
+            (no temperature).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    logstd_sum: torch.Tensor
+
+
+@dataclass
+class Verdict:
+    """The outcome of verifying ``n`` drafted tokens.
+
+    Attributes:
+        out: (n, C) the committed tokens.
+        prob: (n,) the acceptance test's ratio (accepted where ``prob > u``).
+        accepted: (n,) bool, the draft was kept.
+        residual_rounds: residual rounds run (0 when every draft was kept).
+        unaccepted: (n,) bool, rejected tokens for which no residual proposal was accepted.
+    """
+
+    out: torch.Tensor
+    prob: torch.Tensor
+    accepted: torch.Tensor
+    residual_rounds: int
+    unaccepted: torch.Tensor
+
+
+def trajectory_ratio(q: HeadGaussian, p: HeadGaussian) -> torch.Tensor:
+    """``F = exp(sum_c (L_p - L_q))`` (n,): the product over the earlier steps and channels of
+    ``sigma_p / sigma_q``. The release multiplies the target's last-step density by it."""
+    return torch.exp((p.logstd_sum - q.logstd_sum).sum(-1))
+
+
+def acceptance_prob(x: torch.Tensor, q: HeadGaussian, p: HeadGaussian, inner_temperature: float) -> torch.Tensor:
+    """The released test's ratio (n,) for drafted tokens ``x`` (n, C), with ``Ti = inner_temperature``:
+
+    ``exp(-1/2 sum_c ((x - mu_p) / (sigma_p Ti))^2) / exp(-1/2 sum_c ((x - mu_q) / (sigma_q Ti))^2)
+    * F * prod_c sigma_q / prod_c sigma_p``, i.e. ``F * N(x; mu_p, (Ti sigma_p)^2) / N(x; mu_q, (Ti sigma_q)^2)``.
+    """
+    num = torch.exp(-0.5 * (((x - p.mean) / (p.std * inner_temperature)) ** 2).sum(-1))
+    den = torch.exp(-0.5 * (((x - q.mean) / (q.std * inner_temperature)) ** 2).sum(-1))
+    return num / den * trajectory_ratio(q, p) * q.std.prod(-1) / p.std.prod(-1)
+
+
+def gaussian_density(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The normalised diagonal Gaussian density of ``y`` over its C channels: (n, C) -> (n,)."""
+    C = y.shape[-1]
+    return torch.exp(-0.5 * (((y - mean) / std) ** 2).sum(-1)) / ((2 * math.pi) ** (C / 2) * std.prod(-1))
+
+
+def residual_alpha(y: torch.Tensor, q: HeadGaussian, p: HeadGaussian, F: torch.Tensor,
+                   inner_temperature: float = 1.0) -> torch.Tensor:
+    """Acceptance probability (n,) of residual proposals ``y ~ N(mu_p, (Ti sigma_p)^2)``:
+    ``max(0, N_p(y) - N_q(y) / F) / N_p(y)``, so accepted proposals follow ``max(0, F p - q)``
+    (the release: ``Ti = 1`` whatever the test used)."""
+    n_p = gaussian_density(y, p.mean, p.std * inner_temperature)
+    n_q = gaussian_density(y, q.mean, q.std * inner_temperature)
+    return torch.clamp(n_p - n_q / F, min=0) / n_p
+
+
+def verify(x: torch.Tensor, q: HeadGaussian, p: HeadGaussian, *, inner_temperature: float,
+           max_rounds: int = 100, residual_inner_temperature: bool = False, residual_stop: str = "all",
+           unaccepted: str = "zero", generator: torch.Generator | None = None) -> Verdict:
+    """Verify drafted tokens ``x`` (n, C) drawn by the draft (``q``) against the target (``p``).
+
+    Every token is decided on its own (no prefix truncation). A draft is kept where
+    :func:`acceptance_prob` ``> u``. If any was rejected, residual rounds propose
+    ``y ~ N(mu_p, sigma_p^2)`` for all ``n`` tokens (scaled by ``Ti`` with ``residual_inner_temperature``),
+    accept where ``u < alpha`` (:func:`residual_alpha`) and write the accepted proposals (a later
+    accepted proposal overwrites an earlier one), until every token waited for has had one accepted
+    or ``max_rounds`` ran. A rejected draft takes its residual sample.
+
+    Args:
+        inner_temperature: ``Ti`` of the test.
+        max_rounds: residual rounds at most (release: 100).
+        residual_inner_temperature: use ``Ti`` in the residual too (release: False).
+        residual_stop: ``"all"`` waits for every verified token, kept drafts included, whose proposals
+            are thrown away (release); ``"rejected"`` waits only for the rejected ones.
+        unaccepted: a rejected token with no accepted residual proposal becomes ``"zero"`` (release) or
+            the target's own sample ``mu_p`` (``"target"``).
+        generator: source of the draws (None: the device's global generator, as released).
+    """
+    if residual_stop not in RESIDUAL_STOP:
+        raise ValueError(f"residual_stop must be one of {RESIDUAL_STOP}, got {residual_stop!r}")
+    if unaccepted not in UNACCEPTED:
+        raise ValueError(f"unaccepted must be one of {UNACCEPTED}, got {unaccepted!r}")
+    n = x.shape[0]
+    prob = acceptance_prob(x, q, p, inner_temperature)
+    accepted = prob > _rand((n,), generator, x.device)
+    residual = torch.zeros_like(x)
+    done = torch.zeros_like(accepted)  # a residual proposal was accepted
+    rounds = 0
+    if not bool(accepted.all()):
+        F = trajectory_ratio(q, p)
+        ti = inner_temperature if residual_inner_temperature else 1.0
+        waits = torch.ones_like(accepted) if residual_stop == "all" else ~accepted
+        for rounds in range(1, max_rounds + 1):
+            y = p.mean + p.std * ti * _randn(tuple(x.shape), generator, x.device)
+            alpha = residual_alpha(y, q, p, F, ti)
+            ok = _rand((n,), generator, x.device) < alpha
+            residual = torch.where(ok[:, None], y, residual)
+            done = done | ok
+            if bool(done[waits].all()):
+                break
+    never = ~accepted & ~done
+    if unaccepted == "target":
+        residual = torch.where(never[:, None], p.mean, residual)
+    out = torch.where(accepted[:, None], x, residual)
+    return Verdict(out=out, prob=prob, accepted=accepted, residual_rounds=rounds, unaccepted=never)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if generator is not None:
+        return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return torch.rand(shape, device=device)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if generator is not None:
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return torch.randn(shape, device=device)
