@@ -22,7 +22,7 @@ import torch
 
 from lazymar.condition_cache import ConditionCacheTechnique
 from lazymar.config import PRESETS, AccelConfig
-from lazymar.cspd import CSpD, CSpDConfig, make_cspd
+from lazymar.cspd import CSpD, CSpDConfig
 from lazymar.disa import DiSA
 from lazymar.gtr import GtR
 from lazymar.head_cache import HeadCacheTechnique
@@ -51,7 +51,7 @@ def make_sampler(model, accel: Any, *, num_iter: int, cfg: float) -> "AccelSteps
     """The step strategy of ``accel`` for one ``sample_tokens`` call (for a :class:`CSpDConfig`, the
     speculative sampler, which runs its own loop over two models: :mod:`lazymar.cspd`)."""
     if isinstance(accel, CSpDConfig):
-        return make_cspd(model, accel, num_iter=num_iter, cfg=cfg)
+        return CSpD(model, accel)
     return AccelSteps(model, resolve_accel(accel), num_iter=num_iter, guided=cfg != 1.0)
 
 
