@@ -1,0 +1,163 @@
+"""FLOPs of a CSpD generation, both models counted: an exact formula and a real count.
+
+A CSpD generation runs the target's plain MAR step at every pre-fill step, the draft's plain step at every
+later step, and one target pass per verification (its transformer over the committed tokens, its head over
+the tokens drafted since). What it executes does not depend on how many drafts are accepted: there is no
+prefix truncation and no draft is redone, every verified token is committed, and the residual rounds are
+elementwise arithmetic on 16-channel Gaussians (about 350 FLOPs per token and round, at most 100 rounds: a
+few MFLOPs per image, ~1e-6 of the total, not counted, as no elementwise work is here). So the cost is a
+function of ``num_iter``, ``ratio`` and ``num_draft`` alone; the acceptance rate only decides how close the
+output stays to the draft's or to the target's tokens. :func:`estimate` prices the plan,
+:func:`measure` counts a real run (the tests hold them equal, component by component).
+
+    python -m lazymar.cspd_flops --target mar_huge --draft mar_base --num_iter 256 --num_draft 4 --ratio 0.05
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lazymar.cspd import CSpDConfig, CSpDStepPlan, cspd_preset
+from lazymar.flops import COMPONENTS, FlopReport, _Counter, estimate as estimate_plain
+from lazymar.head_cache import HeadCacheTechnique
+from lazymar.plan import HeadCall, ModelShape, StepPlan
+from lazymar.technique import PlainMAR, Technique
+from models.schedules import plain_mask_lens
+
+
+@dataclass
+class CSpDFlops:
+    """FLOPs per image of a CSpD generation, per model and component (``total``: both models)."""
+
+    target: FlopReport = field(default_factory=FlopReport)
+    draft: FlopReport = field(default_factory=FlopReport)
+    plan: CSpDStepPlan | None = None
+
+    @property
+    def total(self) -> float:
+        return self.target.total + self.draft.total
+
+    def as_dict(self, unit: float = 1e12) -> dict[str, Any]:
+        out = {"total_tflops": self.total / unit, "target": self.target.as_dict(unit), "draft": self.draft.as_dict(unit)}
+        if self.plan is not None:
+            out.update(prefill_steps=len(self.plan.prefill), draft_steps=len(self.plan.drafts),
+                       verifications=len(self.plan.verifications),
+                       target_passes=len(self.plan.prefill) + len(self.plan.verifications))
+        return out
+
+
+def _runner(model, config: CSpDConfig, role: str) -> Technique:
+    cache = config.head_cache(role)
+    return PlainMAR(model) if cache is None else HeadCacheTechnique(model, cache)
+
+
+def _pass_macs(model, runner: Technique, *, n_known: int, n_pred: int, guided: bool, bsz: int) -> dict[str, int]:
+    """One transformer pass of ``model`` over ``n_known`` known tokens and its head on ``n_pred`` tokens
+    per image, priced by the plain formulas of :mod:`lazymar.plan` (the head by ``runner``)."""
+    plain = PlainMAR(model)
+    s = ModelShape.of(model)
+    p = StepPlan(step=0, num_steps=1, n_known=n_known, n_pred=n_pred, n_prev=0, guided=guided, refresh=True,
+                 halves=2 if guided else 1, encoder=plain, decoder=plain, head_runner=runner, head=[HeadCall(n_pred)])
+    rows = p.rows(bsz)
+    steps = model.diffloss.gen_diffusion.num_timesteps
+    return {"encoder": plain.encoder_macs(p, s, rows), "decoder": plain.decoder_macs(p, s, rows),
+            "diffusion_head": runner.head_macs(p, s, n_pred * bsz, steps)}
+
+
+def estimate(target, config: CSpDConfig, *, num_iter: int, cfg: float, bsz: int = 1) -> CSpDFlops:
+    """Exact FLOPs per image of ``target.sample_tokens(bsz, num_iter, cfg, accel=config)`` (both models;
+    meta-device models are enough), whatever the acceptance rate (module docstring)."""
+    draft, guided = config.draft, cfg != 1.0
+    L = target.seq_len
+    layout = CSpDStepPlan.of(num_iter, config.ratio, config.num_draft)
+    lens = plain_mask_lens(num_iter, L)
+    runners = {"target": _runner(target, config, "target"), "draft": _runner(draft, config, "draft")}
+    macs = {role: dict.fromkeys(COMPONENTS[:3], 0) for role in ("target", "draft")}
+
+    def add(role: str, model, n_known: int, n_pred: int) -> None:
+        for k, v in _pass_macs(model, runners[role], n_known=n_known, n_pred=n_pred, guided=guided, bsz=bsz).items():
+            macs[role][k] += v
+
+    masked = committed = L
+    for step in range(num_iter):
+        after = 0 if step == num_iter - 1 else lens[step]
+        if step in layout.prefill:
+            add("target", target, L - masked, masked - after)
+            committed = after
+        else:
+            add("draft", draft, L - masked, masked - after)
+            if step in layout.verifications:
+                add("target", target, L - committed, committed - after)
+                committed = after
+        masked = after
+    out = CSpDFlops(plan=layout)
+    for role, report in (("target", out.target), ("draft", out.draft)):
+        report.components.update({k: 2.0 * v / bsz for k, v in macs[role].items()})
+    return out
+
+
+def measure(target, config: CSpDConfig, *, num_iter: int, cfg: float, bsz: int = 1, **sample_kwargs) -> CSpDFlops:
+    """Count FLOPs per image of a real CSpD run, attributed to each model's components by the weights
+    each product reads (as :func:`lazymar.flops.measure`)."""
+    owners: dict[int, str] = {}
+    for role, model in (("target", target), ("draft", config.draft)):
+        for name, p in model.named_parameters():
+            component = "diffusion_head" if name.startswith("diffloss.") else (
+                "decoder" if name.startswith(("decoder", "mask_token", "diffusion_pos")) else "encoder")
+            owners[p.untyped_storage().data_ptr()] = f"{role}/{component}"
+    counter = _Counter(owners)
+    labels = torch.arange(bsz) % min(target.num_classes, config.draft.num_classes)
+    with torch.no_grad(), counter:
+        target.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, accel=config, labels=labels, **sample_kwargs)
+    out = CSpDFlops(plan=CSpDStepPlan.of(num_iter, config.ratio, config.num_draft))
+    for key, flops in counter.totals.items():
+        role, component = (key or "target/encoder").split("/")
+        getattr(out, role).components[component] += flops / bsz
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.mar import MAR_FACTORIES, build_released
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="mar_huge", choices=sorted(MAR_FACTORIES))
+    parser.add_argument("--draft", default="mar_base", choices=sorted(MAR_FACTORIES))
+    parser.add_argument("--num_iter", type=int, default=256)
+    parser.add_argument("--num_draft", type=int, default=4)
+    parser.add_argument("--ratio", type=float, default=0.05)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--head_cache", choices=("none", "draft", "target", "both"), default="none",
+                        help="LazyMAR's head cache on these models")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with torch.device("meta"):
+        target, draft = build_released(args.target), build_released(args.draft)
+    cache = {"draft": args.head_cache in ("draft", "both"), "target": args.head_cache in ("target", "both")}
+    config = cspd_preset("cspd", draft, ratio=args.ratio, num_draft=args.num_draft,
+                         draft_accel="lazymar-head" if cache["draft"] else None,
+                         target_accel="lazymar-head" if cache["target"] else None)
+    plain = estimate_plain(target, num_iter=args.num_iter, cfg=args.cfg)
+    cspd = estimate(target, config, num_iter=args.num_iter, cfg=args.cfg)
+    if args.json:
+        print(json.dumps({**cspd.as_dict(), "plain_target_tflops": plain.total / 1e12,
+                          "ratio": plain.total / cspd.total}, indent=2))
+        return 0
+    print(f"{args.draft} drafts for {args.target}: {args.num_iter} steps, num_draft {args.num_draft}, ratio "
+          f"{args.ratio}, cfg {args.cfg}, FLOPs per image (any acceptance rate), VAE decode excluded")
+    d = cspd.as_dict()
+    print(f"target passes {d['target_passes']} ({d['prefill_steps']} pre-fill + {d['verifications']} "
+          f"verifications), draft steps {d['draft_steps']}")
+    for name, report in (("plain target", plain), ("CSpD target", cspd.target), ("CSpD draft", cspd.draft)):
+        parts = "  ".join(f"{c} {report.components[c] / 1e12:.2f}T" for c in COMPONENTS[:3])
+        print(f"{name:<14}{report.total / 1e12:>8.2f}T   {parts}")
+    print(f"{'CSpD total':<14}{cspd.total / 1e12:>8.2f}T   ratio {plain.total / cspd.total:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    from util import cli
+    cli.run(main)
