@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from demo.registry import DEMO_MODEL  # noqa: F401  (registers the demo model with util.loading)
+import demo.registry  # noqa: F401  (registers the demo model with util.loading)
 from evaluation.metrics import DEFAULT_FID_STATS, MetricInputs, compute_metrics, prepare_metrics
 from evaluation.report import flops_summary, format_table, peak_memory_bytes, rate_line, summarize_timing
 from evaluation.run import (accel_name, claim_run_dir, class_labels, index_width, remove_stale_tmp, run_identity,
@@ -104,11 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_metrics", action="store_true", help="only generate (and time)")
     p.add_argument("--stop_after_batches", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
-
-
-def sampling_settings(args: argparse.Namespace, accel: str | None) -> SamplingSettings:
-    return SamplingSettings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                            temperature=args.temperature, accel=accel, precision=args.precision)
 
 
 def sampling_settings(args: argparse.Namespace, accel: str | None) -> SamplingSettings:
