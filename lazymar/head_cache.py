@@ -107,7 +107,7 @@ class HeadCache(Technique):
         self.config = config
         self.factory = head_cache_factory(config)
 
-    def wrap_head(self, factory):
+    def head_model(self):
         return self.factory
 
     def head_macs(self, p: StepPlan, s: ModelShape, tokens: int, steps: int) -> int:

@@ -58,7 +58,7 @@ class AccelSteps:
         # The technique that lays out the steps also arranges the orders they follow.
         self.schedule_by, self.schedule = (None, plain) if chosen is None else chosen
         self.num_steps = self.schedule.num_steps
-        head = decide("head_model", self.techniques, lambda t: t.wrap_head(None))
+        head = decide("head_model", self.techniques, lambda t: t.head_model())
         self.head_runner, self.head_factory = (self.plain, None) if head is None else head
         self.plans = [self._plan_step(step) for step in range(self.num_steps)]
         self.prev_pred: torch.Tensor | None = None  # (B, L) tokens predicted at the previous step

@@ -5,7 +5,7 @@ between calls). :class:`lazymar.steps.AccelSteps` plans a generation in phases a
 in each; a hook's default decides nothing, so a technique implements only what it changes:
 
 - once per generation: ``schedule`` (the step layout, with ``arrange_orders`` for the orders it
-  follows: GtR, ReCAP) and ``wrap_head`` (the head's model function: the head cache);
+  follows: GtR, ReCAP) and ``head_model`` (the head's model function: the head cache);
 - per step, in the phases of :data:`lazymar.plan.STEP_PHASES`, in this order: ``plan_rows`` (which
   guidance halves run), ``plan_transformer`` (who runs the encoder, the decoder or the whole
   transformer), ``plan_head_calls`` (how the predicted tokens split among head calls) and
@@ -94,8 +94,9 @@ class Technique:
         ``schedule`` the generation runs)."""
         return orders
 
-    def wrap_head(self, factory):
-        """The head's model-function factory (None: the plain one)."""
+    def head_model(self):
+        """The head's model-function factory (``DiffLoss.sample``'s ``model_fn_factory``; None: the
+        technique keeps the plain one)."""
         return None
 
     def plan_rows(self, p: StepPlan) -> dict[str, Any]:
