@@ -73,3 +73,17 @@ def test_layout_matches_the_tree():
     for script in ("eval.py", "sample.py", "train.py"):
         assert script in listed, script
     assert {f.name for f in (ROOT / "docs").glob("*.md")} == listed["docs/"]
+
+
+def test_a_preset_name_without_lazymar_says_which_call_works(tmp_path):
+    """``models/`` does not import ``lazymar``: a bare name there is refused, naming the call that works."""
+    script = tmp_path / "name.py"
+    script.write_text(PRELUDE.format(root=str(ROOT), tests=str(ROOT / "tests")) + (
+        "from models.mar import mar_base\n"
+        "try:\n"
+        "    mar_base().sample_tokens(1, num_iter=2, accel='lazymar')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accel=lazymar.preset('lazymar')" in done.stdout
