@@ -63,7 +63,7 @@ class FeatureExtractorDemoClassifier(FeatureExtractorBase):
         name: registry name (``lazymar-demo-classifier``).
         features_list: requested subset of :meth:`get_provided_features_list`.
         feature_extractor_weights_path: classifier checkpoint; ``None`` means
-            ``pretrained_models/demo/classifier.pt`` (relative to the working directory).
+            the shipped ``pretrained_models/demo/classifier.pt`` of this clone.
         feature_extractor_internal_dtype: ``'float32'`` (default) or ``'float64'``.
         **kwargs: the remaining ``calculate_metrics`` keywords (ignored).
     """
