@@ -49,7 +49,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -352,6 +352,9 @@ class MetricInputs:
     fid_stats: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) read from fid_stats_path
     fid_ref_dir: Path | None = None  # a checked folder of reference images (instead of fid_stats)
     demo_classifier: Path | None = None  # the demo model's metrics network (demo.fidelity loads it itself)
+    # The demo FID's real images are rendered as the model generates (its resolution and data style): filled in
+    # once the model is loaded.
+    demo_reference: dict[str, Any] = field(default_factory=dict)
 
 
 def inception_download() -> tuple[str, Path]:
@@ -524,6 +527,9 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
+    if metric_inputs is not None and metric_inputs.demo_classifier is not None:
+        metric_inputs.demo_reference = dict(reference_size=mar.img_size,
+                                            reference_style=getattr(mar, "data_style", "varied"))
     apply_compile(mar, sampling_compile)
     if gen.is_random and rank == 0:
         print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")
@@ -661,7 +667,7 @@ def _metrics(args: argparse.Namespace, inputs: MetricInputs, image_dir: Path, la
     if inputs.demo_classifier is not None:
         from demo.fidelity import demo_metrics
         return demo_metrics(image_dir, inputs.demo_classifier, labels=labels_all, batch_size=args.metrics_bsz,
-                            device=device, isc_splits=args.isc_splits)
+                            device=device, isc_splits=args.isc_splits, **inputs.demo_reference)
     return inception_metrics(image_dir, inputs, device=device, batch_size=args.metrics_bsz,
                              isc_splits=args.isc_splits)
 

@@ -168,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
     identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
-    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED)
-    real, real_labels = make_split(args.per_class, FLOOR_SEED)
+    # Real images as the model's samples are: its resolution (the classifier upsamples both alike), its style.
+    data = dict(size=gen.mar.img_size, style=getattr(gen.mar, "data_style", "varied"))
+    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED, **data)
+    real, real_labels = make_split(args.per_class, FLOOR_SEED, **data)
     floor = demo_metrics(real, classifier, labels=real_labels, reference=reference, compute_is=False)
     header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "
               f"{sampling['cfg_schedule']}, temperature {sampling['temperature']}, reference: "
-              f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images, {torch.get_num_threads()} CPU threads")
+              f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images ({data['style']} style, "
+              f"{data['size']} px), {torch.get_num_threads()} CPU threads")
     finished = {(r.policy, r.num_iter): r for r in done}  # saved rows of other steps/policies stay saved
 
     def save() -> None:

@@ -66,6 +66,7 @@ def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "
     model.load_state_dict(sd, strict=True)
     model.latent_scale = float(ckpt.get("latent_scale", 1.0))
     model.tokenizer_sha = ckpt.get("tokenizer_sha")
+    model.data_style = ckpt.get("data_style", "varied")  # the shapes it learned (exports before the key: varied)
     return model.to(device).eval()
 
 
