@@ -143,6 +143,9 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
+    if metric_inputs is not None and metric_inputs.demo_classifier is not None:
+        metric_inputs.demo_reference = dict(reference_size=mar.img_size,
+                                            reference_style=getattr(mar, "data_style", "varied"))
     apply_compile(mar, sampling_compile)
     if gen.is_random and rank == 0:
         print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")

@@ -53,6 +53,7 @@ from torch.utils.data import DistributedSampler
 
 from models.mar import MAR, mar_from_config
 from demo.train_step import MODEL_SIZES, BucketedMaskStep, compile_for_training, compile_step  # noqa: F401
+from demo.dataset import STYLES
 from util.checkpoint import CheckpointError, atomic_save
 from util.cli import check_positive
 from util.distributed import barrier, init_distributed, shutdown
@@ -92,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="pretrained_models/demo/tokenizer.pt")
     p.add_argument("--num_per_class", type=int, default=1500, help="training images per class")
     p.add_argument("--data_seed", type=int, default=0, help="dataset split seed (0 = demo.dataset.TRAIN_SEED)")
+    p.add_argument("--data_style", default="simple", choices=sorted(STYLES),
+                   help="the shapes' nuisance factors (demo.dataset.STYLES): 'simple' is the demo MAR's data "
+                        "(demo/TRAINING.md), 'varied' the full distribution the classifier and tokenizer see")
     p.add_argument("--cache_dir", default="output/latent_cache")
     # model
     p.add_argument("--model", default="demo", choices=sorted(MODEL_SIZES))
@@ -278,7 +282,9 @@ def _truncate_log(log_path: Path, step: int) -> None:
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
-    """Write ``{'model_ema', 'config', 'latent_scale', 'tokenizer_sha'}`` from a training checkpoint.
+    """Write ``{'model_ema', 'config', 'latent_scale', 'tokenizer_sha', 'data_style', 'step', 'dtype'}`` from a
+    training checkpoint (``data_style``: which shapes it learned, so that its demo FID is measured against
+    real images of the same style; checkpoints of before the flag learned the varied style).
 
     ``fp16`` halves the file (:func:`demo.registry.load_demo_mar` loads it into an fp32 model), but
     its rounding alone is of the order of the eps precision the first sampling step needs.
@@ -292,7 +298,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     out = Path(out)
     atomic_save(dict(model_ema=sd, config=ckpt["config"], latent_scale=ckpt["latent_scale"],
-                     tokenizer_sha=ckpt["tokenizer_sha"], step=ckpt["step"], dtype=dtype), out)
+                     tokenizer_sha=ckpt["tokenizer_sha"], data_style=ckpt.get("data_style", "varied"),
+                     step=ckpt["step"], dtype=dtype), out)
     print(f"exported EMA weights of step {ckpt['step']} ({dtype}) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return out
 
@@ -381,10 +388,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from demo.latents import load_or_build_latents
     if main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
-                                     device=device)
+                                     device=device, style=args.data_style)
     barrier()
     if not main_proc:
-        data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir)
+        data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
+                                     style=args.data_style)
     # The cached posteriors live on the device for the whole run: batches are gathered there by index.
     mean, std, labels = data["mean"].to(device), data["std"].to(device), data["labels"].to(device)
     scale = float(data["latent_scale"])
@@ -476,7 +484,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema_state,
                          optimizer=opt.state_dict(), step=step, epoch=epoch, config=config, args=vars(args),
                          settings=settings, setting_changes=setting_changes, rng=_rng_state(),
-                         latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], n_params=n_params), ckpt_path)
+                         latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], data_style=args.data_style,
+                         n_params=n_params), ckpt_path)
 
     progress = None
     if main_proc and not args.no_progress:

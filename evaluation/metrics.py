@@ -5,7 +5,7 @@ missing or unusable file stops a run in seconds, not after hours of sampling.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -66,6 +66,9 @@ class MetricInputs:
     fid_stats: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) read from fid_stats_path
     fid_ref_dir: Path | None = None  # a checked folder of reference images (instead of fid_stats)
     demo_classifier: Path | None = None  # the demo model's metrics network (demo.fidelity loads it itself)
+    # The demo FID's real images are rendered as the model generates (its resolution and data style): filled in
+    # once the model is loaded.
+    demo_reference: dict[str, Any] = field(default_factory=dict)
 
 
 def inception_download() -> tuple[str, Path]:
@@ -212,6 +215,6 @@ def compute_metrics(args: argparse.Namespace, inputs: MetricInputs, image_dir: P
     if inputs.demo_classifier is not None:
         from demo.fidelity import demo_metrics
         return demo_metrics(image_dir, inputs.demo_classifier, labels=labels_all, batch_size=args.metrics_bsz,
-                            device=device, isc_splits=args.isc_splits)
+                            device=device, isc_splits=args.isc_splits, **inputs.demo_reference)
     return inception_metrics(image_dir, inputs, device=device, batch_size=args.metrics_bsz,
                              isc_splits=args.isc_splits)

@@ -540,8 +540,9 @@ def test_bad_fid_reference_folder_fails_before_sampling(tmp_path, monkeypatch):
 
 def test_demo_metrics_need_the_classifier_before_sampling(tmp_path, monkeypatch):
     """The demo model's metrics use its classifier (not Inception): a missing or broken one fails first."""
+    import demo.registry
     from demo.registry import DEMO_MODEL, demo_path
-    monkeypatch.chdir(tmp_path)  # the demo files are found relative to the working directory: none here
+    monkeypatch.setattr(demo.registry, "DEMO_DIR", tmp_path / "demo")  # an empty folder: no demo files
     monkeypatch.setattr(eval_script, "load_generator", _no_generator)
     monkeypatch.setattr(eval_metrics, "load_inception", lambda *a, **k: pytest.fail("the demo path needs no Inception"))
     flags = ["--model", DEMO_MODEL, "--output_dir", str(tmp_path / "out")]
