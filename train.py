@@ -53,8 +53,10 @@ from torch.utils.data import DistributedSampler
 
 from models.mar import MAR, mar_from_config
 from demo.train_step import MODEL_SIZES, BucketedMaskStep, compile_for_training, compile_step  # noqa: F401
+from demo.dataset import STYLES
 from util.checkpoint import CheckpointError, atomic_save
 from util.cli import check_positive
+from util.distributed import barrier, init_distributed, shutdown
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
 from util.pos_embed import init_mar_pos_embed_sincos
@@ -91,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="pretrained_models/demo/tokenizer.pt")
     p.add_argument("--num_per_class", type=int, default=1500, help="training images per class")
     p.add_argument("--data_seed", type=int, default=0, help="dataset split seed (0 = demo.dataset.TRAIN_SEED)")
+    p.add_argument("--data_style", default="simple", choices=sorted(STYLES),
+                   help="the shapes' nuisance factors (demo.dataset.STYLES): 'simple' is the demo MAR's data "
+                        "(demo/TRAINING.md), 'varied' the full distribution the classifier and tokenizer see")
     p.add_argument("--cache_dir", default="output/latent_cache")
     # model
     p.add_argument("--model", default="demo", choices=sorted(MODEL_SIZES))
@@ -277,7 +282,9 @@ def _truncate_log(log_path: Path, step: int) -> None:
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
-    """Write ``{'model_ema', 'config', 'latent_scale', 'tokenizer_sha'}`` from a training checkpoint.
+    """Write ``{'model_ema', 'config', 'latent_scale', 'tokenizer_sha', 'data_style', 'step', 'dtype'}`` from a
+    training checkpoint (``data_style``: which shapes it learned, so that its demo FID is measured against
+    real images of the same style; checkpoints of before the flag learned the varied style).
 
     ``fp16`` halves the file (:func:`demo.registry.load_demo_mar` loads it into an fp32 model), but
     its rounding alone is of the order of the eps precision the first sampling step needs.
@@ -291,7 +298,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     out = Path(out)
     atomic_save(dict(model_ema=sd, config=ckpt["config"], latent_scale=ckpt["latent_scale"],
-                     tokenizer_sha=ckpt["tokenizer_sha"], step=ckpt["step"], dtype=dtype), out)
+                     tokenizer_sha=ckpt["tokenizer_sha"], data_style=ckpt.get("data_style", "varied"),
+                     step=ckpt["step"], dtype=dtype), out)
     print(f"exported EMA weights of step {ckpt['step']} ({dtype}) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return out
 
@@ -368,19 +376,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
 
     torch.set_num_threads(args.threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    rank, world, device = init_distributed()  # this rank's GPU if there is one (util.distributed)
+    distributed = world > 1
     main_proc = rank == 0
     # The settings check comes before any work: a refused resume must not encode data or build models.
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
@@ -391,11 +388,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from demo.latents import load_or_build_latents
     if main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
-                                     device=device)
-    if distributed:
-        dist.barrier()
+                                     device=device, style=args.data_style)
+    barrier()
     if not main_proc:
-        data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir)
+        data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
+                                     style=args.data_style)
     # The cached posteriors live on the device for the whole run: batches are gathered there by index.
     mean, std, labels = data["mean"].to(device), data["std"].to(device), data["labels"].to(device)
     scale = float(data["latent_scale"])
@@ -457,8 +454,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             _truncate_log(log_path, step)
         del ck  # its tensors are in the model and optimizer now
     out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        dist.barrier()
+    barrier()
 
     n_params = sum(p.numel() for p in model.parameters())
     if main_proc:
@@ -488,7 +484,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema_state,
                          optimizer=opt.state_dict(), step=step, epoch=epoch, config=config, args=vars(args),
                          settings=settings, setting_changes=setting_changes, rng=_rng_state(),
-                         latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], n_params=n_params), ckpt_path)
+                         latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], data_style=args.data_style,
+                         n_params=n_params), ckpt_path)
 
     progress = None
     if main_proc and not args.no_progress:
@@ -582,9 +579,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     flush()
     if progress is not None:
         progress.close()
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier()
+    shutdown()
     if main_proc:
         print(f"done: step {step}/{total_steps} in {time.perf_counter() - t_start:.0f}s this run")
     return dict(step=step, losses=losses, checkpoint=str(ckpt_path), n_params=n_params)

@@ -38,7 +38,7 @@ from util.checkpoint import atomic_save
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLASSIFIER_PATH = Path("pretrained_models/demo/classifier.pt")
+DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "pretrained_models" / "demo" / "classifier.pt"
 TRAIN_COMMAND = ("python -m demo.classifier --out pretrained_models/demo/classifier.pt "
                  "--epochs 6 --num_per_class 2000 --seed 0")
 

@@ -30,6 +30,7 @@ import logging
 import math
 import time
 from functools import lru_cache
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -294,10 +295,11 @@ assert len(_SHAPES) == NUM_CLASSES
 # background
 # ----------------------------------------------------------------------------------------------
 
-def _background(rng: np.random.Generator, base: np.ndarray, size: int) -> np.ndarray:
-    """Background (size, size, 3) float32: base colour plus one of the textures in _BG_TEXTURES."""
+def _background(rng: np.random.Generator, base: np.ndarray, size: int,
+                textures: tuple[str, ...] = _BG_TEXTURES) -> np.ndarray:
+    """Background (size, size, 3) float32: base colour plus one of ``textures`` (drawn when several)."""
     x, y = _grid(size)
-    kind = _BG_TEXTURES[int(rng.integers(len(_BG_TEXTURES)))]
+    kind = textures[int(rng.integers(len(textures)))] if len(textures) > 1 else textures[0]
     if kind == "flat":
         return np.broadcast_to(base, (size, size, 3)).astype(np.float32)
     if kind == "gradient":
@@ -331,33 +333,108 @@ def _background(rng: np.random.Generator, base: np.ndarray, size: int) -> np.nda
 # public API
 # ----------------------------------------------------------------------------------------------
 
-def render(label: int, rng: np.random.Generator, size: int = DEFAULT_SIZE) -> np.ndarray:
+@dataclass(frozen=True)
+class ShapeStyle:
+    """What varies in an image besides its class: the nuisance factors of a split.
+
+    Attributes:
+        backgrounds: background textures drawn from (one name: no draw), see ``_BG_TEXTURES``.
+        shading_prob: probability of a soft shading across the shape (0: never, and no draw).
+        grain_prob: probability of global film grain (0: never, and no draw).
+        scale_range: radius of the shape's unit circle, in half image widths.
+        centre_jitter: the centre is uniform in ``[-j, j]^2``; ``None``: anywhere the shape fits.
+        rotation: the angle is uniform in ``[-r, r]`` radians; ``None``: any angle.
+        colours: ``"independent"`` (background, shape and pattern colours drawn apart, with luma
+            contrast) or ``"inverse"`` (the shape is the RGB inverse of the background and patterns
+            alternate the two, so one colour decides the image's palette).
+    """
+
+    backgrounds: tuple[str, ...] = _BG_TEXTURES
+    shading_prob: float = 0.35
+    grain_prob: float = 0.25
+    scale_range: tuple[float, float] = _SCALE_RANGE
+    centre_jitter: float | None = None
+    rotation: float | None = None
+    colours: str = "independent"
+
+    def __post_init__(self) -> None:
+        if not self.backgrounds or set(self.backgrounds) - set(_BG_TEXTURES):
+            raise ValueError(f"backgrounds must be a non-empty subset of {_BG_TEXTURES}, got {self.backgrounds}")
+        if self.colours not in ("independent", "inverse"):
+            raise ValueError(f"colours must be 'independent' or 'inverse', got {self.colours!r}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi <= _MARGIN:
+            raise ValueError(f"scale_range must satisfy 0 < lo <= hi <= {_MARGIN}, got {self.scale_range}")
+        if self.centre_jitter is not None and not 0 <= self.centre_jitter <= _MARGIN - hi:
+            raise ValueError(f"centre_jitter must be in [0, {_MARGIN - hi:.2f}] (the shape stays inside), "
+                             f"got {self.centre_jitter}")
+        for name in ("shading_prob", "grain_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+# The named styles. "varied" is the full distribution: the classifier and the tokenizer are trained on it.
+# "simple" is what the demo MAR learns on 2 CPU cores (demo/TRAINING.md, "Data"): flat backgrounds, no
+# shading or grain, the shape near the centre at a narrow range of sizes and a small tilt, and the
+# shape's colour tied to the background's, so an image's palette is one draw. Every class is still a
+# structure, never a colour, and colours and geometry still vary from image to image.
+STYLES: dict[str, ShapeStyle] = {
+    "varied": ShapeStyle(),
+    "simple": ShapeStyle(backgrounds=("flat",), shading_prob=0.0, grain_prob=0.0, scale_range=(0.55, 0.66),
+                         centre_jitter=0.08, rotation=0.15, colours="inverse"),
+}
+DEFAULT_STYLE = "varied"
+_MIN_BG_LUMA_GAP = 0.17  # "inverse" colours: |luma - 0.5| of the background, so the inverse contrasts
+
+
+def shape_style(style: str | ShapeStyle) -> ShapeStyle:
+    """A style by name (see :data:`STYLES`) or as given."""
+    if isinstance(style, ShapeStyle):
+        return style
+    if style not in STYLES:
+        raise ValueError(f"unknown data style {style!r}; choose one of {sorted(STYLES)}")
+    return STYLES[style]
+
+
+def _palette(rng: np.random.Generator, colours: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(background, shape, pattern) colours."""
+    if colours == "independent":  # shape contrasts the background by >= 0.28 luma, pattern the shape by 0.22
+        bg_col = _random_color(rng)
+        fg_col = _contrasting_color(rng, bg_col, 0.28)
+        return bg_col, fg_col, _contrasting_color(rng, fg_col, 0.22)
+    for _ in range(24):  # bounded rejection: the rng stream stays deterministic
+        bg_col = _random_color(rng)
+        if abs(_luma(bg_col) - 0.5) >= _MIN_BG_LUMA_GAP:
+            break
+    return bg_col, 1.0 - bg_col, bg_col
+
+
+def render(label: int, rng: np.random.Generator, size: int = DEFAULT_SIZE,
+           style: str | ShapeStyle = DEFAULT_STYLE) -> np.ndarray:
     """Render one image of class ``label``.
 
     Args:
         label: class index in ``[0, NUM_CLASSES)`` (see :data:`CLASS_NAMES`).
         rng: random generator; the image is a deterministic function of its state.
         size: output height and width in pixels (geometry is resolution independent).
+        style: a name of :data:`STYLES` or a :class:`ShapeStyle`.
 
     Returns:
         ``(size, size, 3)`` uint8 RGB image.
     """
     if not 0 <= int(label) < NUM_CLASSES:
         raise ValueError(f"label must be in [0, {NUM_CLASSES}), got {label}")
+    st = shape_style(style)
     x, y = _grid(size)
 
-    # colours: background, foreground (contrast >= 0.28 luma), secondary pattern colour
-    bg_col = _random_color(rng)
-    fg_col = _contrasting_color(rng, bg_col, 0.28)
-    c2_col = _contrasting_color(rng, fg_col, 0.22)
-
-    img = _background(rng, bg_col, size)
+    bg_col, fg_col, c2_col = _palette(rng, st.colours)
+    img = _background(rng, bg_col, size, st.backgrounds)
 
     # geometry
-    scale = rng.uniform(*_SCALE_RANGE)
-    lim = _MARGIN - scale
+    scale = rng.uniform(*st.scale_range)
+    lim = _MARGIN - scale if st.centre_jitter is None else st.centre_jitter
     cx, cy = rng.uniform(-lim, lim, 2)
-    ang = rng.uniform(0.0, 2.0 * math.pi)
+    ang = rng.uniform(0.0, 2.0 * math.pi) if st.rotation is None else rng.uniform(-st.rotation, st.rotation)
     ca, sa = math.cos(ang), math.sin(ang)
     dx, dy = x - cx, y - cy
     px = (dx * ca + dy * sa) / scale
@@ -371,14 +448,14 @@ def render(label: int, rng: np.random.Generator, size: int = DEFAULT_SIZE) -> np
         fg = c2_col + (fg_col - c2_col) * mix
     else:
         fg = np.broadcast_to(fg_col, (size, size, 3))
-    if rng.random() < 0.35:  # soft shading across the shape
+    if st.shading_prob and rng.random() < st.shading_prob:  # soft shading across the shape
         s_ang = rng.uniform(0.0, 2.0 * math.pi)
         k = rng.uniform(0.10, 0.25)
         shade = 1.0 + k * (px * math.cos(s_ang) + py * math.sin(s_ang)) * 0.5
         fg = fg * shade[..., None]
 
     img = img + (fg - img) * alpha
-    if rng.random() < 0.25:  # global film grain: fine detail on the shape too
+    if st.grain_prob and rng.random() < st.grain_prob:  # global film grain: fine detail on the shape too
         img = img + rng.standard_normal((size, size, 1), dtype=np.float32) * rng.uniform(0.01, 0.03)
 
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -393,20 +470,22 @@ def index_to_label(index: int) -> tuple[int, int]:
     return int(index) % NUM_CLASSES, int(index) // NUM_CLASSES
 
 
-def render_index(index: int, seed: int, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, int]:
+def render_index(index: int, seed: int, size: int = DEFAULT_SIZE,
+                 style: str | ShapeStyle = DEFAULT_STYLE) -> tuple[np.ndarray, int]:
     """Render the image with global ``index`` of the split with ``seed``.
 
     Args:
         index: global image index (label ``index % NUM_CLASSES``).
         seed: split seed, e.g. :data:`TRAIN_SEED` or :data:`HELDOUT_SEED`.
         size: output resolution.
+        style: a name of :data:`STYLES` or a :class:`ShapeStyle`.
 
     Returns:
         (uint8 image (size, size, 3), label)
     """
     label, k = index_to_label(index)
     rng = np.random.default_rng([int(seed), label, k])
-    return render(label, rng, size), label
+    return render(label, rng, size, style), label
 
 
 def split_labels(num_per_class: int) -> np.ndarray:
@@ -418,7 +497,8 @@ def split_labels(num_per_class: int) -> np.ndarray:
     return np.arange(num_per_class * NUM_CLASSES, dtype=np.int64) % NUM_CLASSES
 
 
-def make_split(num_per_class: int, seed: int, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def make_split(num_per_class: int, seed: int, size: int = DEFAULT_SIZE,
+               style: str | ShapeStyle = DEFAULT_STYLE) -> tuple[np.ndarray, np.ndarray]:
     """Render a balanced split.
 
     Labels are interleaved: image ``i`` has label ``i % NUM_CLASSES`` and is rendered from
@@ -429,6 +509,8 @@ def make_split(num_per_class: int, seed: int, size: int = DEFAULT_SIZE) -> tuple
         num_per_class: images per class (N = num_per_class * NUM_CLASSES).
         seed: split seed (see :data:`SPLIT_SEEDS`).
         size: output resolution.
+        style: a name of :data:`STYLES` or a :class:`ShapeStyle` (the same seed in another style is
+            another set of images).
 
     Returns:
         (images uint8 (N, size, size, 3), labels int64 (N,))
@@ -436,9 +518,10 @@ def make_split(num_per_class: int, seed: int, size: int = DEFAULT_SIZE) -> tuple
     if num_per_class < 0:
         raise ValueError(f"num_per_class must be >= 0, got {num_per_class}")
     labels = split_labels(num_per_class)
+    st = shape_style(style)
     images = np.empty((len(labels), size, size, 3), dtype=np.uint8)
     for i in range(len(labels)):
-        images[i] = render_index(i, seed, size)[0]
+        images[i] = render_index(i, seed, size, st)[0]
     return images, labels
 
 
@@ -471,10 +554,12 @@ class ShapesDataset(Dataset):
         split: optional split name (``'train'``, ``'heldout'``, ``'floor'``); overrides ``seed``.
         precompute: render everything up front (fast indexing, N*size*size*3 bytes of RAM);
             if False, each item is rendered on access (still deterministic).
+        style: a name of :data:`STYLES` or a :class:`ShapeStyle`.
     """
 
     def __init__(self, num_per_class: int = 1000, seed: int = TRAIN_SEED, size: int = DEFAULT_SIZE,
-                 split: str | None = None, precompute: bool = True) -> None:
+                 split: str | None = None, precompute: bool = True,
+                 style: str | ShapeStyle = DEFAULT_STYLE) -> None:
         if split is not None:
             if split not in SPLIT_SEEDS:
                 raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
@@ -482,11 +567,12 @@ class ShapesDataset(Dataset):
         self.num_per_class = int(num_per_class)
         self.seed = int(seed)
         self.size = int(size)
+        self.style = shape_style(style)
         self.labels = split_labels(self.num_per_class)
         self.images: np.ndarray | None = None
         if precompute:
             t0 = time.perf_counter()
-            self.images, _ = make_split(self.num_per_class, self.seed, self.size)
+            self.images, _ = make_split(self.num_per_class, self.seed, self.size, self.style)
             logger.debug("rendered %d images (seed %d) in %.2fs", len(self.labels), self.seed,
                          time.perf_counter() - t0)
 
@@ -501,7 +587,7 @@ class ShapesDataset(Dataset):
         """
         if self.images is not None:
             return self.images[index]
-        return render_index(index, self.seed, self.size)[0]
+        return render_index(index, self.seed, self.size, self.style)[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return to_model_input(self.uint8_image(index)), int(self.labels[index])
@@ -512,7 +598,7 @@ class ShapesDataset(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 def preview_grid(num_cols: int = 12, seed: int = TRAIN_SEED, size: int = DEFAULT_SIZE,
-                 zoom: int = 2, pad: int = 2, label_width: int = 96):
+                 zoom: int = 2, pad: int = 2, label_width: int = 96, style: str | ShapeStyle = DEFAULT_STYLE):
     """A PIL image with one row per class (class name on the left).
 
     Args:
@@ -522,6 +608,7 @@ def preview_grid(num_cols: int = 12, seed: int = TRAIN_SEED, size: int = DEFAULT
         zoom: integer nearest-neighbour magnification for viewing.
         pad: pixels between tiles.
         label_width: width of the class-name column in pixels.
+        style: a name of :data:`STYLES` or a :class:`ShapeStyle`.
     """
     from PIL import Image, ImageDraw
 
@@ -534,7 +621,7 @@ def preview_grid(num_cols: int = 12, seed: int = TRAIN_SEED, size: int = DEFAULT
         top = pad + label * (tile + pad)
         draw.text((4, top + tile // 2 - 6), f"{label}: {name}", fill=(0, 0, 0))
         for k in range(num_cols):
-            img = render_index(k * NUM_CLASSES + label, seed, size)[0]
+            img = render_index(k * NUM_CLASSES + label, seed, size, style)[0]
             im = Image.fromarray(img).resize((tile, tile), Image.NEAREST)
             canvas.paste(im, (label_width + pad + k * (tile + pad), top))
     return canvas
@@ -560,11 +647,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TRAIN_SEED)
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--zoom", type=int, default=2)
+    parser.add_argument("--style", default=DEFAULT_STYLE, choices=sorted(STYLES))
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="also time rendering N images and print images/s")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    preview_grid(args.cols, args.seed, args.size, args.zoom).save(args.out)
+    preview_grid(args.cols, args.seed, args.size, args.zoom, style=args.style).save(args.out)
     logger.info("wrote %s (%d classes x %d)", args.out, NUM_CLASSES, args.cols)
     if args.benchmark:
         logger.info("throughput: %.0f images/s at %dx%d", benchmark(args.benchmark, args.size),

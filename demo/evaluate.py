@@ -1,12 +1,14 @@
 """The demo model's speed/quality table: step count x policy -> FLOPs, CPU latency, class accuracy, demo FID.
 
     python -m demo.evaluate --steps 16 32 64 --policies none lazymar lazymar-scaled --per_class 50
-    python -m demo.evaluate --policies comparison --plot docs/demo_quality_vs_flops.png   # every method
+    python -m demo.evaluate --policies comparison --seeds 0 1 2 --plot docs/demo_quality_vs_flops.png
 
 Every row generates the same class-balanced labels from the same seeds, so rows differ only by the
-policy and step count. Class accuracy and demo FID come from the demo classifier (``demo.fidelity``);
-the "real data" row is the same measurement on held-out real images, the floor any generator can reach.
-Latency is per image on this machine, excluding the first (warm-up) batch.
+policy and step count. With several ``--seeds`` each (policy, steps) is measured once per seed and the
+table shows the mean with the range over seeds, the noise a difference between rows must exceed.
+Class accuracy and demo FID come from the demo classifier (``demo.fidelity``); the "real data" row is
+the same measurement on held-out real images of the model's data style, the floor any generator can
+reach. Latency is per image on this machine, excluding the first (warm-up) batch.
 
 The full table is hours of CPU time, so a progress bar counts batches, each row is printed when done,
 and with ``--out`` the rows are saved as they finish: the same command run again (same checkpoint,
@@ -36,6 +38,8 @@ COMPARISON = ["none", "lazymar", "gtr", "marche", "disa", "recap", "gtr+lazymar"
 
 @dataclass
 class Row:
+    """One measurement: ``num_images`` images of one (policy, step count) generated from ``seed``."""
+
     policy: str
     num_iter: int
     tflops_per_image: float
@@ -43,13 +47,49 @@ class Row:
     class_accuracy: float
     demo_fid: float
     num_images: int
+    seed: int = 0
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.policy, self.num_iter, self.seed
+
+
+@dataclass
+class Summary:
+    """The rows of one (policy, step count) over its seeds: means, and the range over seeds."""
+
+    policy: str
+    num_iter: int
+    seeds: tuple[int, ...]
+    tflops_per_image: float
+    seconds_per_image: float
+    class_accuracy: float
+    class_accuracy_range: tuple[float, float]
+    demo_fid: float
+    demo_fid_range: tuple[float, float]
+    num_images: int
+
+
+def summarize(rows: list[Row]) -> list[Summary]:
+    """One :class:`Summary` per (policy, step count), in the order they first appear in ``rows``."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.policy, r.num_iter), []).append(r)
+    out = []
+    for (policy, num_iter), rs in groups.items():
+        acc = [r.class_accuracy for r in rs]
+        fid = [r.demo_fid for r in rs]
+        out.append(Summary(policy, num_iter, tuple(r.seed for r in rs), float(np.mean([r.tflops_per_image for r in rs])),
+                           float(np.mean([r.seconds_per_image for r in rs])), float(np.mean(acc)),
+                           (min(acc), max(acc)), float(np.mean(fid)), (min(fid), max(fid)), rs[0].num_images))
+    return out
 
 
 def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], per_class: int,
-             sampling: dict, bsz: int, seed: int, classifier_path: str, reference: np.ndarray,
+             sampling: dict, bsz: int, seeds: list[int], classifier_path: str, reference: np.ndarray,
              done: list[Row] | None = None, on_row: Callable[[Row], None] | None = None,
              progress: bool = False) -> list[Row]:
-    """One :class:`Row` per (step count, policy), in that order.
+    """One :class:`Row` per (step count, policy, seed), in that order.
 
     Images come from :func:`util.generate.generate_images`; seconds per image exclude the first batch.
 
@@ -62,36 +102,44 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], pe
 
     from lazymar.flops import estimate
     labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES
-    known = {(r.policy, r.num_iter): r for r in done or []}
-    todo = [(n, p) for n in steps for p in policies if (p or "plain", n) not in known]
+    known = {r.key: r for r in done or []}
+    todo = [(n, p, s) for n in steps for p in policies for s in seeds if (p or "plain", n, s) not in known]
     bar = tqdm(total=len(todo) * -(-len(labels) // bsz), desc="demo.evaluate", unit="batch", disable=not progress)
     rows = []
     for num_iter in steps:
         for policy in policies:
-            if (policy or "plain", num_iter) in known:
-                rows.append(known[policy or "plain", num_iter])
-                continue
-            bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps")
-            settings = SamplingSettings(num_iter=num_iter, accel=policy, **sampling)
-            images, seconds = generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=bar)
-            m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference, compute_is=False)
-            flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
-            rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
-                            len(images)))
-            if on_row is not None:
-                on_row(rows[-1])
+            for seed in seeds:
+                if (policy or "plain", num_iter, seed) in known:
+                    rows.append(known[policy or "plain", num_iter, seed])
+                    continue
+                bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps, seed {seed}")
+                settings = SamplingSettings(num_iter=num_iter, accel=policy, **sampling)
+                images, seconds = generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=bar)
+                m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference,
+                                 compute_is=False)
+                flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
+                rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
+                                len(images), seed))
+                if on_row is not None:
+                    on_row(rows[-1])
     bar.close()
     return rows
 
 
 def format_markdown(rows: list[Row], floor: dict | None) -> str:
-    lines = ["| steps | policy | TFLOPs / image | CPU s / image | class accuracy | demo FID |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r.num_iter} | {r.policy} | {r.tflops_per_image:.4f} | {r.seconds_per_image:.3f} | "
-                     f"{r.class_accuracy:.1%} | {r.demo_fid:.3f} |")
+    """The table of ``rows`` summarized over seeds: means, with the range over seeds when there are several."""
+    lines = ["| steps | policy | seeds | TFLOPs / image | CPU s / image | class accuracy | demo FID |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summarize(rows):
+        acc, fid = f"{r.class_accuracy:.1%}", f"{r.demo_fid:.2f}"
+        if len(r.seeds) > 1:
+            acc += f" ({r.class_accuracy_range[0]:.1%}-{r.class_accuracy_range[1]:.1%})"
+            fid += f" ({r.demo_fid_range[0]:.2f}-{r.demo_fid_range[1]:.2f})"
+        lines.append(f"| {r.num_iter} | {r.policy} | {len(r.seeds)} | {r.tflops_per_image:.4f} | "
+                     f"{r.seconds_per_image:.3f} | {acc} | {fid} |")
     if floor:
-        lines.append(f"| - | real held-out data | - | - | {floor['class_accuracy']:.1%} | {floor['demo_fid']:.3f} |")
+        lines.append(f"| - | real held-out data | - | - | - | {floor['class_accuracy']:.1%} | "
+                     f"{floor['demo_fid']:.2f} |")
     return "\n".join(lines)
 
 
@@ -139,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="'comparison': plain MAR, LazyMAR, GtR, MARche, DiSA, ReCAP and their combinations")
     p.add_argument("--per_class", type=int, default=50, help="generated images per class and row")
     p.add_argument("--bsz", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one row per seed; the table shows the mean and the range over seeds")
     p.add_argument("--cfg", type=float, default=None, help="default: the demo default")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -148,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=None, help="also write the quality-vs-FLOPs plot (PNG) here")
     args = p.parse_args(argv)
     check_positive(per_class=args.per_class, bsz=args.bsz, steps=min(args.steps))
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds lists a seed twice: {args.seeds}")
     check_sampling_settings(cfg=args.cfg, temperature=args.temperature)  # before loading anything
     if "comparison" in args.policies:
         args.policies = [x for x in args.policies if x != "comparison"] + COMPARISON
@@ -163,18 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]),
                     classifier_sha256=file_sha256(DEMO_DIR / DEMO_FILES["classifier"]),
                     presets={p: repr(PRESETS[p]) for p in policies if p is not None},
-                    per_class=args.per_class, bsz=args.bsz, seed=args.seed, seed_rule=SEED_RULE, device=args.device,
+                    per_class=args.per_class, bsz=args.bsz, seed_rule=SEED_RULE, device=args.device,
                     threads=torch.get_num_threads(), **sampling)
     done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
     identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
-    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED)
-    real, real_labels = make_split(args.per_class, FLOOR_SEED)
+    # Real images as the model's samples are: its resolution (the classifier upsamples both alike), its style.
+    data = dict(size=gen.mar.img_size, style=getattr(gen.mar, "data_style", "varied"))
+    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED, **data)
+    real, real_labels = make_split(args.per_class, FLOOR_SEED, **data)
     floor = demo_metrics(real, classifier, labels=real_labels, reference=reference, compute_is=False)
     header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "
               f"{sampling['cfg_schedule']}, temperature {sampling['temperature']}, reference: "
-              f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images, {torch.get_num_threads()} CPU threads")
-    finished = {(r.policy, r.num_iter): r for r in done}  # saved rows of other steps/policies stay saved
+              f"{REFERENCE_PER_CLASS * NUM_CLASSES} held-out real images ({data['style']} style, "
+              f"{data['size']} px), {torch.get_num_threads()} CPU threads")
+    finished = {r.key: r for r in done}  # saved rows of other steps, policies and seeds stay saved
 
     def save() -> None:
         with atomic_path(args.out.with_suffix(".json")) as tmp:
@@ -183,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                       indent=2, default=str))
 
     def on_row(row: Row) -> None:
-        finished[row.policy, row.num_iter] = row
+        finished[row.key] = row
         tqdm.write(format_markdown([row], None).splitlines()[-1])
         if args.out:
             save()
@@ -191,14 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     if done:
         print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
     rows = evaluate(gen, steps=args.steps, policies=policies, per_class=args.per_class,
-                    sampling=sampling, bsz=args.bsz, seed=args.seed, classifier_path=classifier, reference=reference,
+                    sampling=sampling, bsz=args.bsz, seeds=args.seeds, classifier_path=classifier, reference=reference,
                     done=done, on_row=on_row, progress=True)
     table = format_markdown(rows, floor)
     print(header)
     print(table)
     if args.plot:
         from demo.plot import plot_quality_vs_flops
-        print(f"plot: {plot_quality_vs_flops(rows, args.plot)}")
+        print(f"plot: {plot_quality_vs_flops(summarize(rows), args.plot)}")
     if args.out:
         save()
         with atomic_path(args.out.with_suffix(".md")) as tmp:

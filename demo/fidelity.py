@@ -37,7 +37,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from demo.classifier import DEFAULT_CLASSIFIER_PATH, load_classifier
-from demo.dataset import DEFAULT_SIZE, FLOOR_SEED, HELDOUT_SEED, make_split
+from demo.dataset import DEFAULT_SIZE, DEFAULT_STYLE, FLOOR_SEED, HELDOUT_SEED, make_split
 from util.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class FeatureExtractorDemoClassifier(FeatureExtractorBase):
         name: registry name (``lazymar-demo-classifier``).
         features_list: requested subset of :meth:`get_provided_features_list`.
         feature_extractor_weights_path: classifier checkpoint; ``None`` means
-            ``pretrained_models/demo/classifier.pt`` (relative to the working directory).
+            the shipped ``pretrained_models/demo/classifier.pt`` of this clone.
         feature_extractor_internal_dtype: ``'float32'`` (default) or ``'float64'``.
         **kwargs: the remaining ``calculate_metrics`` keywords (ignored).
     """
@@ -162,13 +162,15 @@ class ShapesUint8Dataset(Uint8ImageDataset):
         num_per_class: images per class.
         seed: split seed (default :data:`demo.dataset.HELDOUT_SEED`, the FID reference).
         size: resolution.
+        style: data style (:data:`demo.dataset.STYLES`).
     """
 
-    def __init__(self, num_per_class: int, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE) -> None:
-        images, labels = make_split(num_per_class, seed, size)
+    def __init__(self, num_per_class: int, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE,
+                 style: str = DEFAULT_STYLE) -> None:
+        images, labels = make_split(num_per_class, seed, size, style)
         super().__init__(images)
         self.labels = labels
-        self.seed, self.num_per_class, self.size = seed, num_per_class, size
+        self.seed, self.num_per_class, self.size, self.style = seed, num_per_class, size, style
 
 
 _INDEX_PNG = re.compile(r"^(\d+)\.png$")
@@ -334,15 +336,19 @@ def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def reference_dataset(num_per_class: int = DEFAULT_REFERENCE_PER_CLASS, seed: int = HELDOUT_SEED,
-                      size: int = DEFAULT_SIZE) -> ShapesUint8Dataset:
+                      size: int = DEFAULT_SIZE, style: str = DEFAULT_STYLE) -> ShapesUint8Dataset:
     """The real reference split of the demo FID (held-out, never used for training).
+
+    Render it like the model's samples: at the generator's resolution (the classifier upsamples both the
+    same way) and in the style it learned, or the distance measures the mismatch, not the generator.
 
     Args:
         num_per_class: images per class.
         seed: split seed (default :data:`demo.dataset.HELDOUT_SEED`).
         size: resolution.
+        style: data style (:data:`demo.dataset.STYLES`).
     """
-    return ShapesUint8Dataset(num_per_class, seed, size)
+    return ShapesUint8Dataset(num_per_class, seed, size, style)
 
 
 def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
@@ -352,7 +358,8 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
                  reference_per_class: int = DEFAULT_REFERENCE_PER_CLASS,
                  batch_size: int = 256, device: str | torch.device | None = None,
                  compute_is: bool = True, isc_splits: int = 10,
-                 cache_root: PathLike | None = None, verbose: bool = False) -> dict[str, Any]:
+                 cache_root: PathLike | None = None, verbose: bool = False,
+                 reference_size: int = DEFAULT_SIZE, reference_style: str = DEFAULT_STYLE) -> dict[str, Any]:
     """Demo FID (and IS) through ``torch_fidelity.calculate_metrics``, and class accuracy.
 
     Args:
@@ -364,6 +371,8 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
         reference: real reference images (same kinds as ``samples``); default: the held-out split
             (:data:`demo.dataset.HELDOUT_SEED`) with ``reference_per_class`` images per class.
         reference_per_class: size of the default reference split.
+        reference_size / reference_style: resolution and data style of the default reference split:
+            those of the generator (see :func:`reference_dataset`).
         batch_size: images per forward pass.
         device: ``'cpu'`` / ``'cuda'``; default cuda when available.
         compute_is: also report ``demo_is`` (Inception-Score formula on the classifier's
@@ -388,11 +397,12 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
         verbose=verbose, cache=False, save_cpu_ram=True,
     )
     if reference is None:
-        ref_ds: Dataset = reference_dataset(reference_per_class)
+        ref_ds: Dataset = reference_dataset(reference_per_class, size=reference_size, style=reference_style)
         if cache_root is not None:
             kwargs.update(cache=True, cache_root=str(cache_root),
                           input2_cache_name=(f"lazymar-demo-heldout-s{HELDOUT_SEED}-n{reference_per_class}"
-                                             f"-{DEFAULT_SIZE}px-clf{file_sha256(classifier_path)[:12]}"))
+                                             f"-{reference_size}px-{reference_style}"
+                                             f"-clf{file_sha256(classifier_path)[:12]}"))
     else:
         ref_ds = as_uint8_dataset(reference)
     do_is = compute_is and len(sample_ds) >= 2 * isc_splits
@@ -425,7 +435,7 @@ def demo_floor(classifier_path: PathLike = DEFAULT_CLASSIFIER_PATH,
                num_per_class: int = DEFAULT_FLOOR_PER_CLASS,
                reference_per_class: int = DEFAULT_REFERENCE_PER_CLASS, batch_size: int = 256,
                device: str | torch.device | None = None, cache_root: PathLike | None = None,
-               verbose: bool = False) -> dict[str, Any]:
+               verbose: bool = False, size: int = DEFAULT_SIZE, style: str = DEFAULT_STYLE) -> dict[str, Any]:
     """The best a generator can score: real held-out images measured like generated ones.
 
     Demo FID of a second real split (:data:`demo.dataset.FLOOR_SEED`) against the reference split,
@@ -440,13 +450,15 @@ def demo_floor(classifier_path: PathLike = DEFAULT_CLASSIFIER_PATH,
         device: ``'cpu'`` / ``'cuda'``.
         cache_root: see :func:`demo_metrics`.
         verbose: torch-fidelity progress output.
+        size / style: resolution and data style of both real splits (the generator's).
 
     Returns:
         ``{'demo_fid', 'demo_is', 'class_accuracy', 'num_samples', 'num_reference'}``.
     """
-    floor = ShapesUint8Dataset(num_per_class, FLOOR_SEED)
+    floor = ShapesUint8Dataset(num_per_class, FLOOR_SEED, size, style)
     return demo_metrics(floor, classifier_path, labels=floor.labels, reference_per_class=reference_per_class,
-                        batch_size=batch_size, device=device, cache_root=cache_root, verbose=verbose)
+                        batch_size=batch_size, device=device, cache_root=cache_root, verbose=verbose,
+                        reference_size=size, reference_style=style)
 
 
 __all__ = [

@@ -1,7 +1,8 @@
 """Quality vs FLOPs scatter plot of ``demo.evaluate`` rows, drawn with Pillow (no plotting dependency).
 
 One point per (policy, step count): x = TFLOPs per image (log scale), y = demo FID (lower is better),
-colour by policy, labelled with the step count. Small and plain on purpose: it goes in the README.
+colour by policy, labelled with the step count; a vertical bar spans the range over seeds where the
+points carry one (``demo_fid_range``). Small and plain on purpose: it goes in the README.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def plot_quality_vs_flops(rows, path: str | Path, size: tuple[int, int] = (720, 
     draw = ImageDraw.Draw(img)
     xs = [math.log10(max(r.tflops_per_image, 1e-12)) for r in rows]
     ys = [r.demo_fid for r in rows]
+    spans = [getattr(r, "demo_fid_range", (r.demo_fid, r.demo_fid)) for r in rows]
     x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
+    y0, y1 = min(lo for lo, _ in spans), max(hi for _, hi in spans)
     x0, x1 = (x0 - 0.05, x1 + 0.05) if x1 - x0 < 1e-9 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
     y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
 
@@ -44,9 +46,11 @@ def plot_quality_vs_flops(rows, path: str | Path, size: tuple[int, int] = (720, 
     draw.text((left + 120, H - 20), "TFLOPs per image (log scale)", fill="black")
     draw.text((5, 2), "demo FID (lower is better)", fill="black")
     policies = list(dict.fromkeys(r.policy for r in rows))
-    for r, x, y in zip(rows, xs, ys):
+    for r, x, y, (lo, hi) in zip(rows, xs, ys, spans):
         colour = PALETTE[policies.index(r.policy) % len(PALETTE)]
         cx, cy = px(x, y)
+        if hi > lo:
+            draw.line([px(x, lo), px(x, hi)], fill=colour, width=2)
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         draw.text((cx + 6, cy - 6), str(r.num_iter), fill=colour)
     for i, name in enumerate(policies):  # legend

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from util.loading import LoadedModel, register_generator
 
 DEMO_MODEL = "demo"  # its name for util.loading.load_generator (registered below) and the scripts' --model
-DEMO_DIR = Path("pretrained_models/demo")
+# In the clone, wherever the caller's working directory is (the files ship with the repository, not
+# with `pip install .`).
+DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained_models" / "demo"
 DEMO_FILES = {"mar": "mar.pt", "tokenizer": "tokenizer.pt", "classifier": "classifier.pt"}
 
 # Default sampling settings of the demo model (chosen by class accuracy, see demo/TRAINING.md).
@@ -64,6 +66,7 @@ def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "
     model.load_state_dict(sd, strict=True)
     model.latent_scale = float(ckpt.get("latent_scale", 1.0))
     model.tokenizer_sha = ckpt.get("tokenizer_sha")
+    model.data_style = ckpt.get("data_style", "varied")  # the shapes it learned (exports before the key: varied)
     return model.to(device).eval()
 
 

@@ -40,9 +40,15 @@ What the released rule does to the output distribution, and the options (:class:
   ``sample_tokens(labels=None)`` samples unconditionally with both models (``fake_latent``), which is
   what the release does with an explicit ``labels=None``.
 
-Compositions: LazyMAR's head cache composes with CSpD on the draft, the target or both (it works inside
-each head call: ``draft_accel``/``target_accel="lazymar-head"``). Everything else is refused with the
-conflict named (:func:`check_composition`).
+Compositions: CSpD runs each model's transformer through the model's one block runner and its head
+through :meth:`~models.diffloss.DiffLoss.sample`; of a technique on either model it asks one hook,
+``head_model`` (the head's model function). So a technique that decides nothing else composes: LazyMAR's
+head cache, on the draft, the target or both (``draft_accel``/``target_accel="lazymar-head"``). Every
+other one is refused with the conflict named (:func:`check_composition`).
+
+``target.sample_tokens(accel=CSpDConfig(...))`` reaches :class:`CSpD` through the config's ``sampler``
+hook, as every acceleration config does; it is a :class:`models.mar.LoopStrategy`, which runs the whole
+generation itself.
 
 Statistics: each ``sample_tokens`` call hands a :class:`CSpDStats` (accepted / verified per verification
 and overall) to ``on_stats`` when given (:class:`StatsLog` keeps them).
@@ -51,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -59,10 +65,12 @@ from tqdm.auto import tqdm
 
 from lazymar.config import PRESETS, AccelConfig
 from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
-from lazymar.head_cache import head_cache_factory
+from lazymar.plan import FIELD_MEANING
+from lazymar.steps import decide
+from lazymar.technique import PlainMAR, Technique
 from models.diffusion import TrajectoryTrace
 from models.indexing import gather_rows, gather_tokens, positions, scattered_tokens
-from models.schedules import guidance_scale, plain_mask_lens
+from models.schedules import guidance_on, guidance_scale, plain_mask_lens
 
 DRAFT_TOKENS = ("mean", "sample")
 STEP_MISMATCH = ("error", "prefix")
@@ -106,8 +114,8 @@ class CSpDConfig:
         step_mismatch: ``"error"`` (default: alignment is the premise of the test) or ``"prefix"``
             (release): draft and target heads with different diffusion step counts.
         draft_accel / target_accel: techniques on either model (a preset name or an
-            :class:`~lazymar.config.AccelConfig`); only LazyMAR's head cache composes (e.g.
-            ``"lazymar-head"``), see :func:`check_composition`.
+            :class:`~lazymar.config.AccelConfig`); those that decide only the head's model function
+            compose, i.e. LazyMAR's head cache (``"lazymar-head"``), see :func:`check_composition`.
         on_stats: called with the :class:`CSpDStats` of every ``sample_tokens`` call.
     """
 
@@ -151,10 +159,18 @@ class CSpDConfig:
         check_composition(self.draft_accel, "draft")
         check_composition(self.target_accel, "target")
 
-    def head_cache(self, role: str):
-        """The head-cache config on ``role`` (``"draft"`` or ``"target"``), or None."""
+    def sampler(self, model, *, num_iter: int, guided: bool) -> "CSpD":
+        """The sampler of one ``model.sample_tokens(accel=self)`` call, ``model`` verifying the draft (the
+        hook :func:`models.mar.step_strategy` asks every acceleration config)."""
+        return CSpD(model, self, guided=guided)
+
+    def head_model(self, role: str, model) -> tuple[Technique, Any]:
+        """The technique whose model function ``role``'s head runs (``"draft"`` or ``"target"``, on
+        ``model``), asked through the ``head_model`` hook as :class:`lazymar.steps.AccelSteps` asks it, and
+        that function's factory (None: the plain one)."""
         accel = _resolve(self.draft_accel if role == "draft" else self.target_accel)
-        return None if accel is None else accel.head_cache
+        chosen = None if accel is None else decide("head_model", accel.techniques(model), lambda t: t.head_model())
+        return (PlainMAR(model), None) if chosen is None else chosen
 
 
 def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:
@@ -166,7 +182,9 @@ def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:
                      f"({sorted(PRESETS)}), got {accel!r}")
 
 
-# Why each technique cannot run on a CSpD model (the head cache can).
+# What CSpD asks of a technique on either model: the head's model function; it decides everything else.
+COMPOSES = frozenset({"head_model"})
+# Why each technique that decides more cannot run on a CSpD model (by its AccelConfig field).
 CONFLICTS = {
     "token_cache": "LazyMAR's token cache reuses features of the previous step, but verification rewrites "
                    "drafted tokens between draft steps, the draft starts cold after pre-fill and the "
@@ -186,14 +204,19 @@ CONFLICTS = {
 
 def check_composition(accel: AccelConfig | str | None, role: str) -> None:
     """Raise ``ValueError`` naming the conflict when ``accel`` enables a technique CSpD cannot run on its
-    ``role`` model; LazyMAR's head cache (inside each head call) is the one that composes."""
+    ``role`` model: one that decides more than :data:`COMPOSES` (by its ``writes``, the fields it may plan)."""
     config = _resolve(accel)
     if config is None:
         return
-    for name, why in CONFLICTS.items():
-        if getattr(config, name) is not None:
-            raise ValueError(f"CSpD with {name} on the {role}: {why}. Only LazyMAR's head cache composes "
-                             f"with CSpD (e.g. {role}_accel='lazymar-head')")
+    for f in fields(config):
+        cls = f.metadata.get("technique")
+        if cls is None or getattr(config, f.name) is None or cls.writes <= COMPOSES:
+            continue
+        why = CONFLICTS.get(f.name) or (f"{cls.label} decides "
+                                        f"{', '.join(FIELD_MEANING[x] for x in sorted(cls.writes - COMPOSES))}, "
+                                        f"which CSpD lays out itself for both models")
+        raise ValueError(f"CSpD with {f.name} on the {role}: {why}. Only LazyMAR's head cache composes with "
+                         f"CSpD (it decides nothing but the head's model function; e.g. {role}_accel='lazymar-head')")
 
 
 def cspd_preset(name: str, draft: Any, **settings: Any) -> CSpDConfig:
@@ -316,7 +339,7 @@ class CSpD:
     """Runs one CSpD generation with ``target`` verifying ``config.draft`` (see the module docstring): the
     sampler of ``target.sample_tokens(accel=CSpDConfig(...))``, a :class:`models.mar.LoopStrategy`."""
 
-    def __init__(self, target, config: CSpDConfig) -> None:
+    def __init__(self, target, config: CSpDConfig, *, guided: bool) -> None:
         draft = config.draft
         if (draft.seq_len, draft.token_embed_dim) != (target.seq_len, target.token_embed_dim):
             raise ValueError(f"draft and target must share the token grid: draft has {draft.seq_len} tokens of "
@@ -326,12 +349,12 @@ class CSpD:
             raise ValueError(f"draft head runs {steps_d} diffusion steps, target head {steps_t}: trajectory "
                              f"alignment needs the same steps (set num_sampling_steps alike, or "
                              f"step_mismatch='prefix' for the release's behaviour)")
-        self.target, self.draft, self.config = target, draft, config
+        self.target, self.draft, self.config, self.guided = target, draft, config, guided
         # As released, the noise has the draft's step count; where the target has more (the release
         # indexes past the end), "prefix" draws for the larger count.
         self.noise_steps = max(steps_d, steps_t)
-        self.factories = {"draft": _head_factory(config.head_cache("draft")),
-                          "target": _head_factory(config.head_cache("target"))}
+        self.factories = {role: config.head_model(role, model)[1]
+                          for role, model in (("draft", draft), ("target", target))}
 
     def generate(self, bsz: int, *, num_iter: int, cfg: float, cfg_schedule: str, labels: torch.Tensor | None,
                  temperature: float, orders: torch.Tensor | None, generator: torch.Generator | None,
@@ -352,7 +375,9 @@ class CSpD:
         if orders is None:
             orders = target.sample_orders(bsz, generator, device)
         orders = orders.to(device)
-        guided = cfg != 1.0
+        guided = self.guided
+        if guided != guidance_on(cfg):
+            raise ValueError(f"this CSpD sampler was built for guided={guided}, called with cfg={cfg}")
         labels = labels.to(device) if labels is not None else None
         embeddings = {"target": target.class_embeddings(bsz, labels, guided),
                       "draft": draft.class_embeddings(bsz, labels, guided)}
@@ -427,14 +452,10 @@ class CSpD:
         S = model.diffloss.gen_diffusion.num_timesteps
         noise_steps = gather_tokens(step_noise[:, :, :S].flatten(2), idx).reshape(-1, S, tokens.shape[2])
         trace = TrajectoryTrace()
-        model.diffloss.sample(z, temperature, scale, noise=gather_rows(start, idx), step_noise=noise_steps,
-                              trace=trace, model_fn_factory=self.factories[role])
+        model.diffloss.sample(z, temperature, scale, guided=rows == 2, noise=gather_rows(start, idx),
+                              step_noise=noise_steps, trace=trace, model_fn_factory=self.factories[role])
         logstd_sum = trace.logstd_sum if trace.logstd_sum is not None else torch.zeros_like(trace.last_mean)
         return HeadGaussian(trace.last_mean, torch.exp(0.5 * trace.last_log_variance) * temperature, logstd_sum)
-
-
-def _head_factory(head_cache):
-    return None if head_cache is None else head_cache_factory(head_cache)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

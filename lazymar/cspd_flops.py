@@ -23,7 +23,6 @@ import torch
 
 from lazymar.cspd import CSpDConfig, CSpDStepPlan, cspd_preset
 from lazymar.flops import COMPONENTS, FlopReport, _Counter, estimate as estimate_plain
-from lazymar.head_cache import HeadCacheTechnique
 from lazymar.plan import HeadCall, ModelShape, StepPlan
 from lazymar.technique import PlainMAR, Technique
 from models.schedules import plain_mask_lens
@@ -50,11 +49,6 @@ class CSpDFlops:
         return out
 
 
-def _runner(model, config: CSpDConfig, role: str) -> Technique:
-    cache = config.head_cache(role)
-    return PlainMAR(model) if cache is None else HeadCacheTechnique(model, cache)
-
-
 def _pass_macs(model, runner: Technique, *, n_known: int, n_pred: int, guided: bool, bsz: int) -> dict[str, int]:
     """One transformer pass of ``model`` over ``n_known`` known tokens and its head on ``n_pred`` tokens
     per image, priced by the plain formulas of :mod:`lazymar.plan` (the head by ``runner``)."""
@@ -75,7 +69,8 @@ def estimate(target, config: CSpDConfig, *, num_iter: int, cfg: float, bsz: int 
     L = target.seq_len
     layout = CSpDStepPlan.of(num_iter, config.ratio, config.num_draft)
     lens = plain_mask_lens(num_iter, L)
-    runners = {"target": _runner(target, config, "target"), "draft": _runner(draft, config, "draft")}
+    # Each head priced by the technique whose model function it runs (the sampler's own choice).
+    runners = {role: config.head_model(role, model)[0] for role, model in (("target", target), ("draft", draft))}
     macs = {role: dict.fromkeys(COMPONENTS[:3], 0) for role in ("target", "draft")}
 
     def add(role: str, model, n_known: int, n_pred: int) -> None:

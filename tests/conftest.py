@@ -61,6 +61,18 @@ def _cpu_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def inductor_default_random():
+    """Inductor's own random stream (``fallback_random`` off, its default) for the test, restored after.
+
+    Through the config module's ``patch`` rather than ``monkeypatch.setattr``: the config module's
+    attributes are not in its ``__dict__``, and pytest 9.2's undo deletes such an attribute instead of
+    restoring it, leaving ``torch._inductor.config`` without the setting for every later test."""
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(fallback_random=False):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A demo tokenizer trained for 3 steps (train.py and its step tests need one; quality irrelevant)."""

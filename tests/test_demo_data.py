@@ -29,6 +29,52 @@ def test_class_names() -> None:
     assert len(set(ds.CLASS_NAMES)) == len(ds.CLASS_NAMES) == ds.NUM_CLASSES
 
 
+def test_varied_style_is_the_data_the_classifier_and_tokenizer_were_trained_on() -> None:
+    """The shipped classifier and tokenizer were trained on the render of before styles existed: the
+    "varied" style (the default) must keep those exact bytes. Digest measured on that render (eb17d88)."""
+    x, _ = ds.make_split(2, ds.TRAIN_SEED, 32)
+    import hashlib
+    assert hashlib.sha256(x.tobytes()).hexdigest() == \
+        "a166674e7566a1d93a0b69c6d3e34d9cc0a329f13640caa454e33f3d8652a52e"
+    assert np.array_equal(ds.make_split(2, ds.TRAIN_SEED, 32, "varied")[0], x)
+
+
+def test_simple_style_has_flat_inverse_colours_and_a_centred_shape() -> None:
+    """Flat background, shape colour = RGB inverse of the background, centre within 0.08 half-widths,
+    radius 0.55-0.66: checked on disks, whose pixels are background or shape (plus anti-aliased edges)."""
+    size = 64
+    for k in range(20):
+        img, label = ds.render_index(k * ds.NUM_CLASSES, 3, size, "simple")  # class 0: disk
+        assert label == 0
+        px = img.reshape(-1, 3).astype(int)
+        bg = px[0]
+        corners = img[[0, 0, -1, -1], [0, -1, 0, -1]].astype(int)
+        assert (corners == bg).all()  # flat
+        inside = np.abs(px - (255 - bg)).max(axis=1) <= 1  # the inverse colour
+        background = np.abs(px - bg).max(axis=1) == 0
+        assert (inside | background).mean() > 0.9  # the rest: the anti-aliased rim
+        yy, xx = np.nonzero(inside.reshape(size, size))
+        centre = (np.array([xx.mean(), yy.mean()]) + 0.5) / size * 2 - 1
+        assert np.abs(centre).max() < 0.08 + 0.02
+        radius = np.sqrt(inside.sum() / np.pi) / (size / 2)
+        assert 0.55 * 0.8 - 0.02 < radius < 0.66 + 0.02  # the disk's own radius is 0.8-1.0 of the scale
+        assert abs(0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2] - 127.5) >= 0.17 * 255 - 1
+    # colours and geometry still vary between images: the demo FID has something to measure
+    imgs = ds.make_split(10, 3, 32, "simple")[0]
+    assert len({tuple(im[0, 0]) for im in imgs}) == len(imgs)
+
+
+def test_style_names_and_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown data style"):
+        ds.make_split(1, 0, 32, "plain")
+    with pytest.raises(ValueError, match="backgrounds"):
+        ds.ShapeStyle(backgrounds=("marble",))
+    with pytest.raises(ValueError, match="centre_jitter"):
+        ds.ShapeStyle(centre_jitter=0.5)
+    with pytest.raises(ValueError, match="colours"):
+        ds.ShapeStyle(colours="random")
+
+
 @pytest.mark.parametrize("size", [64, 32])
 def test_every_class_renders(size: int) -> None:
     for label in range(ds.NUM_CLASSES):

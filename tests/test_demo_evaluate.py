@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
-from demo.evaluate import Row, evaluate, format_markdown, load_done_rows
+from demo.evaluate import Row, evaluate, format_markdown, load_done_rows, summarize
 from demo.plot import plot_quality_vs_flops
 from models.mar import MAR
 from models.vae import AutoencoderKL
@@ -51,13 +51,21 @@ def test_generation_is_seeded_per_batch(tiny_generator):
 def test_table_rows_and_plot(tiny_generator, tmp_path):
     reference, _ = make_split(5, HELDOUT_SEED)
     rows = evaluate(tiny_generator, steps=[8], policies=[None, "lazymar", "gtr+lazymar", "marche"], per_class=2,
-                    sampling=SAMPLING, bsz=12, seed=0, classifier_path=CLASSIFIER, reference=reference)
-    assert [r.policy for r in rows] == ["plain", "lazymar", "gtr+lazymar", "marche"]
-    assert all(r.tflops_per_image < rows[0].tflops_per_image for r in rows[1:])
+                    sampling=SAMPLING, bsz=12, seeds=[0, 1], classifier_path=CLASSIFIER, reference=reference)
+    assert [(r.policy, r.seed) for r in rows] == [(p, s) for p in ("plain", "lazymar", "gtr+lazymar", "marche")
+                                                  for s in (0, 1)]
+    assert all(r.tflops_per_image < rows[0].tflops_per_image for r in rows[2:])
     assert all(0.0 <= r.class_accuracy <= 1.0 and r.demo_fid > 0 and r.num_images == 24 for r in rows)
+    assert rows[0].demo_fid != rows[1].demo_fid  # another seed: other images
+    summaries = summarize(rows)
+    assert [s.policy for s in summaries] == ["plain", "lazymar", "gtr+lazymar", "marche"]
+    first = summaries[0]
+    assert first.seeds == (0, 1) and first.demo_fid == pytest.approx((rows[0].demo_fid + rows[1].demo_fid) / 2)
+    assert first.demo_fid_range == (min(rows[0].demo_fid, rows[1].demo_fid), max(rows[0].demo_fid, rows[1].demo_fid))
     table = format_markdown(rows, {"class_accuracy": 1.0, "demo_fid": 0.01})
     assert table.count("\n") == 6 and "real held-out data" in table
-    path = plot_quality_vs_flops(rows, tmp_path / "plot.png", size=(400, 300))
+    assert f"{first.demo_fid:.2f} ({first.demo_fid_range[0]:.2f}-{first.demo_fid_range[1]:.2f})" in table
+    path = plot_quality_vs_flops(summaries, tmp_path / "plot.png", size=(400, 300))
     from PIL import Image
     with Image.open(path) as im:
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
@@ -68,8 +76,8 @@ def test_table_rows_and_plot(tiny_generator, tmp_path):
 
 def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_path):
     reference, _ = make_split(3, HELDOUT_SEED)
-    common = dict(per_class=1, sampling=SAMPLING, bsz=6, seed=0, classifier_path=CLASSIFIER, reference=reference)
-    earlier = Row("plain", 4, 1.0, 2.0, 0.5, 9.0, 12)  # stands for a row measured by a killed run
+    common = dict(per_class=1, sampling=SAMPLING, bsz=6, seeds=[0], classifier_path=CLASSIFIER, reference=reference)
+    earlier = Row("plain", 4, 1.0, 2.0, 0.5, 9.0, 12, seed=0)  # stands for a row measured by a killed run
     new = []
     rows = evaluate(tiny_generator, steps=[4], policies=[None, "lazymar"], done=[earlier], on_row=new.append,
                     **common)
@@ -80,6 +88,7 @@ def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_pat
     identity = dict(mar_sha256="abc", per_class=1, cfg=2.0, presets={"lazymar": "LazyMAR(a=1)"})
     assert load_done_rows(path, identity) == ([], {})
     path.write_text(json.dumps({"identity": identity, "rows": [asdict(r) for r in rows]}))
+    assert load_done_rows(path, identity)[0][1].seed == 0
     assert load_done_rows(path, identity) == (rows, {"lazymar": "LazyMAR(a=1)"})
     assert load_done_rows(path, identity | {"presets": {"gtr": "GtR()"}})[0] == rows  # other presets: fine
     with pytest.raises(ValueError, match=r"differs in \['cfg'\]"):

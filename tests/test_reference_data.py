@@ -45,7 +45,7 @@ def test_every_shipped_file_matches_its_checksum():
     expected = {"mar_tiny_baseline.pt", "lazymar_tiny.pt", "vae_tiny.pt", "disa_tiny.pt", "recap_tiny.pt",
                 "cspd_tiny.pt",
                 "mar_base.state_dict.txt", "mar_large.state_dict.txt", "mar_huge.state_dict.txt",
-                "vae_kl16.state_dict.txt"}
+                "vae_kl16.state_dict.txt", "presets_tiny.pt"}
     assert expected <= set(sums), expected - set(sums)
 
 

@@ -259,11 +259,9 @@ def test_non_finite_loss_stops_before_it_is_checkpointed(tiny_tokenizer, tmp_pat
     assert len(_log(tmp_path / "nan" / "log.jsonl")) == 3  # the bad step is logged, not saved
 
 
-def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path, monkeypatch):
+def test_compiled_training_matches_eager(tiny_tokenizer, tmp_path, inductor_default_random):
     """--compile runs the eager step: same random draws (dropout included) and sums to float tolerance, so
     a run may be resumed with the flag switched (train.py exempts it from the resume check)."""
-    import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", False)  # inductor's default: train.py must set it
     eager = train_mod.main(_args(tiny_tokenizer, tmp_path, "eager", epochs=1))
     compiled = train_mod.main(_args(tiny_tokenizer, tmp_path, "compiled", epochs=1, compile=True))
     # Measured on 2 CPU cores: losses equal, weights within 5.2e-8 after the run. Fused kernels may sum

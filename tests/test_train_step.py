@@ -74,7 +74,7 @@ def test_buckets_off_is_the_previous_step(tiny_tokenizer, tmp_path):
     from util.latents import draw_latents
     args = _args(tiny_tokenizer, tmp_path, "off", epochs=1)
     out = train_mod.main(args)
-    data = load_or_build_latents(tiny_tokenizer, 2, 0, tmp_path / "cache", verbose=False)
+    data = load_or_build_latents(tiny_tokenizer, 2, 0, tmp_path / "cache", verbose=False, style=args.data_style)
     config = torch.load(tmp_path / "off" / "checkpoint-last.pth", weights_only=True)["config"]
     torch.manual_seed(args.seed)
     model = mar_from_config(config).train()
@@ -127,7 +127,7 @@ def test_save_every_minutes_saves_on_the_clock(tiny_tokenizer, tmp_path, monkeyp
     assert saved == [1, 2, 3]  # every step is past the clock; without it only the epoch end saves
 
 
-def test_compiled_step_matches_eager_and_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch):
+def test_compiled_step_matches_eager_and_resumes_exactly(tiny_tokenizer, tmp_path, inductor_default_random):
     """--compile step: losses equal to the eager step within float32 reordering.
 
     Tolerance: the compiled kernels sum in another order. The loss is a mean over n = batch x tokens x
@@ -137,8 +137,6 @@ def test_compiled_step_matches_eager_and_resumes_exactly(tiny_tokenizer, tmp_pat
     with the eager generator calls (inductor's default Philox stream is another draw): train.py must set
     that itself, since a real run resumes across --compile, so the test starts from inductor's default.
     """
-    import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
     eager = train_mod.main(_args(tiny_tokenizer, tmp_path, "eager", epochs=1, mask_buckets=2))
     compiled = train_mod.main(_args(tiny_tokenizer, tmp_path, "compiled", epochs=1, mask_buckets=2,
                                     compile="step"))
@@ -205,7 +203,7 @@ def test_gpu_window_script_collects_a_split_checkpoint(tmp_path):
 
 
 def test_step_timing_reports_each_mode(capsys):
-    from demo import step_timing
+    from benchmarks import step_timing
     step_timing.main(["--model", "tiny", "--batch_size", "2", "--steps", "2", "--modes", "eager,buckets"])
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [ln["mode"] for ln in lines] == ["eager", "buckets"]
