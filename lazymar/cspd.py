@@ -326,9 +326,11 @@ class _Drafts:
     std: torch.Tensor
     logstd_sum: torch.Tensor
 
-    def put(self, idx: torch.Tensor, g: HeadGaussian, bsz: int) -> None:
+    def put(self, idx: torch.Tensor, g: HeadGaussian) -> None:
+        """Record the Gaussians ``g`` (B * n, C) of the tokens at ``idx`` (B, n); n may be 0 (a step past
+        the sequence length predicts nothing, as in plain MAR)."""
         for name in ("mean", "std", "logstd_sum"):
-            value = getattr(g, name).reshape(bsz, idx.shape[1], -1)
+            value = getattr(g, name).reshape(*idx.shape, self.mean.shape[-1])
             setattr(self, name, scattered_tokens(getattr(self, name), idx, value))
 
     def at(self, idx: torch.Tensor) -> HeadGaussian:
@@ -411,7 +413,7 @@ class CSpD:
                 committed, committed_masked = mask_after, masked_after
             else:
                 stats.draft_steps.append(step)
-                drafts.put(idx, g, bsz)
+                drafts.put(idx, g)
                 if is_verification(step, num_iter, config.num_draft):
                     tokens, verdict, n = self._verify(tokens, committed, committed_masked, mask_after, masked_after,
                                                       drafts, embeddings["target"], temperature, scale, start,

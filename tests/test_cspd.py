@@ -197,6 +197,20 @@ def test_draft_equal_to_target_keeps_every_draft_and_gives_the_target_tokens():
     assert log.last.accepted == log.last.verified  # still all kept: the Gaussians are the same
 
 
+def test_steps_past_the_sequence_length_predict_nothing():
+    """With more MAR steps than tokens the last steps predict none (plain MAR runs them too): CSpD drafts
+    nothing there, and a verification whose block drafted nothing verifies nothing."""
+    draft, target = _tiny_pair()
+    log = StatsLog()
+    tokens = _tiny_sample(target, CSpDConfig(draft=draft, ratio=0.1, num_draft=3, on_stats=log), num_iter=24)
+    lens = plain_mask_lens(24, 16)
+    assert lens[14:] == [1] * 10  # steps 15-22 predict no token, step 23 the last one
+    assert torch.isfinite(tokens).all() and (tokens != 0).any(dim=1).all()  # every position sampled
+    stats = log.last
+    assert stats.prefill_steps == [0, 1, 2] and stats.verified == 2 * lens[2]
+    assert [(v.step, v.verified) for v in stats.verifications if v.step > 15] == [(18, 0), (21, 0), (23, 2)]
+
+
 def test_num_draft_zero_is_refused():
     draft, _ = _tiny_pair()
     with pytest.raises(ValueError, match="num_draft must be an integer >= 1.*divides by zero"):
