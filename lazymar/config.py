@@ -143,5 +143,9 @@ PRESETS: dict[str, AccelConfig] = {
 def preset(name: str) -> AccelConfig:
     """The config of preset ``name`` (:data:`PRESETS`), with the list of names when it is unknown."""
     if name not in PRESETS:
+        from lazymar.cspd import CSPD_PRESETS  # cspd.py builds on this module
+        if name in CSPD_PRESETS:
+            raise ValueError(f"{name!r} is speculative decoding, which needs a draft model: "
+                             f"lazymar.cspd_preset({name!r}, draft=<the draft MAR>)")
         raise ValueError(f"unknown acceleration preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]

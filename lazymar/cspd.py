@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.config import PRESETS, AccelConfig
+from lazymar.config import PRESETS, AccelConfig, preset
 from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
 from lazymar.plan import FIELD_MEANING
 from lazymar.steps import decide
@@ -159,6 +159,36 @@ class CSpDConfig:
         check_composition(self.draft_accel, "draft")
         check_composition(self.target_accel, "target")
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting but the draft and the callback (what a run records beside the draft's weights)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SETTINGS}
+
+    def check_target(self, target) -> None:
+        """Raise ``ValueError`` when ``target`` cannot verify this draft (another token grid or channel count,
+        or, with ``step_mismatch="error"``, another diffusion step count): what a script checks right after
+        loading both models, before it samples anything."""
+        draft = self.draft
+        if (draft.seq_len, draft.token_embed_dim) != (target.seq_len, target.token_embed_dim):
+            raise ValueError(f"draft and target must share the token grid: draft has {draft.seq_len} tokens of "
+                             f"{draft.token_embed_dim} channels, target {target.seq_len} of {target.token_embed_dim}")
+        steps_d, steps_t = (m.diffloss.gen_diffusion.num_timesteps for m in (draft, target))
+        if steps_d != steps_t and self.step_mismatch == "error":
+            raise ValueError(f"draft head runs {steps_d} diffusion steps, target head {steps_t}: trajectory "
+                             f"alignment needs the same steps (set num_sampling_steps alike, or "
+                             f"step_mismatch='prefix' for the release's behaviour)")
+
+    def estimate_flops(self, target, *, num_iter: int, cfg: float, bsz: int = 1):
+        """FLOPs per image of ``target.sample_tokens(accel=self)``, both models' components summed (the
+        hook :func:`lazymar.flops.estimate` asks; per model: :func:`lazymar.cspd_flops.estimate`)."""
+        from lazymar.cspd_flops import estimate  # cspd_flops builds on this module
+        return estimate(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz).combined()
+
+    def measure_flops(self, target, *, num_iter: int, cfg: float, bsz: int = 1, **sample_kwargs):
+        """FLOPs per image counted in a real run, both models' components summed (the hook
+        :func:`lazymar.flops.measure` asks; per model: :func:`lazymar.cspd_flops.measure`)."""
+        from lazymar.cspd_flops import measure
+        return measure(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz, **sample_kwargs).combined()
+
     def sampler(self, model, *, num_iter: int, guided: bool) -> "CSpD":
         """The sampler of one ``model.sample_tokens(accel=self)`` call, ``model`` verifying the draft (the
         hook :func:`models.mar.step_strategy` asks every acceleration config)."""
@@ -171,6 +201,17 @@ class CSpDConfig:
         accel = _resolve(self.draft_accel if role == "draft" else self.target_accel)
         chosen = None if accel is None else decide("head_model", accel.techniques(model), lambda t: t.head_model())
         return (PlainMAR(model), None) if chosen is None else chosen
+
+
+_NOT_SETTINGS = ("draft", "on_stats")
+
+
+def preset_settings(name: str) -> dict[str, Any]:
+    """The settings of CSpD preset ``name`` (:meth:`CSpDConfig.settings`), known without a draft model."""
+    if name not in CSPD_PRESETS:
+        raise ValueError(f"unknown CSpD preset {name!r}; choose one of {sorted(CSPD_PRESETS)}")
+    defaults = {f.name: f.default for f in fields(CSpDConfig) if f.name not in _NOT_SETTINGS}
+    return {**defaults, **CSPD_PRESETS[name]}
 
 
 def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:
@@ -227,6 +268,36 @@ def cspd_preset(name: str, draft: Any, **settings: Any) -> CSpDConfig:
     return CSpDConfig(draft=draft, **{**CSPD_PRESETS[name], **settings})
 
 
+# ------------------------------------------------------------------------------------------ scripts
+# What the scripts' ``--accel`` takes: a preset, or a CSpD preset with ``--draft_model``.
+ACCEL_NAMES = (*sorted(PRESETS), *sorted(CSPD_PRESETS))
+
+
+def check_draft_flags(accel: str | None, draft_model: str | None) -> None:
+    """The scripts' rule for ``--accel`` and ``--draft_model``, checked before anything loads: a CSpD
+    preset needs a draft model, and a draft model needs a CSpD preset."""
+    if accel in CSPD_PRESETS and draft_model is None:
+        raise ValueError(f"--accel {accel} needs --draft_model MODEL: the small MAR that drafts for --model "
+                         f"(same token grid and channels, e.g. --model mar_huge --draft_model mar_base)")
+    if draft_model is not None and accel not in CSPD_PRESETS:
+        raise ValueError(f"--draft_model {draft_model} is only used by speculative decoding: add --accel "
+                         f"{' or '.join(sorted(CSPD_PRESETS))} (got --accel {accel})")
+
+
+def named_accel(accel: str | None, draft=None, *, on_stats: Callable[["CSpDStats"], None] | None = None):
+    """The config a script's ``--accel NAME`` asks for: None (plain MAR), a preset's
+    :class:`~lazymar.config.AccelConfig`, or for a CSpD preset a :class:`CSpDConfig` with ``draft``
+    (the loaded draft MAR) reporting to ``on_stats``."""
+    if accel in CSPD_PRESETS:
+        if draft is None:
+            raise ValueError(f"--accel {accel} needs a draft model (--draft_model)")
+        return cspd_preset(accel, draft, on_stats=on_stats)
+    if draft is not None:
+        raise ValueError(f"a draft model is only used by speculative decoding: --accel "
+                         f"{' or '.join(sorted(CSPD_PRESETS))}, not {accel}")
+    return None if accel is None else preset(accel)
+
+
 # ------------------------------------------------------------------------------------------ statistics
 @dataclass(frozen=True)
 class Verification:
@@ -273,6 +344,34 @@ class CSpDStats:
                 "draft_steps": len(self.draft_steps), "target_passes": self.target_passes,
                 "verified": self.verified, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
                 "verifications": [vars(v) for v in self.verifications]}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The statistics of many generations (:meth:`CSpDStats.as_dict` of each, e.g. every batch of an
+    evaluation) as one: totals, the overall acceptance rate, and per verification step (the same steps in
+    every generation of one setting) the accepted and verified drafts summed over the generations."""
+    if not runs:
+        return {"generations": 0, "verified": 0, "accepted": 0, "acceptance_rate": 0.0, "verifications": []}
+    by_step: dict[int, dict[str, int]] = {}
+    for run in runs:
+        for v in run["verifications"]:
+            row = by_step.setdefault(v["step"], dict.fromkeys(("verified", "accepted", "residual_rounds",
+                                                               "unaccepted"), 0))
+            for k in row:
+                row[k] += v[k]
+    verified, accepted = sum(r["verified"] for r in runs), sum(r["accepted"] for r in runs)
+    return {"generations": len(runs), "num_iter": runs[0]["num_iter"], "prefill_steps": runs[0]["prefill_steps"],
+            "draft_steps": runs[0]["draft_steps"], "target_passes": runs[0]["target_passes"],
+            "verified": verified, "accepted": accepted, "acceptance_rate": accepted / verified if verified else 0.0,
+            "unaccepted": sum(row["unaccepted"] for row in by_step.values()),
+            "verifications": [{"step": step, **row, "acceptance_rate": row["accepted"] / row["verified"]
+                               if row["verified"] else 0.0} for step, row in sorted(by_step.items())]}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line of a :func:`summarize` (or :meth:`CSpDStats.as_dict`) result, for logs and figure labels."""
+    return (f"accepted {summary['accepted']}/{summary['verified']} drafts ({summary['acceptance_rate']:.1%}), "
+            f"{summary['target_passes']} target passes of {summary['num_iter']} steps")
 
 
 class StatsLog:
@@ -342,15 +441,9 @@ class CSpD:
     sampler of ``target.sample_tokens(accel=CSpDConfig(...))``, a :class:`models.mar.LoopStrategy`."""
 
     def __init__(self, target, config: CSpDConfig, *, guided: bool) -> None:
+        config.check_target(target)
         draft = config.draft
-        if (draft.seq_len, draft.token_embed_dim) != (target.seq_len, target.token_embed_dim):
-            raise ValueError(f"draft and target must share the token grid: draft has {draft.seq_len} tokens of "
-                             f"{draft.token_embed_dim} channels, target {target.seq_len} of {target.token_embed_dim}")
         steps_d, steps_t = (m.diffloss.gen_diffusion.num_timesteps for m in (draft, target))
-        if steps_d != steps_t and config.step_mismatch == "error":
-            raise ValueError(f"draft head runs {steps_d} diffusion steps, target head {steps_t}: trajectory "
-                             f"alignment needs the same steps (set num_sampling_steps alike, or "
-                             f"step_mismatch='prefix' for the release's behaviour)")
         self.target, self.draft, self.config, self.guided = target, draft, config, guided
         # As released, the noise has the draft's step count; where the target has more (the release
         # indexes past the end), "prefix" draws for the larger count.

@@ -40,6 +40,13 @@ class CSpDFlops:
     def total(self) -> float:
         return self.target.total + self.draft.total
 
+    def combined(self) -> FlopReport:
+        """Both models' FLOPs per component in one report (what :func:`lazymar.flops.estimate` returns)."""
+        out = FlopReport()
+        for c in out.components:
+            out.components[c] = self.target.components[c] + self.draft.components[c]
+        return out
+
     def as_dict(self, unit: float = 1e12) -> dict[str, Any]:
         out = {"total_tflops": self.total / unit, "target": self.target.as_dict(unit), "draft": self.draft.as_dict(unit)}
         if self.plan is not None:

@@ -14,7 +14,9 @@ What is counted: multiply-adds x 2 of linear layers, attention products (QK^T an
 convolutions. Not counted: normalisations, activations, softmax, elementwise guidance arithmetic,
 gathers (a few percent of the total; see the README for how this relates to the papers' counts).
 
-CLI: ``python -m lazymar.flops --model mar_huge --num_iter 64 --cfg 3.25 [--accel lazymar] [--json]``.
+CLI: ``python -m lazymar.flops --model mar_huge --num_iter 64 --cfg 3.25 [--accel lazymar] [--json]``;
+``--accel cspd --draft_model mar_base`` counts both models of speculative decoding (per model:
+``python -m lazymar.cspd_flops``).
 """
 from __future__ import annotations
 
@@ -67,7 +69,9 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
         model: a MAR (a ``meta``-device one is enough: only shapes are read).
         num_iter: MAR steps.
         cfg: guidance scale (only whether it guides matters, ``models.schedules.guidance_on``).
-        accel: None, a preset name or an acceleration config.
+        accel: None, a preset name or an acceleration config; a config over more than one model
+            (:class:`lazymar.cspd.CSpDConfig`) prices itself through its ``estimate_flops`` hook (both
+            models' components summed).
         bsz: batch size; only the timestep embedding (one per diffusion step, shared by the batch)
             makes FLOPs per image depend on it.
         vae: optional VAE whose decode of one latent is counted (on the meta device).
@@ -75,6 +79,11 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
     from lazymar.config import OFF
     from lazymar.steps import AccelSteps, resolve_accel
     from models.schedules import guidance_on
+    if callable(getattr(accel, "estimate_flops", None)):  # runs more than this model: its own plan
+        report = accel.estimate_flops(model, num_iter=num_iter, cfg=cfg, bsz=bsz)
+        if vae is not None:
+            report.components["vae_decode"] = vae_decode_flops(vae, ModelShape.of(model))
+        return report
     config = OFF if accel is None else resolve_accel(accel)
     steps = AccelSteps(model, config, num_iter=num_iter, guided=guidance_on(cfg))
     s = ModelShape.of(model)
@@ -146,7 +155,13 @@ class _Counter(TorchDispatchMode):
 
 def measure(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 1,
             vae=None, **sample_kwargs) -> FlopReport:
-    """Count FLOPs per image of a real ``sample_tokens`` run (and VAE decode), by component."""
+    """Count FLOPs per image of a real ``sample_tokens`` run (and VAE decode), by component (for a config
+    over more than one model, through its ``measure_flops`` hook: both models' components summed)."""
+    if callable(getattr(accel, "measure_flops", None)):
+        report = accel.measure_flops(model, num_iter=num_iter, cfg=cfg, bsz=bsz, **sample_kwargs)
+        if vae is not None:
+            report.components["vae_decode"] = vae_decode_flops(vae, ModelShape.of(model))
+        return report
     owners: dict[int, str] = {}
     for name, p in model.named_parameters():
         component = "diffusion_head" if name.startswith("diffloss.") else (
@@ -178,6 +193,7 @@ def format_table(rows: list[tuple[str, FlopReport]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from lazymar.config import PRESETS
+    from lazymar.cspd import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags, named_accel
     from models.mar import MAR_FACTORIES, build_released
     from models.schedules import check_sampling_settings
     from models.vae import KL16_CONFIG, AutoencoderKL
@@ -188,22 +204,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_iter", type=int, default=64)
     parser.add_argument("--cfg", type=float, default=3.25)
     parser.add_argument("--num_sampling_steps", type=int, default=100)
-    parser.add_argument("--accel", default=None, nargs="+", choices=sorted(PRESETS) + ["all"],
-                        help="presets to count beside plain MAR (default: plain only; 'all': every preset)")
+    parser.add_argument("--accel", default=None, nargs="+", choices=[*ACCEL_NAMES, "all"],
+                        help="presets to count beside plain MAR (default: plain only; 'all': every preset but "
+                             "CSpD's, which need --draft_model)")
+    parser.add_argument("--draft_model", default=None, choices=sorted(MAR_FACTORIES),
+                        help="the draft of --accel cspd / cspd-release (both models are counted)")
     parser.add_argument("--json", action="store_true", help="print the last preset's (or plain MAR's) report as JSON")
     args = parser.parse_args(argv)
     check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
+    names = sorted(PRESETS) if args.accel == ["all"] else (args.accel or [])
+    cspd = [n for n in names if n in CSPD_PRESETS]
+    check_draft_flags(cspd[0] if cspd else (names[-1] if names else None), args.draft_model)
     with torch.device("meta"):
         model = build_released(args.model, num_sampling_steps=args.num_sampling_steps)
+        draft = build_released(args.draft_model, num_sampling_steps=args.num_sampling_steps) if cspd else None
         vae = AutoencoderKL(**KL16_CONFIG)
     rows = [("plain", estimate(model, num_iter=args.num_iter, cfg=args.cfg, vae=vae))]
-    names = sorted(PRESETS) if args.accel == ["all"] else (args.accel or [])
     for name in names:
-        rows.append((name, estimate(model, num_iter=args.num_iter, cfg=args.cfg, accel=name, vae=vae)))
+        accel = named_accel(name, draft if name in CSPD_PRESETS else None)
+        label = f"{name} ({args.draft_model})" if name in CSPD_PRESETS else name
+        rows.append((label, estimate(model, num_iter=args.num_iter, cfg=args.cfg, accel=accel, vae=vae)))
     if args.json:
         out = rows[-1][1].as_dict()
-        out.update(model=args.model, num_iter=args.num_iter, cfg=args.cfg, accel=rows[-1][0] if names else None,
+        out.update(model=args.model, num_iter=args.num_iter, cfg=args.cfg, accel=names[-1] if names else None,
                    plain_total_tflops=rows[0][1].total / 1e12)
+        if names and names[-1] in CSPD_PRESETS:
+            out.update(draft_model=args.draft_model)
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.model}, {args.num_iter} steps, cfg {args.cfg}, {args.num_sampling_steps} diffusion steps, "
