@@ -35,6 +35,11 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   network (``--inception_weights FILE``, else torch-fidelity's download into the torch.hub cache), which then
   computes the metrics; for the demo model, its classifier. A missing or unusable file ends the run in one ``error:`` line saying how to provide it,
   in seconds rather than after hours of sampling. ``--no_metrics`` loads none of it.
+* ``--accel cspd --draft_model mar_base`` (or ``cspd-release``) samples by continuous speculative decoding,
+  ``--model`` verifying what the draft proposes (:mod:`lazymar.cspd`; the draft's weights from ``--draft_ckpt``
+  or its released path). Its weights' digest is part of the run's identity, each batch's acceptance
+  statistics are kept in ``cspd_stats/`` of the run folder, and ``metrics.json`` gets their sum over the run
+  (``cspd``: accepted / verified drafts overall and per verification step); FLOPs count both models.
 * The progress bar counts images (rate and ETA); the last line and ``timing.images_per_second`` give each
   process's rate: images it generated / wall seconds of its generation loop (warm-up and PNG writing included).
 """
@@ -53,16 +58,17 @@ from tqdm.auto import tqdm
 
 import demo.registry  # noqa: F401  (registers the demo model with util.loading)
 from evaluation.metrics import DEFAULT_FID_STATS, MetricInputs, compute_metrics, prepare_metrics
-from evaluation.report import flops_summary, format_table, peak_memory_bytes, rate_line, summarize_timing
-from evaluation.run import (accel_name, claim_run_dir, class_labels, index_width, remove_stale_tmp, run_identity,
-                            run_name, save_png)
-from lazymar.config import PRESETS
+from evaluation.report import (acceptance_summary, flops_summary, format_table, peak_memory_bytes, rate_line,
+                               save_batch_stats, summarize_timing)
+from evaluation.run import (accel_definition, accel_name, claim_run_dir, class_labels, index_width, remove_stale_tmp,
+                            run_identity, run_name, save_png)
+from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, named_accel
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.distributed import gather, init_distributed, raise_everywhere, shutdown
 from util.generate import SamplingSettings, generate_batches
 from util.generate import num_batches as batch_count
-from util.loading import load_generator, model_choices
+from util.loading import load_draft, load_generator, model_choices
 from util.precision import PRECISIONS
 
 # tqdm's default bar, but always in img/s (tqdm flips to s/img below 1 img/s, which reads as another unit).
@@ -85,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast sampling and decoding (weights stay float32; see docs/REPRODUCING.md on "
                         "upstream's fp16 autocast); part of the output folder name unless fp32")
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
-    p.add_argument("--accel", default=None, choices=sorted(PRESETS), help="acceleration preset")
+    p.add_argument("--accel", default=None, choices=ACCEL_NAMES,
+                   help="acceleration preset (cspd / cspd-release: speculative decoding, with --draft_model)")
+    p.add_argument("--draft_model", default=None, choices=model_choices(),
+                   help="the draft of --accel cspd: a smaller model with --model's token grid (e.g. mar_base)")
+    p.add_argument("--draft_ckpt", default=None, help="the draft's MAR checkpoint (default: its released path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="output/eval", help="root; each setting gets its own subfolder")
     add_compile_args(p)
@@ -106,10 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampling_settings(args: argparse.Namespace, accel: str | None) -> SamplingSettings:
+def sampling_settings(args: argparse.Namespace, accel: Any) -> SamplingSettings:
+    """The sampler settings of the flags, with ``accel`` the config built from ``--accel`` (None: plain)."""
     return SamplingSettings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                            temperature=args.temperature, accel=PRESETS[accel] if accel else None,
-                            precision=args.precision)
+                            temperature=args.temperature, accel=accel, precision=args.precision)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -143,10 +153,20 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     gen = load_generator(args.model, ckpt=args.ckpt, vae_path=args.vae_path, use_ema=not args.no_ema,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
+    # Speculative decoding: the draft on the same device with the same head steps, checked against the
+    # target before any folder or image exists. Each batch's acceptance statistics land in ``stats``.
+    draft = None if args.draft_model is None else load_draft(args.draft_model, gen, ckpt=args.draft_ckpt,
+                                                             vae_path=args.vae_path, use_ema=not args.no_ema)
+    stats = StatsLog()
+    accel_config = named_accel(accel, None if draft is None else draft.mar, on_stats=stats)
+    if isinstance(accel_config, CSpDConfig):
+        accel_config.check_target(mar)
     if metric_inputs is not None and metric_inputs.demo_classifier is not None:
         metric_inputs.demo_reference = dict(reference_size=mar.img_size,
                                             reference_style=getattr(mar, "data_style", "varied"))
     apply_compile(mar, sampling_compile)
+    if draft is not None:
+        apply_compile(draft.mar, sampling_compile)
     if gen.is_random and rank == 0:
         print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")
     num_classes = mar.num_classes
@@ -161,7 +181,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     if rank == 0:
         image_dir.mkdir(parents=True, exist_ok=True)
         try:
-            identity = run_identity(args, accel, gen, device, num_classes)
+            identity = run_identity(args, accel, gen, device, num_classes, draft)
             claim_run_dir(run_dir, identity)
         except Exception as e:  # every rank must stop, not wait for rank 0 at a barrier
             problem = e
@@ -193,8 +213,10 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     bar = tqdm(total=sum(len(paths(b)) for b in now), unit="img", desc="sampling", bar_format=PROGRESS_FORMAT,
                disable=rank != 0)
     start = time.perf_counter()
-    for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel), seed=args.seed,
-                                               batch_size=args.eval_bsz, batches=now)):
+    for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel_config),
+                                               seed=args.seed, batch_size=args.eval_bsz, batches=now)):
+        if draft is not None:  # before the images: a batch with images has its statistics
+            save_batch_stats(run_dir, batch.index, stats.runs[k].as_dict())
         if k > 0:  # the first batch of each process is warm-up
             timed_images += len(batch.images)
             sample_s += batch.sample_s
@@ -223,15 +245,17 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         raise RuntimeError(f"{len(missing)} images missing after generation (e.g. {missing[:5]})")
     result: dict[str, Any] = {
         "settings": {**{k: v for k, v in vars(args).items() if k != "stop_after_batches"}, "accel": accel,
-                     "accel_config": repr(PRESETS[accel]) if accel else None, "world_size": world,
+                     "accel_config": accel_definition(args, accel), "world_size": world,
                      "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                           if device.type == "cuda" else "cpu"),
                      "run_dir": str(run_dir), "image_name": f"<index zero-padded to {width}>.png",
                      "labels": "image i has class i % num_classes", "num_classes": num_classes},
         "identity": identity,
         "timing": summarize_timing(gathered, args.eval_bsz),
-        "flops": flops_summary(gen, args, accel),
+        "flops": flops_summary(gen, args, accel_config),
     }
+    if draft is not None:  # accepted / verified drafts over every batch of the run, and per verification step
+        result["cspd"] = acceptance_summary(run_dir, num_batches)
     if metric_inputs is not None:
         result["metrics"] = compute_metrics(args, metric_inputs, image_dir, labels_all, device)
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))

@@ -8,6 +8,10 @@
 with acceleration (``--accel``, default ``lazymar``), and writes both grids side by side, each labelled
 with its latency and FLOPs per image.
 
+``--accel cspd --draft_model MODEL`` samples by continuous speculative decoding, ``--model`` verifying
+what the draft proposes; it prints (and with ``--compare`` writes under the grid) how many drafts were
+accepted.
+
 Without the demo model's files (``pretrained_models/demo``, see ``demo/registry.py``) the default run
 falls back to the ``tiny-random`` model (untrained: its images are noise) and says so.
 """
@@ -22,11 +26,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from demo.registry import DEMO_DEFAULTS, DEMO_MODEL  # also registers the demo model with util.loading
-from lazymar.config import PRESETS
+from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, check_draft_flags, describe, named_accel
 from models.schedules import check_sampling_settings
 from util.generate import SamplingSettings, generate_batches
 from util.compile import add_compile_args, apply_compile, compile_mode
-from util.loading import TINY_MODEL, Generator, load_generator, model_choices
+from util.loading import TINY_MODEL, Generator, load_draft, load_generator, model_choices
 from util.precision import PRECISIONS
 
 LABEL_HEIGHT = 24
@@ -49,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion steps of the head (default: the model's own: 100, the demo's from its "
                         "checkpoint; 20 for the untrained tiny-random fallback)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accel", default=None, choices=sorted(PRESETS))
+    p.add_argument("--accel", default=None, choices=ACCEL_NAMES,
+                   help="acceleration preset (cspd / cspd-release: speculative decoding, with --draft_model)")
+    p.add_argument("--draft_model", default=None, choices=model_choices(),
+                   help="the draft of --accel cspd: a smaller model with --model's token grid")
+    p.add_argument("--draft_ckpt", default=None, help="the draft's MAR checkpoint (released models)")
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
     p.add_argument("--compare", action="store_true", help="plain and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
@@ -123,11 +131,23 @@ def main(args: argparse.Namespace) -> Image.Image:
     if args.lazy_mar and args.accel not in (None, "lazymar"):
         raise SystemExit(f"--lazy_mar conflicts with --accel {args.accel}")
     accel = "lazymar" if args.lazy_mar else args.accel
+    if args.compare:
+        accel = accel or "lazymar"
     t_start = time.perf_counter()
     check_sampling_settings(**_settings(args))  # before loading any weights
+    if args.draft_ckpt is not None and args.draft_model is None:
+        raise ValueError("--draft_ckpt needs --draft_model (the model whose weights it holds)")
+    check_draft_flags(accel, args.draft_model)
     mode = compile_mode(args, args.device)
     gen = _load(args)
     apply_compile(gen.mar, mode)
+    stats = StatsLog()  # speculative decoding's acceptance statistics, one entry per generation
+    draft = None if args.draft_model is None else load_draft(args.draft_model, gen, ckpt=args.draft_ckpt,
+                                                             vae_path=args.vae_path)
+    config = named_accel(accel, None if draft is None else draft.mar, on_stats=stats)
+    if isinstance(config, CSpDConfig):
+        config.check_target(gen.mar)  # another token grid: refused before sampling
+        apply_compile(draft.mar, mode)
     settings = _settings(args)  # the model may have fallen back to tiny-random, with its own defaults
     num_classes = gen.mar.num_classes
     classes = args.classes
@@ -140,20 +160,25 @@ def main(args: argparse.Namespace) -> Image.Image:
     print(f"{args.model}: {len(classes)} classes x {args.num_per_class}, {settings}")
 
     if not args.compare:
-        images, sec = generate(gen, labels, settings, args.seed, accel, args.precision)
+        images, sec = generate(gen, labels, settings, args.seed, config, args.precision)
         grid = make_grid(images, len(classes), args.num_per_class)
         print(f"{sec:.3f} s/image{' with ' + accel if accel else ''}")
+        if stats.runs:
+            print(f"{accel} ({args.draft_model} drafts): {describe(stats.last.as_dict())}")
     else:
         from lazymar.flops import estimate
-        accel = accel or "lazymar"
         halves = []
-        for name, a in (("plain", None), (accel, accel)):
+        for name, a in (("plain", None), (accel, config)):
             images, sec = generate(gen, labels, settings, args.seed, a, args.precision)
             flops = estimate(gen.mar, num_iter=settings["num_iter"], cfg=settings["cfg"], accel=a,
                              bsz=len(labels)).total
+            lines = [name, f"{sec * 1e3:.0f} ms, {flops / 1e9:.3g} GFLOPs / img"]
+            if a is not None and stats.runs:  # speculative decoding: how many drafts the target kept
+                name, lines[0] = f"{name} ({args.draft_model} drafts)", f"{name}, {args.draft_model} drafts"
+                lines[1] += f", accepted {stats.last.acceptance_rate:.0%}"
+                print(f"{name}: {describe(stats.last.as_dict())}")
             print(f"{name}: {sec:.3f} s/image, {flops / 1e9:.3f} GFLOPs/image")
-            halves.append(_labelled(make_grid(images, len(classes), args.num_per_class),
-                                    [name, f"{sec * 1e3:.0f} ms, {flops / 1e9:.3g} GFLOPs / img"]))
+            halves.append(_labelled(make_grid(images, len(classes), args.num_per_class), lines))
         grid = Image.new("RGB", (halves[0].width * 2, halves[0].height), "white")
         grid.paste(halves[0], (0, 0))
         grid.paste(halves[1], (halves[0].width, 0))

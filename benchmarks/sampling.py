@@ -1,11 +1,14 @@
 """Latency and FLOPs of plain MAR and each preset, side by side, on one model in one run.
 
     python -m benchmarks.sampling --model mar_base --num_iter 64 --bsz 1 --presets lazymar lazymar-token
+    python -m benchmarks.sampling --model mar_huge --presets cspd --draft_model mar_base
 
 Random weights (cost does not depend on them). Latency per image is the median of ``--repeats`` timed
 generations after an untimed warm-up generation, synchronized on GPU; FLOPs come from
 :func:`lazymar.flops.estimate` (exact for this code). The VAE decode is excluded from both, as in the
-papers' step-time comparisons (it is the same for every preset).
+papers' step-time comparisons (it is the same for every preset). Speculative decoding (``cspd``,
+``cspd-release``) times both models and counts both models' FLOPs; with random weights its acceptance
+rate means nothing, and its cost barely depends on it (:mod:`lazymar.cspd_flops`).
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lazymar.config import PRESETS
+from lazymar.cspd import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags, named_accel
 from lazymar.flops import estimate
+from models.mar import MAR_FACTORIES
 from util.cli import check_positive
 from util.precision import autocast
-from util.timing import add_sampler_args, build_timed_model, check_sampler_args, median_time
+from util.compile import apply_compile, compile_mode
+from util.timing import add_sampler_args, build_random_model, build_timed_model, check_sampler_args, median_time
 
 
 @dataclass
@@ -37,20 +42,22 @@ class BenchRow:
 
 
 def bench(model, presets: list[str | None], *, num_iter: int, cfg: float, bsz: int, repeats: int,
-          device: torch.device, seed: int = 0, warmup_iter: int | None = None) -> list[BenchRow]:
-    """Time ``sample_tokens`` for each preset (None = plain MAR, first) and pair it with its FLOPs."""
+          device: torch.device, seed: int = 0, warmup_iter: int | None = None, draft=None) -> list[BenchRow]:
+    """Time ``sample_tokens`` for each preset (None = plain MAR, first) and pair it with its FLOPs;
+    ``draft``: the draft model of the CSpD presets among them."""
     labels = torch.arange(bsz, device=device) % model.num_classes
     rows = []
     for preset in presets:
-        def run(n=num_iter, preset=preset):
+        accel = named_accel(preset, draft if preset in CSPD_PRESETS else None)
+
+        def run(n=num_iter, accel=accel):
             gen = torch.Generator(device).manual_seed(seed)
             with torch.no_grad():
-                model.sample_tokens(bsz, num_iter=n, cfg=cfg, labels=labels, generator=gen,
-                                    accel=None if preset is None else PRESETS[preset])
+                model.sample_tokens(bsz, num_iter=n, cfg=cfg, labels=labels, generator=gen, accel=accel)
 
         warm = (lambda: run(warmup_iter)) if warmup_iter else None
         seconds = median_time(run, device, repeats, warmup=warm) / bsz
-        flops = estimate(model, num_iter=num_iter, cfg=cfg, accel=preset, bsz=bsz).total / 1e12
+        flops = estimate(model, num_iter=num_iter, cfg=cfg, accel=accel, bsz=bsz).total / 1e12
         rows.append(BenchRow(preset or "plain", seconds, flops))
     base = rows[0]
     for r in rows:
@@ -71,7 +78,9 @@ def format_rows(rows: list[BenchRow]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sampler_args(p)
-    p.add_argument("--presets", nargs="+", default=["lazymar"], choices=sorted(PRESETS))
+    p.add_argument("--presets", nargs="+", default=["lazymar"], choices=ACCEL_NAMES)
+    p.add_argument("--draft_model", default=None, choices=sorted(MAR_FACTORIES),
+                   help="the draft of the cspd presets (random weights, as the target's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup_iter", type=int, default=4,
                    help="MAR steps of the untimed warm-up generation (0: a full-length one)")
@@ -81,16 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     check_positive(repeats=args.repeats)
     if args.warmup_iter < 0:
         raise ValueError(f"--warmup_iter must be >= 0, got {args.warmup_iter}")
+    cspd = [n for n in args.presets if n in CSPD_PRESETS]
+    check_draft_flags(cspd[0] if cspd else args.presets[-1], args.draft_model)
     model, device = build_timed_model(args)
+    draft = None
+    if args.draft_model is not None:
+        draft = build_random_model(args.draft_model, num_sampling_steps=args.num_sampling_steps, device=device,
+                                   seed=1)
+        apply_compile(draft, compile_mode(args, device))
+        named_accel(cspd[0], draft).check_target(model)
     with autocast(device, args.precision):
         rows = bench(model, [None, *args.presets], num_iter=args.num_iter, cfg=args.cfg, bsz=args.bsz,
-                     repeats=args.repeats, device=device, warmup_iter=args.warmup_iter or None)
+                     repeats=args.repeats, device=device, warmup_iter=args.warmup_iter or None, draft=draft)
     if args.json:
         print(json.dumps([asdict(r) | {"efficiency": r.efficiency} for r in rows], indent=2))
         return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}, {args.num_iter} steps, batch {args.bsz}, cfg {args.cfg}, {args.num_sampling_steps} "
-          f"diffusion steps, {name}, {args.precision}; median of {args.repeats}")
+          f"diffusion steps, {name}, {args.precision}; median of {args.repeats}"
+          + (f"; CSpD draft {args.draft_model}" if draft is not None else ""))
     print(format_rows(rows))
     return 0
 

@@ -1,8 +1,11 @@
-"""What an eval.py run reports besides its metrics: timing over the processes, FLOPs, the summary table."""
+"""What an eval.py run reports besides its metrics: timing over the processes, FLOPs, speculative
+decoding's acceptance statistics, the summary table."""
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +38,9 @@ def summarize_timing(per_rank: list[dict[str, Any]], eval_bsz: int) -> dict[str,
     return out
 
 
-def flops_summary(gen, args: argparse.Namespace, accel: str | None) -> dict[str, Any]:
+def flops_summary(gen, args: argparse.Namespace, accel: Any) -> dict[str, Any]:
+    """FLOPs per image of the run's sampler (``accel``: None or the config it samples with; for CSpD
+    both models' FLOPs), and against plain MAR."""
     from lazymar.flops import estimate
     rep = estimate(gen.mar, num_iter=args.num_iter, cfg=args.cfg, accel=accel, bsz=args.eval_bsz, vae=gen.vae)
     out = {"per_image": rep.total, "per_image_with_vae": rep.total_with_vae,
@@ -45,6 +50,33 @@ def flops_summary(gen, args: argparse.Namespace, accel: str | None) -> dict[str,
         out["plain_per_image"] = base.total
         out["speedup_vs_plain"] = base.total / rep.total
     return out
+
+
+STATS_DIR = "cspd_stats"  # in the run folder: one file of acceptance statistics per batch
+
+
+def stats_path(run_dir: Path, batch: int) -> Path:
+    return run_dir / STATS_DIR / f"{batch:06d}.json"
+
+
+def save_batch_stats(run_dir: Path, batch: int, stats: dict[str, Any]) -> None:
+    """Record batch ``batch``'s speculative-decoding statistics (:meth:`lazymar.cspd.CSpDStats.as_dict`),
+    before its images: a batch whose images exist has its statistics, so a resumed run reports all."""
+    from util.checkpoint import atomic_path
+    path = stats_path(run_dir, batch)
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(stats))
+
+
+def acceptance_summary(run_dir: Path, num_batches: int) -> dict[str, Any]:
+    """The run's acceptance statistics over all its batches (:func:`lazymar.cspd.summarize`), however many
+    invocations generated them; ``batches_without_stats`` counts batches whose file is missing (none, unless
+    the folder was edited by hand), which the totals then leave out."""
+    from lazymar.cspd import summarize
+    paths = [stats_path(run_dir, b) for b in range(num_batches)]
+    found = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    return {**summarize(found), "batches_without_stats": num_batches - len(found)}
 
 
 def rate_line(timing: dict[str, Any]) -> str:
@@ -69,6 +101,9 @@ def format_table(result: dict[str, Any]) -> str:
             ("GFLOPs per image (with VAE)", f"{f['per_image_with_vae'] / 1e9:.2f}")]
     if "speedup_vs_plain" in f:
         rows.append(("FLOPs reduction", f"{f['speedup_vs_plain']:.2f}x"))
+    if "cspd" in result:
+        from lazymar.cspd import describe
+        rows.append(("CSpD (draft %s)" % s["draft_model"], describe(result["cspd"])))
     if t["latency_s_per_image"] is not None:
         rows += [("latency s/image (bsz %d)" % t["batch_size"], f"{t['latency_s_per_image']:.4f}"),
                  ("latency s/image incl. VAE", f"{t['latency_with_vae_s_per_image']:.4f}"),

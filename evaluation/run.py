@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from lazymar.config import PRESETS
+from lazymar.cspd import CSPD_PRESETS, check_draft_flags, preset_settings
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
 from util.generate import SEED_RULE
@@ -39,10 +40,26 @@ NOT_IMAGE_CODE = frozenset({"lazymar/flops.py"})
 
 
 def accel_name(args: argparse.Namespace) -> str | None:
-    """The preset the flags ask for (``--lazy_mar`` is ``--accel lazymar``), None for plain MAR."""
+    """The preset the flags ask for (``--lazy_mar`` is ``--accel lazymar``), None for plain MAR; a CSpD
+    preset must come with ``--draft_model`` and ``--draft_model`` / ``--draft_ckpt`` with a CSpD preset."""
     if args.lazy_mar and args.accel not in (None, "lazymar"):
         raise SystemExit(f"--lazy_mar conflicts with --accel {args.accel}")
-    return "lazymar" if args.lazy_mar else args.accel
+    accel = "lazymar" if args.lazy_mar else args.accel
+    if args.draft_ckpt is not None and args.draft_model is None:
+        raise ValueError("--draft_ckpt needs --draft_model (the model whose weights it holds)")
+    check_draft_flags(accel, args.draft_model)
+    return accel
+
+
+def accel_definition(args: argparse.Namespace, accel: str | None) -> str | None:
+    """The acceleration's full definition as text (recorded, and hashed into the folder name): the
+    preset's config, or for CSpD every setting of its config but the draft, whose weights the identity
+    records by digest (``repr`` of the :class:`~lazymar.cspd.CSpDConfig` the run samples with)."""
+    if accel is None:
+        return None
+    if accel in CSPD_PRESETS:
+        return f"CSpDConfig({', '.join(f'{k}={v!r}' for k, v in preset_settings(accel).items())})"
+    return repr(PRESETS[accel])
 
 
 def _short_hash(text: str, n: int = 8) -> str:
@@ -59,7 +76,8 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
     ``<model>[-ckpt<hash>][-raw]-it<num_iter>-cfg<cfg>-<schedule>-temp<T>-ds<diffusion steps>[-<precision>]-<accel>[-<cfg hash>]
     -bsz<eval_bsz>-<device type>-seed<seed>-n<num_images>``; ``accel`` is ``base`` for plain MAR (the name of
     every earlier run's folder), else the preset name plus a hash of the preset's config ``repr`` (so editing
-    a preset changes the folder).
+    a preset changes the folder); for CSpD the preset name, the draft model (with a hash of its
+    ``--draft_ckpt`` path) and the hash of :func:`accel_definition`.
     """
     accel = accel_name(args)
     parts = [args.model]
@@ -74,7 +92,13 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
         parts.append(args.precision)
     if args.compile or args.cuda_graph:  # compiled arithmetic rounds differently: another run
         parts.append("cudagraph" if args.cuda_graph else "compiled")
-    parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
+    if accel in CSPD_PRESETS:
+        parts += [accel, args.draft_model]
+        if args.draft_ckpt is not None:
+            parts.append("ckpt" + _short_hash(str(Path(args.draft_ckpt).resolve()), 6))
+    elif accel is not None:
+        parts.append(accel)
+    parts.append("base" if accel is None else _short_hash(accel_definition(args, accel)))
     parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
     return "-".join(parts)
 
@@ -102,24 +126,30 @@ def code_sha256(root: Path = ROOT, sources: tuple[str, ...] = IMAGE_CODE,
 
 
 def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, device: torch.device,
-                 num_classes: int) -> dict[str, Any]:
+                 num_classes: int, draft: Generator | None = None) -> dict[str, Any]:
     """Everything that makes a run's images what they are, as JSON values.
 
     The weights by content (each file's SHA-256, cached in ``<output_dir>/sha256_cache.json`` by path,
     size, mtime, inode and ctime, so a resume does not re-read GBs; in-memory weights by their tensors), the sampler
     settings, the preset's full definition, the seed rule, the sampling code and library versions, and
     the device. Two runs with equal identities write byte-identical images on the same machine.
+    With speculative decoding, the draft model (``draft``) too: its name and its MAR weights' digest
+    (``draft_mar_sha256``; its VAE decodes nothing), so a resume with another draft is refused.
     """
     cache = Path(args.output_dir) / DIGEST_CACHE
     weights = {f"{role}_sha256": cached_file_sha256(path, cache) for role, path in sorted(gen.files.items())}
     if not weights:
         weights = {"weights_sha256": state_dict_sha256(gen.mar, gen.vae)}
+    if draft is not None:
+        weights["draft_model"] = args.draft_model
+        weights["draft_mar_sha256"] = (cached_file_sha256(draft.files["mar"], cache) if "mar" in draft.files
+                                       else state_dict_sha256(draft.mar))
     return {
         "model": args.model, **weights, "ema": not args.no_ema, "latent_scale": gen.latent_scale,
         "num_iter": args.num_iter, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
         "temperature": args.temperature, "num_sampling_steps": gen.mar.diffloss.num_sampling_steps,
         "precision": args.precision, "compile": compile_mode(args, device), "accel": accel,
-        "accel_config": repr(PRESETS[accel]) if accel else None,
+        "accel_config": accel_definition(args, accel),
         "seed": args.seed, "seed_rule": SEED_RULE, "eval_bsz": args.eval_bsz, "num_images": args.num_images,
         "labels": f"image i has class i % {num_classes}",
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

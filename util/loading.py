@@ -156,3 +156,14 @@ def load_generator(model: str, *, ckpt: str | Path | None = None, vae_path: str 
     vae = vae.to(device).eval()
     return Generator(mar=mar, vae=vae, latent_scale=float(scale), name=model, is_random=is_random,
                      files={role: Path(p) for role, p in files.items()})
+
+
+def load_draft(model: str, target: Generator, *, ckpt: str | Path | None = None, vae_path: str | Path | None = None,
+               use_ema: bool = True) -> Generator:
+    """The draft model of speculative decoding for ``target`` (``--draft_model``): ``model`` loaded as
+    :func:`load_generator` does, on ``target``'s device and with ``target``'s diffusion step count, since
+    trajectory alignment pairs the two heads' steps. Only its MAR samples; ``vae_path`` is passed on to a
+    released draft (a registered model finds its own files) so that it reads the target's VAE file."""
+    device = next(target.mar.parameters()).device
+    return load_generator(model, ckpt=ckpt, vae_path=vae_path if model in RELEASED_MODELS else None,
+                          use_ema=use_ema, device=device, num_sampling_steps=target.mar.diffloss.num_sampling_steps)
