@@ -2,7 +2,7 @@
 
     python sample.py                                   # demo model, its 12 classes, CPU, < 1 minute
     python sample.py --model mar_huge --classes 207 360 387 974 88 979 417 279 --cfg 3.2 --device cuda
-    python sample.py --compare                         # baseline | LazyMAR from the same seeds
+    python sample.py --compare                         # plain | LazyMAR from the same seeds
 
 ``--compare`` samples the same batch twice from the same seed (same orders, same noise), without and
 with acceleration (``--accel``, default ``lazymar``), and writes both grids side by side, each labelled
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accel", default=None, choices=sorted(PRESETS))
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
-    p.add_argument("--compare", action="store_true", help="baseline and accelerated grids side by side")
+    p.add_argument("--compare", action="store_true", help="plain and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> Image.Image:
         from lazymar.flops import estimate
         accel = accel or "lazymar"
         halves = []
-        for name, a in (("baseline", None), (accel, accel)):
+        for name, a in (("plain", None), (accel, accel)):
             images, sec = generate(gen, labels, settings, args.seed, a, args.precision)
             flops = estimate(gen.mar, num_iter=settings["num_iter"], cfg=settings["cfg"], accel=a,
                              bsz=len(labels)).total

@@ -56,6 +56,7 @@ from demo.train_step import MODEL_SIZES, BucketedMaskStep, compile_for_training,
 from demo.dataset import STYLES
 from util.checkpoint import CheckpointError, atomic_save
 from util.cli import check_positive
+from util.distributed import barrier, init_distributed, shutdown
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
 from util.pos_embed import init_mar_pos_embed_sincos
@@ -375,19 +376,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
 
     torch.set_num_threads(args.threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    rank, world, device = init_distributed()  # this rank's GPU if there is one (util.distributed)
+    distributed = world > 1
     main_proc = rank == 0
     # The settings check comes before any work: a refused resume must not encode data or build models.
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
@@ -399,8 +389,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
                                      device=device, style=args.data_style)
-    if distributed:
-        dist.barrier()
+    barrier()
     if not main_proc:
         data = load_or_build_latents(args.tokenizer, args.num_per_class, args.data_seed, args.cache_dir,
                                      style=args.data_style)
@@ -465,8 +454,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             _truncate_log(log_path, step)
         del ck  # its tensors are in the model and optimizer now
     out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        dist.barrier()
+    barrier()
 
     n_params = sum(p.numel() for p in model.parameters())
     if main_proc:
@@ -591,9 +579,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     flush()
     if progress is not None:
         progress.close()
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier()
+    shutdown()
     if main_proc:
         print(f"done: step {step}/{total_steps} in {time.perf_counter() - t_start:.0f}s this run")
     return dict(step=step, losses=losses, checkpoint=str(ckpt_path), n_params=n_params)

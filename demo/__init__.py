@@ -13,7 +13,6 @@ works at 32x32, the classifier at 64x64). This package provides the pieces that 
 * :mod:`demo.registry` - where the demo checkpoints live, how they load, the demo's sampling defaults.
 * :mod:`demo.train_step` - the model sizes and the static-shape (bucketed, compiled) training step.
 * :mod:`demo.evaluate` / :mod:`demo.plot` - the quality table of every preset and its plot.
-* :mod:`demo.step_timing` - seconds per training step of each execution mode.
 
 Submodules are imported lazily by the caller; importing :mod:`demo` itself is cheap.
 """

@@ -1,23 +1,22 @@
-"""Training-free acceleration policies for MAR sampling.
+"""Training-free acceleration techniques for MAR sampling.
 
-``MAR.sample_tokens(..., accel=...)`` takes ``None`` (plain MAR), a preset name from :data:`PRESETS`, or
-an :class:`AccelConfig` built from the per-technique configs below (``LazyMARConfig`` is the same class).
-:func:`released_config` maps the DiSA and ReCAP releases' own sampling arguments to a config.
-Importing this package registers it with :mod:`models.mar` (which does not import the layers above it).
+``MAR.sample_tokens(..., accel=...)`` takes ``None`` (plain MAR) or an :class:`AccelConfig`: a preset's
+(``preset("lazymar")``, :data:`PRESETS`) or one built from the per-technique configs below.
+:func:`released_config` maps the DiSA and ReCAP releases' own sampling arguments to a config. Preset
+names (``accel="lazymar"``) also work once this package is imported; the config always does.
 """
 from lazymar.condition_cache import ConditionCacheConfig
-from lazymar.config import PRESETS, AccelConfig, LazyMARConfig
+from lazymar.config import PRESETS, AccelConfig, preset
 from lazymar.disa import DiSAConfig
 from lazymar.gtr import GtRConfig
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.marche import MARcheConfig
-from lazymar.policy import make_sampler
 from lazymar.recap import ReCAPConfig
 from lazymar.released import released_config
 from lazymar.token_cache import TokenCacheConfig
-from models.mar import register_accel
+from models.mar import register_preset_names
 
-register_accel(make_sampler)
+register_preset_names(preset)  # accel="<name>" for callers of the names
 
-__all__ = ["PRESETS", "AccelConfig", "LazyMARConfig", "GtRConfig", "MARcheConfig", "TokenCacheConfig",
+__all__ = ["PRESETS", "AccelConfig", "preset", "GtRConfig", "MARcheConfig", "TokenCacheConfig",
            "ConditionCacheConfig", "HeadCacheConfig", "DiSAConfig", "ReCAPConfig", "released_config"]

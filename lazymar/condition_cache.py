@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lazymar.indexing import gather_tokens
 from lazymar.plan import StepPlan
 from lazymar.technique import Hidden, Technique
+from models.indexing import gather_tokens
 
 
 @dataclass(frozen=True)
 class ConditionCacheConfig:
-    """Condition cache settings. It has none beyond being on: which steps refresh is the policy's
-    refresh schedule (shared with the token cache), as in the release."""
+    """Condition cache settings. It has none beyond being on: which steps refresh is the acceleration
+    config's refresh schedule (shared with the token cache), as in the release."""
 
 
 @dataclass
@@ -41,18 +41,30 @@ class ConditionCacheState:
         return torch.cat([cond, cond + gather_tokens(self.residual, positions)], dim=0)
 
 
-class ConditionCacheTechnique(Technique):
-    """Runs the conditional half alone on steps that do not refresh, and rebuilds the other half."""
+class ConditionCache(Technique):
+    """Runs the conditional half alone on steps that do not refresh, and rebuilds the other half.
 
-    def __init__(self, model) -> None:
+    A step that runs over another step's transformer context (``StepPlan.reuses``: ReCAP's cheap steps)
+    runs that step's rows and records nothing: the context holds those rows only.
+    """
+
+    label = "LazyMAR's condition cache"
+    writes = frozenset({"halves", "uncond_refresh"})
+
+    def __init__(self, model, config: ConditionCacheConfig, accel=None) -> None:
         super().__init__(model)
         self.state = ConditionCacheState()
+        self.halves: dict[int, int] = {}  # step -> guidance halves it runs
 
-    def plan(self, p: StepPlan) -> None:
+    def plan_rows(self, p: StepPlan) -> dict:
         if not p.guided:
-            return
-        p.uncond_refresh = p.refresh
-        p.halves = 2 if p.refresh else 1
+            return {}
+        if p.reuses is not None:
+            halves, record = self.halves[p.reuses], False
+        else:
+            halves, record = (2 if p.refresh else 1), p.refresh
+        self.halves[p.step] = halves
+        return {"halves": halves, "uncond_refresh": record}
 
     def complete(self, p: StepPlan, out: Hidden) -> Hidden:
         if not p.guided:

@@ -4,9 +4,10 @@ An :class:`AccelConfig` switches each technique on (a config) or off (``None``):
 (token, condition, diffusion head) with the refresh schedule the transformer caches share, GtR's
 staged schedules (:mod:`lazymar.gtr`), MARche's cache-aware attention (:mod:`lazymar.marche`), DiSA's
 head step annealing (:mod:`lazymar.disa`) and ReCAP's cheap steps (:mod:`lazymar.recap`).
-Techniques compose where they touch different parts of a step, or where their modules define how
-(DiSA's annealing replaces GtR's stage-aware head counts). Where two would decide the same thing
-without such a rule, the config is rejected with a message that names the conflict.
+A technique is registered by its field here (:func:`technique`). Techniques compose where they decide
+different parts of a step, or where one declares that it yields to the other (DiSA's annealing
+replaces GtR's stage-aware head counts); where two would decide the same thing without such a rule,
+the config is rejected with a message that names both (:func:`lazymar.technique.check_composition`).
 
 ``PRESETS['lazymar']`` is the released LazyMAR (schedules indexed by absolute step, as released);
 ``lazymar-scaled`` scales them with the step count; the single-cache presets are the paper's
@@ -17,16 +18,24 @@ combinations.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
-from lazymar.condition_cache import ConditionCacheConfig
-from lazymar.disa import DiSAConfig
-from lazymar.gtr import PAPER_STAGE_STEPS, GtRConfig
-from lazymar.head_cache import HeadCacheConfig
-from lazymar.marche import MARcheConfig
-from lazymar.recap import ReCAPConfig
+from lazymar.condition_cache import ConditionCache, ConditionCacheConfig
+from lazymar.disa import DiSA, DiSAConfig
+from lazymar.gtr import PAPER_STAGE_STEPS, GtR, GtRConfig
+from lazymar.head_cache import HeadCache, HeadCacheConfig
+from lazymar.marche import MARche, MARcheConfig
+from lazymar.recap import ReCAP, ReCAPConfig
 from lazymar.schedules import is_refresh_step
-from lazymar.token_cache import TokenCacheConfig
+from lazymar.technique import Technique, check_composition
+from lazymar.token_cache import TokenCache, TokenCacheConfig
+
+
+def technique(cls: type[Technique], default: Any = None) -> Any:
+    """An :class:`AccelConfig` field that switches technique ``cls`` on (its config) or off (None):
+    the one line that registers a technique."""
+    return field(default=default, metadata={"technique": cls})
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,10 @@ class AccelConfig:
         token_cache: encoder/decoder token reuse, or None.
         condition_cache: reuse of the guidance residual in the transformer, or None.
         head_cache: reuse inside the diffusion head's denoising loop, or None.
+        gtr: GtR's staged orders, step schedule, head steps and FTS, or None.
+        marche: MARche's cache-aware attention and selective KV refresh, or None.
+        disa: DiSA's annealed head step counts, or None.
+        recap: ReCAP's cheap steps over cached context keys/values, or None.
         refresh_warmup: fraction of the MAR steps at the start that are all full. Release: 5/64.
         refresh_interval: after the warm-up, a full step every ``refresh_interval * num_iter`` steps.
             Release: 9/64. Smaller = more faithful, slower.
@@ -46,48 +59,44 @@ class AccelConfig:
             step 20). ``None`` scales them with ``num_iter`` (progress ``step / num_iter``), identical at
             64 steps and proportionate at others. With GtR the step count is GtR's (fewer than
             ``num_iter``), so combinations with GtR use ``None``.
-        gtr: GtR's staged orders, step schedule, head steps and FTS, or None.
-        marche: MARche's cache-aware attention and selective KV refresh, or None.
-        disa: DiSA's annealed head step counts, or None.
-        recap: ReCAP's cheap steps over cached context keys/values, or None.
     """
 
-    token_cache: TokenCacheConfig | None = field(default_factory=TokenCacheConfig)
-    condition_cache: ConditionCacheConfig | None = field(default_factory=ConditionCacheConfig)
-    head_cache: HeadCacheConfig | None = field(default_factory=HeadCacheConfig)
+    token_cache: TokenCacheConfig | None = technique(TokenCache, TokenCacheConfig())
+    condition_cache: ConditionCacheConfig | None = technique(ConditionCache, ConditionCacheConfig())
+    head_cache: HeadCacheConfig | None = technique(HeadCache, HeadCacheConfig())
+    gtr: GtRConfig | None = technique(GtR)
+    marche: MARcheConfig | None = technique(MARche)
+    disa: DiSAConfig | None = technique(DiSA)
+    recap: ReCAPConfig | None = technique(ReCAP)
     refresh_warmup: float = 5 / 64
     refresh_interval: float = 9 / 64
     schedule_steps: int | None = 64
-    gtr: GtRConfig | None = None
-    marche: MARcheConfig | None = None
-    disa: DiSAConfig | None = None
-    recap: ReCAPConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.marche is not None and self.token_cache is not None:
-            raise ValueError("MARche's cache-aware attention and LazyMAR's token cache both choose which "
-                             "tokens the transformer recomputes: use one of them (MARche composes with "
-                             "the condition and head caches; set token_cache=None)")
-        if self.recap is not None:
-            recomputes = [name for name, on in (("LazyMAR's token cache", self.token_cache is not None),
-                                                 ("MARche", self.marche is not None)) if on]
-            if recomputes:
-                raise ValueError(f"ReCAP's cheap steps and {recomputes[0]} both choose what the transformer "
-                                 f"recomputes: use one of them (ReCAP composes with the condition and head "
-                                 f"caches; set token_cache=None, marche=None)")
-            if self.gtr is not None:
-                raise ValueError("ReCAP and GtR both arrange the generation orders and step schedule "
-                                 "(ReCAP's groups go in position order, GtR's stages by checkerboard): "
-                                 "use one of them")
-            if self.disa is not None:
-                raise ValueError("ReCAP's fast head on cheap steps and DiSA's annealing both set the head's "
-                                 "step counts: use one of them (ReCAPConfig.fast_ratio sets ReCAP's)")
+        check_composition(cls for cls, _ in self.enabled())
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError(f"schedule_steps must be None or >= 1, got {self.schedule_steps}")
         if not 0.0 <= self.refresh_warmup <= 1.0:
             raise ValueError(f"refresh_warmup must be in [0, 1], got {self.refresh_warmup}")
         if not 0.0 < self.refresh_interval <= 1.0:
             raise ValueError(f"refresh_interval must be in (0, 1], got {self.refresh_interval}")
+
+    def enabled(self) -> list[tuple[type[Technique], Any]]:
+        """(technique class, its config) of every technique that is on, in field order."""
+        out = []
+        for f in fields(self):
+            if "technique" in f.metadata and getattr(self, f.name) is not None:
+                out.append((f.metadata["technique"], getattr(self, f.name)))
+        return out
+
+    def techniques(self, model) -> list[Technique]:
+        """One object per enabled technique for one ``sample_tokens`` call (fresh cache state)."""
+        return [cls(model, config, self) for cls, config in self.enabled()]
+
+    def sampler(self, model, *, num_iter: int, guided: bool):
+        """The step strategy of this config for one ``sample_tokens`` call (``models.mar.StepStrategy``)."""
+        from lazymar.steps import AccelSteps  # steps.py builds on this module
+        return AccelSteps(model, self, num_iter=num_iter, guided=guided)
 
     def schedule_length(self, num_iter: int) -> int:
         """The step count the MAR-step schedules are evaluated against."""
@@ -101,15 +110,12 @@ class AccelConfig:
         return self.token_cache is not None or self.condition_cache is not None
 
 
-# The LazyMAR-only name of the same configuration.
-LazyMARConfig = AccelConfig
-
 LAZYMAR = AccelConfig()
 OFF = AccelConfig(token_cache=None, condition_cache=None, head_cache=None)
 GTR = replace(OFF, gtr=GtRConfig())
 MARCHE = replace(OFF, marche=MARcheConfig())
 
-PRESETS: dict[str, LazyMARConfig] = {
+PRESETS: dict[str, AccelConfig] = {
     "lazymar": LAZYMAR,
     "lazymar-token": replace(LAZYMAR, condition_cache=None, head_cache=None),
     "lazymar-cond": replace(LAZYMAR, token_cache=None, head_cache=None),
@@ -132,3 +138,10 @@ PRESETS: dict[str, LazyMARConfig] = {
     "recap": replace(OFF, recap=ReCAPConfig()),
     "recap+lazymar": replace(LAZYMAR, token_cache=None, recap=ReCAPConfig(), schedule_steps=None),
 }
+
+
+def preset(name: str) -> AccelConfig:
+    """The config of preset ``name`` (:data:`PRESETS`), with the list of names when it is unknown."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown acceleration preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -78,13 +78,13 @@ def disa_head_steps(step: int, num_steps: int, config: DiSAConfig) -> int:
 class DiSA(Technique):
     """Sets the step count (and clamp) of the step's head calls."""
 
-    def __init__(self, model, config: DiSAConfig) -> None:
+    label = "DiSA"
+    writes = frozenset({"head_steps", "max_timestep"})
+
+    def __init__(self, model, config: DiSAConfig, accel=None) -> None:
         super().__init__(model)
         self.config = config
 
-    def plan(self, p: StepPlan) -> None:
-        steps = disa_head_steps(p.step, p.num_steps, self.config)
-        for call in p.head:
-            if not call.detail:
-                call.steps = steps
-            call.max_timestep = self.config.max_timestep
+    def plan_head_steps(self, p: StepPlan) -> dict:
+        return {"head_steps": disa_head_steps(p.step, p.num_steps, self.config),
+                "max_timestep": self.config.max_timestep}

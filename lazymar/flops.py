@@ -1,4 +1,4 @@
-"""FLOPs of one image's generation, split by component, for any model size, policy and step count.
+"""FLOPs of one image's generation, split by component, for any model size, preset and step count.
 
 Two ways to count, held to the same number by the tests:
 
@@ -59,23 +59,24 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
              vae=None) -> FlopReport:
     """Exact FLOPs per image of ``model.sample_tokens(bsz, num_iter, cfg, accel=accel)`` (+ VAE decode).
 
-    The count prices the sampler's own step plans (:class:`lazymar.policy.AccelSteps`): each part of a
+    The count prices the sampler's own step plans (:class:`lazymar.steps.AccelSteps`): each part of a
     step is priced by the technique that runs it, from the counts that technique planned, so what is
     counted cannot drift from what runs.
 
     Args:
         model: a MAR (a ``meta``-device one is enough: only shapes are read).
         num_iter: MAR steps.
-        cfg: guidance scale (only ``cfg != 1`` matters).
-        accel: None, a preset name or a policy config.
+        cfg: guidance scale (only whether it guides matters, ``models.schedules.guidance_on``).
+        accel: None, a preset name or an acceleration config.
         bsz: batch size; only the timestep embedding (one per diffusion step, shared by the batch)
             makes FLOPs per image depend on it.
         vae: optional VAE whose decode of one latent is counted (on the meta device).
     """
     from lazymar.config import OFF
-    from lazymar.policy import AccelSteps, resolve_accel
+    from lazymar.steps import AccelSteps, resolve_accel
+    from models.schedules import guidance_on
     config = OFF if accel is None else resolve_accel(accel)
-    steps = AccelSteps(model, config, num_iter=num_iter, guided=cfg != 1.0)
+    steps = AccelSteps(model, config, num_iter=num_iter, guided=guidance_on(cfg))
     s = ModelShape.of(model)
     enc = dec = head = 0
     for p in steps.plans:
@@ -166,7 +167,7 @@ def measure(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 1
 
 # --------------------------------------------------------------------------------------- CLI
 def format_table(rows: list[tuple[str, FlopReport]]) -> str:
-    head = f"{'policy':<20}" + "".join(f"{c:>16}" for c in COMPONENTS) + f"{'total':>12}{'ratio':>8}"
+    head = f"{'preset':<20}" + "".join(f"{c:>16}" for c in COMPONENTS) + f"{'total':>12}{'ratio':>8}"
     lines = [head, "-" * len(head)]
     base = rows[0][1].total
     for name, r in rows:
@@ -188,21 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=3.25)
     parser.add_argument("--num_sampling_steps", type=int, default=100)
     parser.add_argument("--accel", default=None, nargs="+", choices=sorted(PRESETS) + ["all"],
-                        help="policies to count beside the baseline (default: baseline only; 'all': every preset)")
-    parser.add_argument("--json", action="store_true", help="print the accelerated (or baseline) report as JSON")
+                        help="presets to count beside plain MAR (default: plain only; 'all': every preset)")
+    parser.add_argument("--json", action="store_true", help="print the last preset's (or plain MAR's) report as JSON")
     args = parser.parse_args(argv)
     check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
     with torch.device("meta"):
         model = build_released(args.model, num_sampling_steps=args.num_sampling_steps)
         vae = AutoencoderKL(**KL16_CONFIG)
-    rows = [("baseline", estimate(model, num_iter=args.num_iter, cfg=args.cfg, vae=vae))]
+    rows = [("plain", estimate(model, num_iter=args.num_iter, cfg=args.cfg, vae=vae))]
     names = sorted(PRESETS) if args.accel == ["all"] else (args.accel or [])
     for name in names:
         rows.append((name, estimate(model, num_iter=args.num_iter, cfg=args.cfg, accel=name, vae=vae)))
     if args.json:
         out = rows[-1][1].as_dict()
         out.update(model=args.model, num_iter=args.num_iter, cfg=args.cfg, accel=rows[-1][0] if names else None,
-                   baseline_total_tflops=rows[0][1].total / 1e12)
+                   plain_total_tflops=rows[0][1].total / 1e12)
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.model}, {args.num_iter} steps, cfg {args.cfg}, {args.num_sampling_steps} diffusion steps, "

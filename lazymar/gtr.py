@@ -18,12 +18,14 @@ Everything here is a pure function of the config, the grid and the step count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from lazymar.plan import HeadCall, Schedule, StepPlan
 from lazymar.schedules import scaled_count
 from lazymar.technique import Technique
+from models.indexing import positions
 from models.schedules import next_mask_len
 
 
@@ -90,24 +92,39 @@ class GtRConfig:
         return self.num_stages > 1
 
 
-def stage_of_tokens(h: int, w: int, num_stages: int) -> torch.Tensor:
-    """(h*w,) stage index (0-based, generation order) of each row-major grid position.
+def token_stage(d: int, num_stages: int) -> int:
+    """Stage index (0-based, generation order) of a grid position with ``i + j == d``.
 
-    Stage ``K-1`` is ``(i+j) % 2 == 1``; for ``k < K-1`` the stage is the set with
-    ``(i+j) % 2^(K-k) == 2^(K-k-1)``, except stage 0 which takes ``(i+j) % 2^(K-1) == 0``. With K = 1
+    Stage ``K-1`` is ``(i+j) % 2 == 1``; for ``0 < k < K-1`` the stage is the set with
+    ``(i+j) % 2^(K-k) == 2^(K-k-1)``; stage 0 takes the rest, ``(i+j) % 2^(K-1) == 0``. With K = 1
     every token is in stage 0.
     """
-    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    d = (i + j).reshape(-1)
-    K = num_stages
-    stage = torch.zeros_like(d)
-    if K == 1:
-        return stage
-    stage[d % 2 == 1] = K - 1
-    for k in range(1, K - 1):
-        period = 2 ** (K - k)
-        stage[d % period == period // 2] = k
-    return stage
+    if num_stages == 1:
+        return 0
+    if d % 2 == 1:
+        return num_stages - 1
+    for k in range(1, num_stages - 1):
+        period = 2 ** (num_stages - k)
+        if d % period == period // 2:
+            return k
+    return 0
+
+
+def stage_sizes(h: int, w: int, num_stages: int) -> list[int]:
+    """Tokens in each stage of an ``h x w`` grid (plain Python: planning reads no tensor)."""
+    stages = [token_stage(i + j, num_stages) for i in range(h) for j in range(w)]
+    return [stages.count(k) for k in range(num_stages)]
+
+
+def stage_of_tokens(h: int, w: int, num_stages: int) -> torch.Tensor:
+    """(h*w,) stage index (:func:`token_stage`) of each row-major grid position."""
+    return torch.tensor([token_stage(i + j, num_stages) for i in range(h) for j in range(w)])
+
+
+@lru_cache(maxsize=64)
+def _stages_on(h: int, w: int, num_stages: int, device: torch.device) -> torch.Tensor:
+    """:func:`stage_of_tokens` on ``device``, made once per process: not a copy to the device per call."""
+    return stage_of_tokens(h, w, num_stages).to(device)
 
 
 def stage_step_counts(num_iter: int, config: GtRConfig, stage_sizes: list[int]) -> list[int]:
@@ -144,7 +161,7 @@ def staged_orders(orders: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
     end: stage 0 goes last. With random ``orders`` this is a random order within each stage, as GtR
     wants; with one stage ``orders`` come back unchanged.
     """
-    key = -stage.to(orders.device)[orders]  # (B, L): later stages first
+    key = -stage[orders]  # (B, L): later stages first
     return orders.gather(1, key.argsort(dim=1, stable=True))
 
 
@@ -163,7 +180,7 @@ def head_steps_of(step: int, generation_steps: int, config: GtRConfig) -> int:
     return scaled_count(value, 1, minimum=1)
 
 
-def fts_steps_split(n_tokens: int, steps: int, config: GtRConfig) -> list[tuple[int, int]]:
+def fts_steps_split(n_tokens: int, steps: int | None, config: GtRConfig) -> list[tuple[int, int | None]]:
     """``[(tokens, diffusion steps), ...]`` per image in a reconstruction step: FTS's selected tokens
     (the top ``fts_fraction``, see :func:`fts_select`) get ``fts_steps``, the rest ``steps``."""
     if not config.fts:
@@ -201,55 +218,63 @@ def fts_select(scores: torch.Tensor, rows: int, fraction: float) -> torch.Tensor
 
 class GtR(Technique):
     """GtR as a step technique: staged schedule and orders (``transformer``), stage-aware head step
-    counts (``diffusion``) and FTS's split of reconstruction tokens into two head calls (``fts``)."""
+    counts (``diffusion``) and FTS's split of reconstruction tokens into two head calls (``fts``).
 
-    def __init__(self, model, config: GtRConfig) -> None:
+    Its head step counts yield to another technique's (DiSA's annealing replaces them: both mean "fewer
+    steps later", DiSA's has released code); FTS's detailed tokens keep ``fts_steps`` either way.
+    """
+
+    label = "GtR"
+    writes = frozenset({"schedule", "head", "head_steps"})
+    defers = frozenset({"head_steps"})
+
+    def __init__(self, model, config: GtRConfig, accel=None) -> None:
         super().__init__(model)
         self.config = config
-        self.stage = stage_of_tokens(model.seq_h, model.seq_w, config.num_stages) if config.transformer else None
         self.generation_steps = 0
 
-    def schedule(self, sched: Schedule) -> Schedule:
+    def schedule(self, sched: Schedule) -> Schedule | None:
         gtr, seq_len = self.config, self.model.seq_len
-        if self.stage is not None:
-            sizes = [int((self.stage == k).sum()) for k in range(gtr.num_stages)]
+        if gtr.transformer:
+            sizes = stage_sizes(self.model.seq_h, self.model.seq_w, gtr.num_stages)
             steps = stage_step_counts(sched.num_iter, gtr, sizes)
             lens = tuple(staged_mask_lens(sizes, steps))
-            sched = Schedule(sched.num_iter, lens, lens)
             self.generation_steps = sum(steps[:-1]) if gtr.has_reconstruction else len(lens)
-        else:
-            # Without staged orders, reconstruction is the steps that start with at most half the
-            # tokens masked (GtR's reconstruction stage is the odd half for any K > 1).
-            before = (seq_len,) + sched.mask_lens[:-1]
-            self.generation_steps = sum(1 for m in before if not (gtr.has_reconstruction and m <= seq_len // 2))
-        return sched
+            return Schedule(sched.num_iter, lens, lens)
+        # Without staged orders, reconstruction is the steps that start with at most half the tokens
+        # masked (GtR's reconstruction stage is the odd half for any K > 1).
+        before = (seq_len,) + sched.mask_lens[:-1]
+        self.generation_steps = sum(1 for m in before if not (gtr.has_reconstruction and m <= seq_len // 2))
+        return None
 
     def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
-        return orders if self.stage is None else staged_orders(orders, self.stage)
+        model = self.model
+        return staged_orders(orders, _stages_on(model.seq_h, model.seq_w, self.config.num_stages, orders.device))
 
     def reconstructing(self, step: int) -> bool:
         return self.config.has_reconstruction and step >= self.generation_steps
 
-    def plan(self, p: StepPlan) -> None:
+    def plan_head_calls(self, p: StepPlan) -> dict:
         gtr = self.config
-        if not gtr.diffusion:
-            return
-        steps = head_steps_of(p.step, self.generation_steps, gtr)
-        split = fts_steps_split(p.n_pred, steps, gtr) if self.reconstructing(p.step) else [(p.n_pred, steps)]
-        if len(split) == 1:
-            p.head = [HeadCall(p.n_pred, steps)]
-            return
-        (k, k_steps), (rest, rest_steps) = split
-        p.head = [HeadCall(n, s, detail=d) for n, s, d in ((k, k_steps, True), (rest, rest_steps, False)) if n]
+        if not (gtr.fts and self.reconstructing(p.step)):
+            return {}
+        (k, k_steps), (rest, _) = fts_steps_split(p.n_pred, None, gtr)  # the rest's steps: head_steps
+        calls = [HeadCall(k, k_steps, detail=True), HeadCall(rest)]
+        return {"head": [call for call in calls if call.tokens]}
 
-    def split_head(self, p: StepPlan, z: torch.Tensor, cfg: float, bsz: int) -> list[torch.Tensor] | None:
+    def plan_head_steps(self, p: StepPlan) -> dict:
+        if not self.config.diffusion:
+            return {}
+        return {"head_steps": head_steps_of(p.step, self.generation_steps, self.config)}
+
+    def split_head(self, p: StepPlan, z: torch.Tensor, cfg: float, bsz: int) -> list[torch.Tensor]:
         """FTS: the most detailed tokens of each image (scored on their conditions) get the detail call."""
-        if not any(call.detail for call in p.head):
-            return None
-        guided = cfg != 1.0
-        n = z.shape[0] // 2 if guided else z.shape[0]
+        n = z.shape[0] // 2 if p.guided else z.shape[0]
         scored = z[:n]
-        if guided and self.config.fts_source == "guided":
+        if p.guided and self.config.fts_source == "guided":
             scored = z[n:] + cfg * (z[:n] - z[n:])
-        detailed = fts_select(fts_scores(scored), bsz, self.config.fts_fraction)
-        return [detailed if call.detail else ~detailed for call in p.head]
+        per = n // bsz
+        detailed = fts_select(fts_scores(scored), bsz, self.config.fts_fraction).reshape(bsz, per)
+        first_row = torch.arange(bsz, device=z.device)[:, None] * per
+        return [(positions(detailed if call.detail else ~detailed, call.tokens) + first_row).reshape(-1)
+                for call in p.head]

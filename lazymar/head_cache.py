@@ -14,13 +14,14 @@ loop, and with it the random stream, is the plain one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from lazymar.plan import ModelShape, StepPlan, head_fixed_macs, head_step_macs
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step
 from lazymar.technique import Technique
+from models.diffloss import HeadStepCache
 
 
 @dataclass(frozen=True)
@@ -51,25 +52,17 @@ class HeadCacheConfig:
             raise ValueError(f"residual_blocks must be >= 0, got {self.residual_blocks}")
 
 
-@dataclass
-class HeadCache:
-    """What a refresh head step leaves for the cached ones (rows: those that run on cached steps)."""
-
-    eps_residual: torch.Tensor | None = None
-    mlp_out: list[torch.Tensor] = field(default_factory=list)
-    block_residual: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
 def head_cache_factory(config: HeadCacheConfig):
     """A ``model_fn_factory`` for :meth:`DiffLoss.sample` that applies the head cache."""
 
-    def factory(head, cond: torch.Tensor, cfg: float, n: int, diffusion):
+    def factory(head, cond: torch.Tensor, cfg: float, n: int, diffusion, guided: bool):
         net, C = head.net, head.in_channels
-        guided = cfg != 1.0
-        cache = HeadCache()
         T = diffusion.num_timesteps
+        reuse_guidance = guided and config.guidance
         # Rows that run on cached steps: the conditional half when the guidance residual is reused.
-        cached_rows = n if (guided and config.guidance) else cond.shape[0]
+        cached_rows = n if reuse_guidance else cond.shape[0]
+        cache = HeadStepCache(cached_rows, config.residual_blocks)
+        eps_residual: list[torch.Tensor] = []  # cond - uncond eps of the last refresh step
         # Modulations as the steps need them: refresh steps for every row and block, cached steps for
         # their rows and the blocks that do not reuse their whole residual.
         steps = range(T - 1, -1, -1)
@@ -79,36 +72,18 @@ def head_cache_factory(config: HeadCacheConfig):
         cached_mods = head.modulations(diffusion, cond[:cached_rows], [i for i in steps if i not in refreshes], live)
 
         def refresh(x: torch.Tensor, mod):
-            h = net.input_proj(torch.cat([x, x], dim=0) if guided else x)
-            cache.mlp_out.clear()
-            cache.block_residual.clear()
-            for j, block in enumerate(net.res_blocks):
-                shift, scale, gate = mod.blocks[j]
-                m = block.branch(h, shift, scale)
-                h_next = h + gate * m
-                cache.mlp_out.append(m[:cached_rows])
-                if j in config.residual_blocks:
-                    cache.block_residual[j] = (h_next - h)[:cached_rows]
-                h = h_next
-            out = net.final_layer.modulated(h, *mod.final)
+            out = net.forward_modulated(torch.cat([x, x], dim=0) if guided else x, mod, cache, fill=True)
             if guided:
-                cache.eps_residual = out[:n, :C] - out[n:, :C]
-            return head.split_output(out, cfg, n)
+                eps_residual[:] = [out[:n, :C] - out[n:, :C]]
+            return head.split_output(out, cfg, n, guided)
 
         def cached(x: torch.Tensor, mod, recompute_mlp: bool):
-            h = net.input_proj(x if cached_rows == n else torch.cat([x, x], dim=0))
-            for j, block in enumerate(net.res_blocks):
-                if j in cache.block_residual:
-                    h = h + cache.block_residual[j]
-                    continue
-                shift, scale, gate = mod.blocks[j]
-                m = block.branch(h, shift, scale) if recompute_mlp else cache.mlp_out[j]
-                h = h + gate * m
-            out = net.final_layer.modulated(h, *mod.final)
-            if not (guided and config.guidance):
-                return head.split_output(out, cfg, n)
+            x_in = x if cached_rows == n else torch.cat([x, x], dim=0)
+            out = net.forward_modulated(x_in, mod, cache, reuse_mlp=not recompute_mlp)
+            if not reuse_guidance:
+                return head.split_output(out, cfg, n, guided)
             eps_cond = out[:, :C]
-            eps_uncond = eps_cond - cache.eps_residual
+            eps_uncond = eps_cond - eps_residual[0]
             return eps_uncond + cfg * (eps_cond - eps_uncond), out[:, C:]
 
         def model_fn(x: torch.Tensor, i: int):
@@ -121,18 +96,18 @@ def head_cache_factory(config: HeadCacheConfig):
     return factory
 
 
-class HeadCacheTechnique(Technique):
+class HeadCache(Technique):
     """Runs every head call of every step through :func:`head_cache_factory`."""
 
-    def __init__(self, model, config: HeadCacheConfig) -> None:
+    label = "LazyMAR's head cache"
+    writes = frozenset({"head_model"})
+
+    def __init__(self, model, config: HeadCacheConfig, accel=None) -> None:
         super().__init__(model)
         self.config = config
         self.factory = head_cache_factory(config)
 
-    def plan(self, p: StepPlan) -> None:
-        p.head_runner = self
-
-    def wrap_head(self, factory):
+    def head_model(self):
         return self.factory
 
     def head_macs(self, p: StepPlan, s: ModelShape, tokens: int, steps: int) -> int:

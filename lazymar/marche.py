@@ -17,11 +17,12 @@ sums (a test holds it to that).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
+from models.indexing import gather_tokens, positions
+from models.runner import KVCache, PositionBuffer
 from lazymar.plan import ModelShape, StepPlan, block_macs, decoder_embed_macs
 from lazymar.schedules import scaled_count
 from lazymar.technique import StepInputs, Technique
@@ -118,21 +119,15 @@ class MARcheCache:
     """Per decoder block, position-indexed over all N = buffer + L positions: keys/values (R, H, N, d)
     and block inputs (R, N, D); and the last block's outputs (R, N, D)."""
 
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
-    h: list[torch.Tensor] = field(default_factory=list)
-    out: torch.Tensor | None = None
+    kv: KVCache
+    inputs: dict[int, PositionBuffer]
+    out: PositionBuffer
 
-    def rows(self, n: int) -> "MARcheCache":
-        """View of the first ``n`` rows (the conditional half); writes go through to this cache."""
-        return MARcheCache([k[:n] for k in self.k], [v[:n] for v in self.v], [h[:n] for h in self.h],
-                           self.out[:n])
-
-
-def _slot(bufs: list[torch.Tensor], layer: int, make) -> torch.Tensor:
-    if len(bufs) == layer:
-        bufs.append(make())
-    return bufs[layer]
+    @classmethod
+    def of(cls, model) -> "MARcheCache":
+        N = model.buffer_size + model.seq_len
+        return cls(KVCache(N), {layer: PositionBuffer(N, dim=1) for layer in range(len(model.decoder_blocks))},
+                   PositionBuffer(N, dim=1))
 
 
 def score_cached(scores: torch.Tensor, lse_total: torch.Tensor, query_rows: torch.Tensor,
@@ -146,9 +141,74 @@ def score_cached(scores: torch.Tensor, lse_total: torch.Tensor, query_rows: torc
     """
     R, H, _, Nc = scores.shape
     idx = query_rows[:, None, :, None].expand(R, H, -1, Nc)
-    probs = torch.exp(scores.float().gather(2, idx) - lse_total.gather(2, query_rows[:, None, :].expand(R, H, -1)).unsqueeze(-1))
+    lse = lse_total.gather(2, query_rows[:, None, :].expand(R, H, -1))
+    probs = torch.exp(scores.float().gather(2, idx) - lse.unsqueeze(-1))
     probs = probs.permute(0, 3, 1, 2).reshape(R, Nc, -1)  # (R, Nc, H*g)
     return probs.mean(dim=-1) if reduce == "mean" else probs.amax(dim=-1)
+
+
+class CacheAwareAttention:
+    """MARche's attention step.
+
+    On a refresh step (``active=None``) every position runs and attends to every other, and the cache
+    is filled. Otherwise the active positions run: their queries attend to the cached set's keys/values
+    and to their own fresh ones, the two partial attentions merged exactly. At ``score_layer`` the
+    cached tokens the generated tokens attend to most join the active set (their input is the cached
+    one) up to ``active_count``. Fresh inputs, keys and values are written back; ``active`` ends as the
+    positions that ran the last block.
+
+    Args:
+        cache: MARche's cache (rows: those of the refresh that filled it).
+        active: (R, nb) positions active from the first block, or None (refresh).
+        generated: (R, g) indices into ``active`` of the tokens generated now.
+        active_count: the active set size from ``score_layer`` on (at least ``nb``).
+        score_layer / score_reduce: where and how cached tokens are scored.
+    """
+
+    def __init__(self, cache: MARcheCache, active: torch.Tensor | None, generated: torch.Tensor | None,
+                 active_count: int, score_layer: int, score_reduce: str) -> None:
+        self.cache, self.active, self.generated = cache, active, generated
+        self.active_count, self.score_layer, self.score_reduce = active_count, score_layer, score_reduce
+        if active is not None:
+            # The split changes only at the score layer: computed once here, updated there.
+            R, N = active.shape[0], cache.out.num_positions
+            self.is_active = torch.zeros(R, N, dtype=torch.bool, device=active.device).scatter_(1, active, True)
+            self.cached = positions(~self.is_active, N - active.shape[1])
+
+    def __call__(self, layer: int, block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, act = self.cache, self.active
+        if act is None:  # refresh: plain attention, filling every buffer
+            cache.inputs[layer].write(None, x)
+            cache.kv.update(layer, None, k, v)
+            return x, block.attn.attend(q, k, v)
+        scale = block.attn.scale
+        out, lse, s_c = self.attend(layer, q, k, v, scale)
+        extra = self.active_count - act.shape[1]
+        if layer == self.score_layer and extra > 0 and self.cached.shape[1] > 0:
+            score = score_cached(s_c, lse, self.generated, self.score_reduce)
+            chosen = self.cached.gather(1, score.topk(min(extra, self.cached.shape[1]), dim=1).indices)
+            x_new = cache.inputs[layer].read(chosen)
+            q_n, k_n, v_n = block.qkv(x_new)
+            act, x = torch.cat([act, chosen], 1), torch.cat([x, x_new], 1)
+            q, k, v = torch.cat([q, q_n], 2), torch.cat([k, k_n], 2), torch.cat([v, v_n], 2)
+            # The chosen tokens move from the cached to the active set: attend again over the new split.
+            self.is_active.scatter_(1, chosen, True)
+            self.cached = positions(~self.is_active, self.is_active.shape[1] - act.shape[1])
+            self.active = act
+            out, _, _ = self.attend(layer, q, k, v, scale)
+        cache.inputs[layer].write(act, x)
+        cache.kv.update(layer, act, k, v)
+        return x, heads_to_tokens(out)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention over the cached set and the active set, merged; with the cached set's scores."""
+        k_c, v_c = self.cache.kv.read(layer, self.cached)
+        out_c, lse_c, s_c = partial_attention(q, k_c, v_c, scale)
+        out_a, lse_a, _ = partial_attention(q, k, v, scale)
+        out, lse = merge_partials(out_c, lse_c, out_a, lse_a)
+        return out, lse, s_c
 
 
 def marche_decode(model, x: torch.Tensor, cache: MARcheCache, config: MARcheConfig,
@@ -165,52 +225,12 @@ def marche_decode(model, x: torch.Tensor, cache: MARcheCache, config: MARcheConf
         active_count: the active set size from ``score_layer`` on (at least ``nb``).
     """
     blocks = model.decoder_blocks
-    R, N, D = x.shape
-    if base is None:  # refresh: plain blocks, filling every buffer
-        for layer, block in enumerate(blocks):
-            q, k, v = block.qkv(x)
-            _slot(cache.h, layer, lambda: torch.empty_like(x)).copy_(x)
-            _slot(cache.k, layer, lambda: torch.empty_like(k)).copy_(k)
-            _slot(cache.v, layer, lambda: torch.empty_like(v)).copy_(v)
-            x = block.finish(x, block.attn.attend(q, k, v))
-        if cache.out is None:
-            cache.out = torch.empty_like(x)
-        cache.out.copy_(x)
-        return cache.out
-
-    score_layer = min(config.score_layer, len(blocks) - 1)
-    act = base
-    xa = gather_tokens(x, act)
-    # The split changes only at the score layer: computed once here, updated there.
-    is_active = torch.zeros(R, N, dtype=torch.bool, device=x.device).scatter_(1, act, True)
-    cached = positions(~is_active)
-    for layer, block in enumerate(blocks):
-        q, k, v = block.qkv(xa)
-        k_c, v_c = gather_heads(cache.k[layer], cached), gather_heads(cache.v[layer], cached)
-        out_c, lse_c, s_c = partial_attention(q, k_c, v_c, block.attn.scale)
-        out_a, lse_a, _ = partial_attention(q, k, v, block.attn.scale)
-        out, lse = merge_partials(out_c, lse_c, out_a, lse_a)
-        extra = active_count - act.shape[1]
-        if layer == score_layer and extra > 0 and cached.shape[1] > 0:
-            score = score_cached(s_c, lse, generated, config.score_reduce)
-            chosen = cached.gather(1, score.topk(min(extra, cached.shape[1]), dim=1).indices)
-            x_new = gather_tokens(cache.h[layer], chosen)
-            q_n, k_n, v_n = block.qkv(x_new)
-            act, xa = torch.cat([act, chosen], 1), torch.cat([xa, x_new], 1)
-            q, k, v = torch.cat([q, q_n], 2), torch.cat([k, k_n], 2), torch.cat([v, v_n], 2)
-            # The chosen tokens move from the cached to the active set: attend again over the new split.
-            is_active.scatter_(1, chosen, True)
-            cached = positions(~is_active)
-            k_c, v_c = gather_heads(cache.k[layer], cached), gather_heads(cache.v[layer], cached)
-            out_c, lse_c, _ = partial_attention(q, k_c, v_c, block.attn.scale)
-            out_a, lse_a, _ = partial_attention(q, k, v, block.attn.scale)
-            out, _ = merge_partials(out_c, lse_c, out_a, lse_a)
-        scatter_tokens(cache.h[layer], act, xa)
-        scatter_heads(cache.k[layer], act, k)
-        scatter_heads(cache.v[layer], act, v)
-        xa = block.finish(xa, heads_to_tokens(out))
-    scatter_tokens(cache.out, act, xa)
-    return cache.out
+    attention = CacheAwareAttention(cache, base, generated, active_count,
+                                    min(config.score_layer, len(blocks) - 1), config.score_reduce)
+    x = gather_tokens(x, base)
+    x = model.run_blocks(blocks, x, attention)
+    cache.out.write(attention.active, x)
+    return cache.out.read(rows=x.shape[0])
 
 
 def marche_decoder_macs(s: ModelShape, n_base: int, n_active: int, score_layer: int) -> int:
@@ -235,19 +255,22 @@ class MARche(Technique):
     active set only.
     """
 
-    def __init__(self, model, config: MARcheConfig) -> None:
+    label = "MARche"
+    writes = frozenset({"encoder", "decoder"})
+
+    def __init__(self, model, config: MARcheConfig, accel=None) -> None:
         super().__init__(model)
         self.config = config
-        self.cache = MARcheCache()
-        self.encoder_cache = EncoderCache()
+        self.cache = MARcheCache.of(model)
+        self.encoder_cache = EncoderCache.of(model)
         self.active_count = config.active_count(model.seq_len, model.buffer_size)
         self.full: dict[int, bool] = {}
 
-    def plan(self, p: StepPlan) -> None:
+    def plan_transformer(self, p: StepPlan) -> dict:
+        # Reads the rows phase: a step where the condition cache records the guidance residual runs the
+        # unconditional half, whose cached keys/values are as old as the last such step.
         self.full[p.step] = p.step == 0 or self.config.is_refresh(p.step) or p.uncond_refresh
-        p.decoder = self
-        if self.config.cache_encoder:
-            p.encoder = self
+        return {"decoder": self, "encoder": self} if self.config.cache_encoder else {"decoder": self}
 
     def encoder_full(self, p: StepPlan) -> bool:
         # With every position active nothing is cached, the encoder included.
@@ -257,20 +280,20 @@ class MARche(Technique):
         return incremental_encode(self.model, p, inp, self.encoder_cache, full=self.encoder_full(p))
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
-        model, R = self.model, x.shape[0]
-        if self.full[p.step]:  # the first call allocates the buffers for all rows; later ones write the rows that run
-            cache = self.cache if self.cache.out is None else self.cache.rows(R)
-            return marche_decode(model, x, cache, self.config, None, None, self.active_count)
-        gen = positions(model.with_buffer(inp.to_pred))  # (R, g): generated now, first in the active set
+        model, (R, N, _) = self.model, x.shape
+        if self.full[p.step]:
+            return marche_decode(model, x, self.cache, self.config, None, None, self.active_count)
+        gen = positions(model.with_buffer(inp.to_pred), p.n_pred)  # (R, g): generated now, first in the active set
         base = gen
         if self.config.include_prev:
-            base = torch.cat([gen, positions(model.with_buffer(inp.prev_rows() & ~inp.to_pred))], dim=1)
+            prev = positions(model.with_buffer(inp.prev_rows() & ~inp.to_pred), p.n_prev)
+            base = torch.cat([gen, prev], dim=1)
         generated = torch.arange(gen.shape[1], device=x.device).expand(R, -1)
         active = max(self.active_count, base.shape[1])
-        if active >= x.shape[1]:  # the active set is everything: active from the first block on
-            rest = positions(~torch.zeros(R, x.shape[1], dtype=torch.bool, device=x.device).scatter_(1, base, True))
-            base = torch.cat([base, rest], dim=1)
-        return marche_decode(model, x, self.cache.rows(R), self.config, base, generated, active)
+        if active >= N:  # the active set is everything: active from the first block on
+            inactive = ~torch.zeros(R, N, dtype=torch.bool, device=x.device).scatter_(1, base, True)
+            base = torch.cat([base, positions(inactive, N - base.shape[1])], dim=1)
+        return marche_decode(model, x, self.cache, self.config, base, generated, active)
 
     def encoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
         return incremental_encoder_macs(p, s, rows, full=self.encoder_full(p))

@@ -6,7 +6,7 @@ step, and the masked count each step's guidance scale is read at). A :class:`Ste
 how many tokens are known, predicted now and at the previous step (the same in every image), which
 guidance halves run through the transformer, which technique runs the encoder, the decoder or the
 whole transformer, and which diffusion-head calls sample the predicted tokens. Techniques fill it in
-through their ``plan`` hook (:mod:`lazymar.technique`); :mod:`lazymar.policy` executes it and
+through their ``plan_*`` hooks, one per phase (:mod:`lazymar.technique`); :mod:`lazymar.steps` executes it and
 :mod:`lazymar.flops` prices it, so what is counted is what runs.
 
 The multiply-add formulas of the plain parts live here too (:class:`ModelShape`, :func:`block_macs`,
@@ -96,11 +96,14 @@ class Schedule:
         num_iter: the step count the caller asked for.
         mask_lens: tokens left masked after each step run; its length is the number of steps run.
         guidance_lens: per step, the masked count the linear guidance ramp is read at.
+        reuses: per step, the earlier step whose transformer context (keys/values) it runs over instead
+            of recomputing it (ReCAP's cheap steps), or None.
     """
 
     num_iter: int
     mask_lens: tuple[int, ...]
     guidance_lens: tuple[int, ...]
+    reuses: tuple[int | None, ...] | None = None
 
     @classmethod
     def plain(cls, num_iter: int, seq_len: int) -> "Schedule":
@@ -111,12 +114,16 @@ class Schedule:
     def num_steps(self) -> int:
         return len(self.mask_lens)
 
+    def reused_by(self, step: int) -> int | None:
+        return None if self.reuses is None else self.reuses[step]
+
 
 @dataclass
 class HeadCall:
     """One ``DiffLoss.sample`` call of a step: ``tokens`` per image with ``steps`` respaced diffusion steps
     (``None``: the model's own) clamped at ``max_timestep`` (``None``: not clamped). ``detail`` marks
-    the call that samples the tokens a selector picked (GtR's FTS); the other one takes the rest."""
+    the call that samples the tokens a selector picked (GtR's FTS), whose step count the selector
+    fixes; the step counts of the others are the plan's ``head_steps``."""
 
     tokens: int
     steps: int | None = None
@@ -124,9 +131,36 @@ class HeadCall:
     detail: bool = False
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One phase of planning a step: the :class:`StepPlan` fields it decides, and what they mean."""
+
+    name: str
+    fields: tuple[str, ...]
+    meaning: str
+
+
+# The phases of a step's plan, in the order they run; each field is decided in exactly one of them, and a
+# phase may read what the earlier ones decided (the condition cache's rows are read by MARche and ReCAP).
+STEP_PHASES = (
+    Phase("rows", ("halves", "uncond_refresh"), "which guidance halves run through the transformer"),
+    Phase("transformer", ("encoder", "decoder", "transformer"),
+          "who runs the encoder, the decoder or the whole transformer"),
+    Phase("head_calls", ("head",), "how the predicted tokens are split among head calls"),
+    Phase("head_steps", ("head_steps", "max_timestep"), "the head calls' diffusion step counts"),
+)
+# Decided once per generation: the step layout with the orders it follows, the head's model function.
+RUN_FIELDS = {"schedule": "the step schedule and the generation orders",
+              "head_model": "the diffusion head's model function"}
+FIELD_MEANING = {**RUN_FIELDS, **{f: ph.meaning for ph in STEP_PHASES for f in ph.fields}}
+
+
 @dataclass
 class StepPlan:
     """Everything decided about one MAR step before it runs (counts are per image).
+
+    The first group of attributes follows from the schedule; the others are decided by the techniques
+    in the :data:`STEP_PHASES` (defaults: plain MAR), and ``decided_by`` names who decided what.
 
     Attributes:
         step / num_steps: index of the step and number of steps run.
@@ -134,11 +168,14 @@ class StepPlan:
             previous step (0 at the first).
         guided: classifier-free guidance is on (the batch has an unconditional half).
         refresh: LazyMAR's transformer caches refresh (every step when they are off).
+        reuses: the earlier step whose transformer context this step runs over (``Schedule.reuses``).
         halves: guidance halves that run through the transformer (1 = the conditional one).
         uncond_refresh: the condition cache records the guidance residual this step.
         encoder / decoder: the techniques that run the encoder and the decoder blocks.
         transformer: a technique that runs the whole transformer itself (then encoder/decoder are unused).
         head: the head calls that sample the predicted tokens, in the order they draw noise.
+        head_steps / max_timestep: diffusion steps (None: the model's own) and timestep clamp of the
+            head calls whose steps the split does not fix (already applied to ``head``).
         head_runner: the technique whose model function the head runs (its multiply-adds too).
     """
 
@@ -149,13 +186,17 @@ class StepPlan:
     n_prev: int
     guided: bool
     refresh: bool
-    halves: int
     encoder: "Technique"
     decoder: "Technique"
     head_runner: "Technique"
+    reuses: int | None = None
+    halves: int = 1
     transformer: "Technique | None" = None
     uncond_refresh: bool = False
     head: list[HeadCall] = field(default_factory=list)
+    head_steps: int | None = None
+    max_timestep: int | None = None
+    decided_by: dict[str, "Technique"] = field(default_factory=dict)
 
     def rows(self, bsz: int) -> int:
         """Rows that run through the transformer for ``bsz`` images."""

@@ -15,19 +15,21 @@ rearranged so that MAR's own masking yields that); the last step's guidance scal
 0 tokens masked (MAR reads it at 1); the buffer's keys/values are cached too (``cache_buffer``).
 
 Composition: ReCAP chooses what the transformer recomputes, as LazyMAR's token cache and MARche do,
-and arranges its own orders, as GtR does: those combinations are rejected. The condition cache
-composes (a cheap step runs the rows its full step ran, and rebuilds the unconditional half from the
-residual at the group's positions), and so does the head cache. DiSA and ReCAP both set head step
-counts; that combination is rejected rather than given an arbitrary rule.
+and lays out its own schedule and orders, as GtR does: those combinations are rejected. The condition
+cache composes (a cheap step reuses its full step's context, ``Schedule.reuses``, so it runs the rows
+that step ran and rebuilds the unconditional half from the residual at the group's positions), and so
+does the head cache. DiSA and ReCAP both set head step counts; that combination is rejected rather
+than given an arbitrary rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from lazymar.indexing import gather_heads, gather_tokens, positions
-from lazymar.plan import HeadCall, ModelShape, Schedule, StepPlan, block_macs, decoder_embed_macs, encoder_macs
+from models.indexing import gather_tokens, positions
+from models.runner import CachedAttention, KVCache
+from lazymar.plan import ModelShape, Schedule, StepPlan, block_macs, decoder_embed_macs, encoder_macs
 from lazymar.schedules import scaled_count
 from lazymar.technique import Hidden, StepInputs, Technique
 
@@ -86,32 +88,39 @@ class ReCAPContext:
     """What a full step leaves for its group's cheap steps (rows: those the full step ran).
 
     Attributes:
-        enc_k / enc_v: per encoder block, keys/values (R, H, buffer + known, d) in position order.
-        dec_k / dec_v: per decoder block, keys/values (R, H, N - n, d) of the buffer and every position
-            outside the group, in position order.
+        encoder / decoder: every block's keys/values, position-indexed over buffer + sequence.
+        keep: (R, buffer + known) the positions the full step's encoder ran (its known tokens).
+        outside: (R, N - n) the buffer and every position outside the group, ascending.
         group: (B, n) ascending image positions of the group's tokens.
     """
 
-    enc_k: list[torch.Tensor] = field(default_factory=list)
-    enc_v: list[torch.Tensor] = field(default_factory=list)
-    dec_k: list[torch.Tensor] = field(default_factory=list)
-    dec_v: list[torch.Tensor] = field(default_factory=list)
+    encoder: KVCache
+    decoder: KVCache
+    keep: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
     group: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, model) -> "ReCAPContext":
+        N = model.buffer_size + model.seq_len
+        return cls(KVCache(N), KVCache(N))
 
 
 class ReCAP(Technique):
     """ReCAP as a step technique: its schedule and orders, full steps that keep keys/values, cheap steps."""
 
-    def __init__(self, model, config: ReCAPConfig) -> None:
+    label = "ReCAP"
+    writes = frozenset({"schedule", "encoder", "decoder", "transformer", "head_steps"})
+
+    def __init__(self, model, config: ReCAPConfig, accel=None) -> None:
         super().__init__(model)
         self.config = config
         self.groups: list[tuple[int, int]] = []
         self.group_of: dict[int, tuple[int, int]] = {}  # step -> its group
         self.group_end: dict[int, int] = {}  # first step -> tokens left masked after the group
-        self.halves: dict[int, int] = {}  # first step -> rows its full step runs
         self.known_at_start: dict[int, int] = {}  # first step -> tokens known at its full step
         self.orders: torch.Tensor | None = None
-        self.context = ReCAPContext()
+        self.context = ReCAPContext.of(model)
 
     def schedule(self, sched: Schedule) -> Schedule:
         self.groups = recap_groups(sched.num_steps, self.config)
@@ -120,8 +129,10 @@ class ReCAP(Technique):
             self.group_end[start] = 0 if end == sched.num_steps - 1 else sched.mask_lens[end]
             for step in range(start, start + size):
                 self.group_of[step] = (start, size)
-        # The release reads the last step's guidance at 0 masked tokens.
-        return Schedule(sched.num_iter, sched.mask_lens, sched.guidance_lens[:-1] + (0,))
+        # A cheap step runs over its group's full step's context; the release reads the last step's
+        # guidance at 0 masked tokens.
+        reuses = tuple(None if self.group_of[s][0] == s else self.group_of[s][0] for s in range(sched.num_steps))
+        return Schedule(sched.num_iter, sched.mask_lens, sched.guidance_lens[:-1] + (0,), reuses)
 
     def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
         """Within each group, the smallest positions are generated first: MAR generates an order from its
@@ -136,77 +147,58 @@ class ReCAP(Technique):
         self.orders = arranged
         return arranged
 
-    def plan(self, p: StepPlan) -> None:
+    def plan_transformer(self, p: StepPlan) -> dict:
         start, size = self.group_of[p.step]
         if size == 1:
-            return
-        if p.step == start:  # the full step: plain, keeping keys/values
-            self.halves[start] = p.halves
+            return {}
+        if p.reuses is None:  # the full step: plain, keeping keys/values
             self.known_at_start[start] = p.n_known
-            p.encoder = p.decoder = self
-            return
-        p.transformer = self
-        p.halves = self.halves[start]
-        p.uncond_refresh = False
-        fast = self.config.fast_steps(self.model.diffloss.num_sampling_steps)
-        p.head = [HeadCall(p.n_pred, fast)]
+            return {"encoder": self, "decoder": self}
+        return {"transformer": self}
+
+    def plan_head_steps(self, p: StepPlan) -> dict:
+        if p.reuses is None:
+            return {}
+        return {"head_steps": self.config.fast_steps(self.model.diffloss.num_sampling_steps)}
 
     # ------------------------------------------------------------------------------ full step
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
-        model, ctx = self.model, self.context
-        x = model.encoder_input(inp.tokens, inp.class_embedding)
-        x = gather_tokens(x, inp.keep)  # (R, buf + known, D)
-        ctx.enc_k.clear()
-        ctx.enc_v.clear()
-        for block in model.encoder_blocks:
-            q, k, v = block.qkv(x)
-            ctx.enc_k.append(k)
-            ctx.enc_v.append(v)
-            x = block.finish(x, block.attn.attend(q, k, v))
+        model = self.model
+        self.context = ctx = ReCAPContext.of(model)  # the rows may differ from the last group's
+        ctx.keep = inp.keep
+        x = gather_tokens(model.encoder_input(inp.tokens, inp.class_embedding), inp.keep)  # (R, buf + known, D)
+        x = model.run_blocks(model.encoder_blocks, x, CachedAttention(ctx.encoder, inp.keep, inp.keep))
         return model.encoder_norm(x)
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
         model, ctx = self.model, self.context
         B = self.orders.shape[0]
-        masked = inp.mask[:B] > 0
-        group = masked & ~model.mask_by_order(self.group_end[p.step], self.orders)
-        ctx.group = positions(group)  # (B, n)
-        outside = positions(~model.with_buffer(group)).repeat(x.shape[0] // B, 1)  # (R, N - n)
-        ctx.dec_k.clear()
-        ctx.dec_v.clear()
-        for block in model.decoder_blocks:
-            q, k, v = block.qkv(x)
-            ctx.dec_k.append(gather_heads(k, outside))
-            ctx.dec_v.append(gather_heads(v, outside))
-            x = block.finish(x, block.attn.attend(q, k, v))
-        return x
+        end = self.group_end[p.step]
+        group = (inp.mask[:B] > 0) & ~model.mask_by_order(end, self.orders)
+        n_group = model.seq_len - p.n_known - end
+        ctx.group = positions(group, n_group)  # (B, n)
+        outside = positions(~model.with_buffer(group), x.shape[1] - n_group)
+        ctx.outside = outside.repeat(x.shape[0] // B, 1)  # (R, N - n)
+        return model.run_blocks(model.decoder_blocks, x, CachedAttention(ctx.decoder))
 
     # ------------------------------------------------------------------------------ cheap step
     def run_transformer(self, p: StepPlan, inp: StepInputs) -> Hidden:
         """The group's tokens over the cached context: (R, n, D) at the group's positions."""
         model, ctx = self.model, self.context
         R, buf = inp.tokens.shape[0], model.buffer_size
-        group = ctx.group.repeat(R // ctx.group.shape[0], 1)  # (R, n)
+        group = buf + ctx.group.repeat(R // ctx.group.shape[0], 1)  # (R, n) positions in buffer + sequence
         # Tokens sampled earlier in the group: its first slots, since it goes in ascending position order.
         n_local = p.n_known - self.known_at_start[self.group_of[p.step][0]]
         local = group[:, :n_local]
-        x = model.z_proj(gather_tokens(inp.tokens, local))
-        x = model.z_proj_ln(x + model.encoder_pos_embed_learned[0, buf + local])
-        for layer, block in enumerate(model.encoder_blocks):
-            q, k, v = block.qkv(x)
-            k = torch.cat([ctx.enc_k[layer], k], dim=2)
-            v = torch.cat([ctx.enc_v[layer], v], dim=2)
-            x = block.finish(x, block.attn.attend(q, k, v))
-        x = model.decoder_embed(model.encoder_norm(x))
-        y = model.mask_token.to(x.dtype).expand(R, group.shape[1], -1).clone()
-        y[:, :n_local] = x
-        y = y + model.decoder_pos_embed_learned[0, buf + group]
-        for layer, block in enumerate(model.decoder_blocks):
-            q, k, v = block.qkv(y)
-            k = torch.cat([ctx.dec_k[layer], k], dim=2)
-            v = torch.cat([ctx.dec_v[layer], v], dim=2)
-            y = block.finish(y, block.attn.attend(q, k, v))
-        return Hidden(y, buf + group)
+        x = model.encoder_input(inp.tokens, inp.class_embedding, local)  # (R, n_local, D)
+        # Each block: the context's keys/values first, then the group's own.
+        keys = torch.cat([ctx.keep, local], dim=1)
+        x = model.run_blocks(model.encoder_blocks, x, CachedAttention(ctx.encoder, local, keys))
+        filled = torch.arange(n_local, device=x.device).expand(R, -1)
+        y = model.decoder_input(model.encoder_norm(x), filled, group)  # (R, n, Dd)
+        keys = torch.cat([ctx.outside, group], dim=1)
+        y = model.run_blocks(model.decoder_blocks, y, CachedAttention(ctx.decoder, group, keys))
+        return Hidden(y, group)
 
     def transformer_macs(self, p: StepPlan, s: ModelShape, rows: int) -> dict[str, int]:
         start, _ = self.group_of[p.step]

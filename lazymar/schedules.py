@@ -1,4 +1,4 @@
-"""Pure schedule functions of the acceleration policies.
+"""Pure schedule functions of the acceleration techniques.
 
 The released LazyMAR hard-codes its schedules for 64 MAR steps and 100 diffusion steps. Here each
 schedule is a function of progress (step / number of steps) whose constants are the release's values

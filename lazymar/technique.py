@@ -1,27 +1,37 @@
 """The hooks an acceleration technique can implement, and the plain MAR step that owns what none claims.
 
 A technique is one object per ``sample_tokens`` call (its cache state lives in it, so nothing leaks
-between calls). :class:`lazymar.policy.AccelSteps` asks every technique, in a fixed order, at each
-point of a step; each hook's default does nothing, so a technique implements only what it changes:
+between calls). :class:`lazymar.steps.AccelSteps` plans a generation in phases and asks every technique
+in each; a hook's default decides nothing, so a technique implements only what it changes:
 
-- ``schedule`` / ``arrange_orders``: the step layout and the generation orders (GtR, ReCAP).
-- ``plan``: write this step's decisions into the :class:`~lazymar.plan.StepPlan`: which guidance halves
-  run, claim the encoder, the decoder or the whole transformer, set the head calls' step counts.
-- ``run_encoder`` / ``run_decoder`` / ``run_transformer``: called on the technique the plan names.
-- ``complete``: every technique sees the last decoder block's output (the condition cache rebuilds the
-  unconditional half here).
-- ``split_head``: which predicted tokens go to which head call, when a step has several.
-- ``wrap_head``: wrap the head's model-function factory (the head cache).
-- ``*_macs``: the multiply-adds of the parts the technique claimed, for the step it planned.
+- once per generation: ``schedule`` (the step layout, with ``arrange_orders`` for the orders it
+  follows: GtR, ReCAP) and ``head_model`` (the head's model function: the head cache);
+- per step, in the phases of :data:`lazymar.plan.STEP_PHASES`, in this order: ``plan_rows`` (which
+  guidance halves run), ``plan_transformer`` (who runs the encoder, the decoder or the whole
+  transformer), ``plan_head_calls`` (how the predicted tokens split among head calls) and
+  ``plan_head_steps`` (their diffusion step counts). Each returns the fields it decides; a later
+  phase reads what an earlier one decided.
+
+Every field has one owner: a technique declares the fields it may decide (``writes``), and two enabled
+techniques that would decide the same one are rejected, at config time (:func:`check_composition`) and
+again at plan time, with both named, unless one of them declares that it yields that field to the
+other (``defers``: GtR's stage-aware head step counts yield to DiSA's annealing).
+
+Execution hooks: ``run_encoder`` / ``run_decoder`` / ``run_transformer`` on the technique the plan
+names; ``complete`` sees the last decoder block's output (the condition cache rebuilds the unconditional
+half); ``split_head`` gives the rows of each head call, on the technique that planned several. Pricing:
+``*_macs``, the multiply-adds of the parts a technique claimed, for the step it planned.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from lazymar.plan import (ModelShape, Schedule, StepPlan, block_macs, decoder_embed_macs, encoder_macs,
-                          head_fixed_macs, head_step_macs)
+from lazymar.plan import (FIELD_MEANING, ModelShape, Schedule, StepPlan, block_macs, decoder_embed_macs,
+                          encoder_macs, head_fixed_macs, head_step_macs)
 
 
 @dataclass
@@ -58,20 +68,48 @@ class Hidden:
 
 
 class Technique:
-    """Base class: every hook is a no-op, every claimed part is priced as plain MAR."""
+    """Base class: every hook decides nothing, every claimed part is priced as plain MAR.
+
+    Attributes:
+        label: the technique's name in messages.
+        writes: the plan fields it may decide (:data:`lazymar.plan.FIELD_MEANING`).
+        defers: of those, the ones it yields to another technique that decides them too.
+    """
+
+    label: ClassVar[str] = "plain MAR"
+    writes: ClassVar[frozenset[str]] = frozenset()
+    defers: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model) -> None:
         self.model = model
 
     # ------------------------------------------------------------------------------ planning
-    def schedule(self, sched: Schedule) -> Schedule:
-        return sched
+    def schedule(self, sched: Schedule) -> Schedule | None:
+        """The step layout this technique needs (None: the plain one suits it); may record what it
+        needs from ``sched``."""
+        return None
 
     def arrange_orders(self, orders: torch.Tensor) -> torch.Tensor:
+        """The generation orders (B, L) the technique's schedule follows (asked of the technique whose
+        ``schedule`` the generation runs)."""
         return orders
 
-    def plan(self, p: StepPlan) -> None:
-        pass
+    def head_model(self):
+        """The head's model-function factory (``DiffLoss.sample``'s ``model_fn_factory``; None: the
+        technique keeps the plain one)."""
+        return None
+
+    def plan_rows(self, p: StepPlan) -> dict[str, Any]:
+        return {}
+
+    def plan_transformer(self, p: StepPlan) -> dict[str, Any]:
+        return {}
+
+    def plan_head_calls(self, p: StepPlan) -> dict[str, Any]:
+        return {}
+
+    def plan_head_steps(self, p: StepPlan) -> dict[str, Any]:
+        return {}
 
     # ------------------------------------------------------------------------------ execution
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
@@ -86,12 +124,10 @@ class Technique:
     def complete(self, p: StepPlan, out: Hidden) -> Hidden:
         return out
 
-    def split_head(self, p: StepPlan, z: torch.Tensor, cfg: float, bsz: int) -> list[torch.Tensor] | None:
-        """(n,) bool per head call of ``p.head``, or None when a step has one call (all tokens)."""
-        return None
-
-    def wrap_head(self, factory):
-        return factory
+    def split_head(self, p: StepPlan, z: torch.Tensor, cfg: float, bsz: int) -> list[torch.Tensor]:
+        """The rows of ``z``'s conditional half (ascending, long) that each head call of ``p.head``
+        samples, on the technique that planned several calls."""
+        raise NotImplementedError(f"{self.label} plans no split of the head calls")
 
     # ------------------------------------------------------------------------------ multiply-adds
     def encoder_macs(self, p: StepPlan, s: ModelShape, rows: int) -> int:
@@ -116,3 +152,27 @@ class Technique:
 
 class PlainMAR(Technique):
     """Owns every part of a step no technique claims: exactly plain MAR."""
+
+
+def splits_head(t: Technique) -> bool:
+    return type(t).split_head is not Technique.split_head
+
+
+def resolve(field: str, claims: list[tuple[Technique, Any]]) -> tuple[Technique, Any] | None:
+    """The one claim on ``field`` that stands among ``claims`` ((technique, value) pairs), None when there
+    are none: a technique that ``defers`` the field yields to one that does not; two that do not, or
+    two that both defer, are a conflict."""
+    if len(claims) > 1:
+        claims = [c for c in claims if field not in c[0].defers] or claims
+    if len(claims) > 1:
+        a, b = claims[0][0], claims[1][0]
+        raise ValueError(f"{a.label} and {b.label} both decide {FIELD_MEANING[field]} ({field!r}): "
+                         f"use one of them")
+    return claims[0] if claims else None
+
+
+def check_composition(classes: Iterable[type[Technique]]) -> None:
+    """Raise ``ValueError`` naming two techniques of ``classes`` that would decide the same field."""
+    classes = list(classes)
+    for field in FIELD_MEANING:
+        resolve(field, [(cls, None) for cls in classes if field in cls.writes])

@@ -16,12 +16,14 @@ plain MAR.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lazymar.indexing import gather_heads, gather_tokens, positions, scatter_heads, scatter_tokens
+from models.indexing import gather_tokens, positions
+from models.runner import CachedAttention, KVCache, PositionBuffer
 from lazymar.plan import ModelShape, StepPlan, block_macs, decoder_embed_macs, encoder_macs
 from lazymar.schedules import keep_count, piecewise_constant
 from lazymar.technique import StepInputs, Technique
@@ -71,29 +73,30 @@ class TokenCacheConfig:
 
 @dataclass
 class EncoderCache:
-    """Per-layer keys/values (R, H, P, d) and encoder outputs (R, P, D) of every position P = buffer + L."""
+    """Keys/values (R, H, P, d) and encoder outputs (R, P, D) of every position P = buffer + L."""
 
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
-    out: torch.Tensor | None = None
+    kv: KVCache
+    out: PositionBuffer
 
-    def rows(self, n: int) -> "EncoderCache":
-        """View of the first ``n`` rows (the conditional half); writes go through to this cache."""
-        return EncoderCache([k[:n] for k in self.k], [v[:n] for v in self.v], self.out[:n])
+    @classmethod
+    def of(cls, model) -> "EncoderCache":
+        P = model.buffer_size + model.seq_len
+        return cls(KVCache(P), PositionBuffer(P, dim=1))
 
 
 @dataclass
 class DecoderCache:
-    """Keys/values (R, H, N, d) of the blocks after the similarity layer, its previous values V, and the
-    last block's outputs (R, N, D), for all N = buffer + L positions."""
+    """Keys/values (R, H, N, d) of the blocks after the similarity layer, that layer's values V of the
+    previous step, and the last block's outputs (R, N, D), for all N = buffer + L positions."""
 
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
-    prev_v: torch.Tensor | None = None
-    out: torch.Tensor | None = None
+    kv: KVCache
+    prev_v: PositionBuffer
+    out: PositionBuffer
 
-    def rows(self, n: int) -> "DecoderCache":
-        return DecoderCache([k[:n] for k in self.k], [v[:n] for v in self.v], self.prev_v[:n], self.out[:n])
+    @classmethod
+    def of(cls, model) -> "DecoderCache":
+        N = model.buffer_size + model.seq_len
+        return cls(KVCache(N), PositionBuffer(N, dim=2), PositionBuffer(N, dim=1))
 
 
 def encode(model, tokens: torch.Tensor, known: torch.Tensor, class_embedding: torch.Tensor,
@@ -106,38 +109,18 @@ def encode(model, tokens: torch.Tensor, known: torch.Tensor, class_embedding: to
             the known tokens (``MAR.known_positions``).
         class_embedding: (R, D).
         cache: position-indexed cache, filled by a first call with ``compute=None``.
-        compute: (R, n) ascending positions (buffer included) to compute, or None for every known one.
+        compute: (R, n) ascending positions (buffer included) to compute, or None for every known one
+            (then the known tokens attend to each other directly).
 
     Returns:
         (R, buffer + known, D) encoder outputs of the known positions in position order, as
         ``forward_mae_encoder`` returns them.
     """
-    P = tokens.shape[1] + model.buffer_size
-    x = gather_tokens(model.encoder_input(tokens, class_embedding), known if compute is None else compute)
     write_at = known if compute is None else compute
-    for layer, block in enumerate(model.encoder_blocks):
-        q, k, v = block.qkv(x)
-        k_buf, v_buf = _buffer(cache.k, layer, k, P), _buffer(cache.v, layer, v, P)
-        scatter_heads(k_buf, write_at, k)
-        scatter_heads(v_buf, write_at, v)
-        if compute is None:  # every known token is fresh: attend over them directly
-            attn = block.attn.attend(q, k, v)
-        else:
-            attn = block.attn.attend(q, gather_heads(k_buf, known), gather_heads(v_buf, known))
-        x = block.finish(x, attn)
-    x = model.encoder_norm(x)
-    if cache.out is None:
-        cache.out = x.new_zeros(x.shape[0], P, x.shape[2])
-    scatter_tokens(cache.out, write_at, x)
-    return gather_tokens(cache.out, known)
-
-
-def _buffer(bufs: list[torch.Tensor], layer: int, like: torch.Tensor, n_pos: int) -> torch.Tensor:
-    """Layer ``layer``'s (R, H, n_pos, d) buffer, allocated on first use (a refresh step, all rows) with
-    the activations' dtype and device, so keys/values are cached in the dtype they are computed in."""
-    if len(bufs) == layer:
-        bufs.append(like.new_zeros(like.shape[0], like.shape[1], n_pos, like.shape[3]))
-    return bufs[layer]
+    x = gather_tokens(model.encoder_input(tokens, class_embedding), write_at)
+    x = model.run_blocks(model.encoder_blocks, x, CachedAttention(cache.kv, write_at, known))
+    cache.out.write(write_at, model.encoder_norm(x))
+    return cache.out.read(known)
 
 
 def similarity_layer_of(model, config: TokenCacheConfig) -> int:
@@ -157,40 +140,42 @@ def select_tokens(v: torch.Tensor, prev_v: torch.Tensor, pinned: torch.Tensor, c
     return score.argsort(dim=1, stable=True)[:, :count].sort(dim=1).values
 
 
+class SimilarityAttention:
+    """The similarity layer's attention step: every position attends to every other, then only the
+    positions ``choose`` picks from this step's values V go on (``kept``; None: all of them), and V is
+    kept for the next step's comparison."""
+
+    def __init__(self, prev_v: PositionBuffer, choose: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.prev_v, self.choose = prev_v, choose
+        self.kept: torch.Tensor | None = None
+
+    def __call__(self, layer: int, block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = block.attn.attend(q, k, v)
+        self.kept = None if self.choose is None else self.choose(v)
+        self.prev_v.write(None, v)
+        return gather_tokens(x, self.kept), gather_tokens(out, self.kept)
+
+
 def decode(model, x: torch.Tensor, cache: DecoderCache, similarity_layer: int,
-           choose: "callable | None") -> torch.Tensor:
+           choose: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """Decoder blocks with selective recomputation; returns the last block's outputs (R, N, D).
 
     Args:
         x: (R, N, D) decoder input (``model.decoder_input``).
-        cache: decoder cache (rows matching ``x``), filled by a first call with ``choose=None``.
+        cache: decoder cache, filled by a first call with ``choose=None``.
         similarity_layer: block whose values choose the tokens.
         choose: ``(v) -> (R, n) positions`` to recompute after the similarity layer's attention, or
             None to recompute all (refresh). Called with this step's values before ``prev_v`` is updated.
     """
     blocks = model.decoder_blocks
-    N = x.shape[1]
-    for block in blocks[:similarity_layer]:
-        x = block(x)
-    block = blocks[similarity_layer]
-    q, k, v = block.qkv(x)
-    attn = block.attn.attend(q, k, v)
-    kept = None if choose is None else choose(v)
-    if cache.prev_v is None:
-        cache.prev_v = torch.empty_like(v)
-    cache.prev_v.copy_(v)
-    x = block.finish(gather_tokens(x, kept), gather_tokens(attn, kept))
-    for layer, block in enumerate(blocks[similarity_layer + 1:]):
-        q, k, v = block.qkv(x)
-        k_buf, v_buf = _buffer(cache.k, layer, k, N), _buffer(cache.v, layer, v, N)
-        scatter_heads(k_buf, kept, k)
-        scatter_heads(v_buf, kept, v)
-        attn = block.attn.attend(q, k, v) if kept is None else block.attn.attend(q, k_buf, v_buf)
-        x = block.finish(x, attn)
-    if cache.out is None:
-        cache.out = torch.empty_like(x)
-    scatter_tokens(cache.out, kept, x)
-    return cache.out
+    x = model.run_blocks(blocks, x, stop=similarity_layer)
+    similarity = SimilarityAttention(cache.prev_v, choose)
+    x = model.run_blocks(blocks, x, similarity, start=similarity_layer, stop=similarity_layer + 1)
+    # The kept tokens attend to every position: the others contribute their cached keys/values.
+    x = model.run_blocks(blocks, x, CachedAttention(cache.kv, similarity.kept), start=similarity_layer + 1)
+    cache.out.write(similarity.kept, x)
+    return cache.out.read(rows=x.shape[0])
 
 
 class TokenCache(Technique):
@@ -200,44 +185,46 @@ class TokenCache(Technique):
     Args:
         model: the MAR.
         config: token cache settings.
-        schedule_length: ``num_steps -> step count`` the retain table is laid out for.
+        accel: the acceleration config, whose ``schedule_length`` lays out the retain table.
     """
 
-    def __init__(self, model, config: TokenCacheConfig, schedule_length) -> None:
+    label = "LazyMAR's token cache"
+    writes = frozenset({"encoder", "decoder"})
+
+    def __init__(self, model, config: TokenCacheConfig, accel) -> None:
         super().__init__(model)
         self.config = config
-        self.schedule_length = schedule_length
+        self.schedule_length = accel.schedule_length
         self.similarity_layer = similarity_layer_of(model, config)
-        self.encoder_cache = EncoderCache()
-        self.decoder_cache = DecoderCache()
+        self.encoder_cache = EncoderCache.of(model)
+        self.decoder_cache = DecoderCache.of(model)
         self.kept: dict[int, int | None] = {}  # step -> tokens the decoder recomputes (None: all)
 
-    def plan(self, p: StepPlan) -> None:
+    def plan_transformer(self, p: StepPlan) -> dict:
         N = self.model.seq_len + self.model.buffer_size
-        if self.config.encoder:
-            p.encoder = self
+        claims = {"encoder": self} if self.config.encoder else {}
         if self.config.decoder:
-            p.decoder = self
+            claims["decoder"] = self
             kept = None
             if not p.refresh:
                 retain = self.config.retain_at(p.step, self.schedule_length(p.num_steps))
                 count = keep_count(N, retain, p.n_pred, p.n_prev, self.config.extra_tokens)
                 kept = None if count >= N else count
             self.kept[p.step] = kept
+        return claims
 
     def run_encoder(self, p: StepPlan, inp: StepInputs) -> torch.Tensor:
         return incremental_encode(self.model, p, inp, self.encoder_cache, full=p.refresh)
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:
-        R = x.shape[0]
-        cache = self.decoder_cache if p.refresh else self.decoder_cache.rows(R)
+        cache = self.decoder_cache
         count = self.kept[p.step]
         if count is None:  # everything is recomputed: skip the similarity bookkeeping
             return decode(self.model, x, cache, self.similarity_layer, None)
         pinned = self.model.with_buffer(inp.to_pred | inp.prev_rows())
 
         def choose(v: torch.Tensor) -> torch.Tensor:
-            return select_tokens(v, cache.prev_v, pinned, count, self.config.pinned_score)
+            return select_tokens(v, cache.prev_v.read(rows=v.shape[0]), pinned, count, self.config.pinned_score)
 
         return decode(self.model, x, cache, self.similarity_layer, choose)
 
@@ -259,11 +246,10 @@ def incremental_encode(model, p: StepPlan, inp: StepInputs, cache: EncoderCache,
     generated at the previous step over the cached keys/values of the other known tokens. The first call
     allocates the buffers for all rows; later ones write the rows that run (the conditional half alone
     when the condition cache rebuilds the other)."""
-    rows = cache if cache.out is None else cache.rows(inp.tokens.shape[0])
     compute = None
     if not full:
         compute = positions(~model.with_buffer(~inp.prev_rows()), model.buffer_size + p.n_prev)  # ascending
-    return encode(model, inp.tokens, inp.keep, inp.class_embedding, rows, compute)
+    return encode(model, inp.tokens, inp.keep, inp.class_embedding, cache, compute)
 
 
 def incremental_encoder_macs(p: StepPlan, s: ModelShape, rows: int, *, full: bool) -> int:

@@ -2,13 +2,14 @@
 
 The released MAR checkpoints were trained with ``timm.models.vision_transformer.Block``; we keep its
 parameter names (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``) so that
-those checkpoints load with ``strict=True``, but own the code: the acceleration policies need to get
+those checkpoints load with ``strict=True``, but own the code: the acceleration techniques need to get
 at queries, keys and values separately (token caches keep keys/values of tokens they do not recompute),
 which timm's fused ``forward`` does not expose.
 
 The block is split into the pieces a cache needs:
 ``qkv(x)`` -> per-head queries/keys/values, ``attend(q, k, v)`` -> attention output before the
-projection, and ``finish(x, attn_out)`` -> residual + MLP. ``forward`` is their plain composition.
+projection, and ``finish(x, attn_out)`` -> residual + MLP. ``forward`` is their plain composition;
+:func:`models.runner.run_blocks` runs a stack of them with a technique's attention step in between.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Attention(nn.Module):
         attn_drop: dropout on attention weights (training only).
         proj_drop: dropout after the output projection (training only).
         fused_attn: use ``F.scaled_dot_product_attention``; the explicit softmax path is kept because
-            FLOP counters and attention-score based policies need the products spelled out.
+            FLOP counters and attention-score based techniques need the products spelled out.
     """
 
     def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,

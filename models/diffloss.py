@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.diffusion import GaussianDiffusion
+from models.schedules import guidance_on
 
 TIMESTEP_FREQ_DIM = 256
 TIMESTEP_MAX_PERIOD = 10000
@@ -52,9 +53,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].float() * _frequencies(dim // 2, max_period, t.device)[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -62,6 +61,13 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+@lru_cache(maxsize=64)
+def _frequencies(half: int, max_period: int, device: torch.device) -> torch.Tensor:
+    """The sinusoids' frequencies, computed on the CPU as upstream does and moved to ``device`` once per
+    process (not a copy to the GPU per head call)."""
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
 
 
 class ResBlock(nn.Module):
@@ -167,12 +173,34 @@ class SimpleMLPAdaLN(nn.Module):
                 x = block(x, y)
         return self.final_layer(x, y)
 
-    def forward_modulated(self, x: torch.Tensor, mod: "StepModulation") -> torch.Tensor:
+    def forward_modulated(self, x: torch.Tensor, mod: "StepModulation", cache: "HeadStepCache | None" = None, *,
+                          fill: bool = False, reuse_mlp: bool = False) -> torch.Tensor:
         """Denoiser output for noisy tokens ``x`` (n, C) given one step's precomputed modulations: the
-        same arithmetic as :meth:`forward_embedded` (sampling; see :class:`Modulations`)."""
+        same arithmetic as :meth:`forward_embedded` (sampling; see :class:`Modulations`). The one head
+        step of every sampler (what ``MAR.compile_for_sampling`` compiles).
+
+        Args:
+            cache: what diffusion steps of one head call share (LazyMAR's head cache). With ``fill`` this
+                step records into it; without, the blocks it holds a whole residual of add that residual
+                (no modulation, no MLP), and with ``reuse_mlp`` the others gate its MLP outputs instead of
+                recomputing them.
+        """
         h = self.input_proj(x)
-        for block, m in zip(self.res_blocks, mod.blocks):
-            h = block.modulated(h, *m)
+        if fill:
+            cache.mlp.clear()
+            cache.residual.clear()
+        for j, block in enumerate(self.res_blocks):
+            if cache is not None and not fill and j in cache.residual:
+                h = h + cache.residual[j]
+                continue
+            shift, scale, gate = mod.blocks[j]
+            m = cache.mlp[j] if reuse_mlp else block.branch(h, shift, scale)
+            h_next = h + gate * m
+            if fill:
+                cache.mlp.append(m[:cache.rows])
+                if j in cache.residual_blocks:
+                    cache.residual[j] = (h_next - h)[:cache.rows]
+            h = h_next
         return self.final_layer.modulated(h, *mod.final)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -187,6 +215,23 @@ class StepModulation:
 
     blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
     final: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class HeadStepCache:
+    """What the diffusion steps of one head call share, filled by one step and read by the later ones
+    (:meth:`SimpleMLPAdaLN.forward_modulated`; LazyMAR's head cache decides when, ``lazymar.head_cache``).
+
+    Attributes:
+        rows: how many rows (the first ones) are recorded: the rows the reading steps run.
+        residual_blocks: blocks whose whole residual ``out - in`` is recorded and reused as is.
+        mlp: per block, its MLP output before gating; residual: per ``residual_blocks`` block, its residual.
+    """
+
+    rows: int
+    residual_blocks: Collection[int]
+    mlp: list[torch.Tensor] = field(default_factory=list)
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Modulations:
@@ -210,6 +255,7 @@ class Modulations:
                  blocks: Collection[int] | None = None, budget_bytes: int = MODULATION_WINDOW_BYTES) -> None:
         self.net, self.cond, self.timesteps = net, cond, timesteps
         self.order = list(steps)
+        self.order_timesteps = tuple(timesteps[i] for i in self.order)  # original timestep of each, in order
         self.where = {i: k for k, i in enumerate(self.order)}
         self.blocks = [j for j in range(len(net.res_blocks)) if blocks is None or j in blocks]
         per_step = cond.shape[0] * net.model_channels * (3 * len(self.blocks) + 2) * cond.element_size()
@@ -225,7 +271,7 @@ class Modulations:
 
     def _compute(self, k: int) -> None:
         net, steps = self.net, self.order[k:k + self.window]
-        t = torch.tensor([self.timesteps[i] for i in steps], device=self.cond.device)
+        t = _timesteps_on(self.order_timesteps, self.cond.device)[k:k + self.window]
         y = F.silu(net.time_embed(t)[:, None, :] + self.cond[None])  # (S, rows, W)
         per_block: list[tuple[torch.Tensor, ...] | None] = [None] * len(net.res_blocks)
         for j in self.blocks:
@@ -234,6 +280,13 @@ class Modulations:
         self.mods = [StepModulation([None if m is None else (m[0][s], m[1][s], m[2][s]) for m in per_block],
                                     (final[0][s], final[1][s])) for s in range(len(steps))]
         self.start = k
+
+
+@lru_cache(maxsize=1024)
+def _timesteps_on(timesteps: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``timesteps`` as a tensor on ``device``, made once per process: a tensor built from Python data
+    for every head call would be a blocking copy to the GPU at every MAR step."""
+    return torch.tensor(timesteps, device=device)
 
 
 @lru_cache(maxsize=256)
@@ -292,7 +345,7 @@ class DiffLoss(nn.Module):
             loss = (loss * mask).sum() / mask.sum()
         return loss.mean()
 
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, *,
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, *, guided: bool | None = None,
                generator: torch.Generator | None = None, num_steps: int | None = None,
                max_timestep: int | None = None, model_fn_factory=None) -> torch.Tensor:
         """Sample one latent per condition.
@@ -300,19 +353,21 @@ class DiffLoss(nn.Module):
         Args:
             z: conditions (n, D), or (2n, D) with guidance: conditional half first.
             temperature: scale of the injected noise.
-            cfg: guidance scale; 1.0 disables guidance.
+            cfg: guidance scale of this call.
+            guided: whether ``z`` has the unconditional half, as the sampler decided for the whole run
+                (``None``: ``guidance_on(cfg)``, upstream's rule for a lone call).
             generator: source of every random draw; ``None`` uses the global generators exactly as
                 upstream (initial noise on the CPU generator, step noise on the device's).
             num_steps: respaced diffusion steps; ``None`` uses ``num_sampling_steps``.
             max_timestep: clamp the respaced timesteps to at most this one (see
                 :class:`~models.diffusion.GaussianDiffusion`); ``None`` does not clamp.
-            model_fn_factory: ``(head, cond, cfg, n, diffusion) -> model_fn`` replacing :meth:`guided_model_fn`
+            model_fn_factory: ``(head, cond, cfg, n, diffusion, guided) -> model_fn`` replacing :meth:`guided_model_fn`
                 (the diffusion-head cache plugs in here; the loop stays the same).
 
         Returns:
             (n, C) sampled latents of the conditional half.
         """
-        guided = cfg != 1.0
+        guided = guidance_on(cfg) if guided is None else guided
         n = z.shape[0] // 2 if guided else z.shape[0]
         diffusion = self.sampling_diffusion(num_steps, max_timestep)
         noise = _randn((n, self.in_channels), generator, z.device, initial=True)
@@ -324,7 +379,7 @@ class DiffLoss(nn.Module):
 
         cond = self.net.cond_embed(z)  # (n or 2n, W): independent of the diffusion step
         factory = model_fn_factory or DiffLoss.guided_model_fn
-        model_fn = factory(self, cond, cfg, n, diffusion)
+        model_fn = factory(self, cond, cfg, n, diffusion, guided)
         return diffusion.p_sample_loop(model_fn, noise, noise_fn=noise_fn, temperature=temperature)
 
     def sampling_diffusion(self, num_steps: int | None = None, max_timestep: int | None = None) -> GaussianDiffusion:
@@ -341,23 +396,24 @@ class DiffLoss(nn.Module):
             steps = range(diffusion.num_timesteps - 1, -1, -1)
         return Modulations(self.net, diffusion.timestep_map, cond, steps, blocks)
 
-    def split_output(self, out: torch.Tensor, cfg: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_output(self, out: torch.Tensor, cfg: float, n: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output -> (eps, variance values) of the conditional half, guidance applied."""
         C = self.in_channels
         eps, var_values = out[:, :C], out[:, C:]
-        if cfg != 1.0:
+        if guided:
             cond_eps, uncond_eps = eps[:n], eps[n:]
             eps = uncond_eps + cfg * (cond_eps - uncond_eps)
         return eps, var_values[:n]
 
     @staticmethod
-    def guided_model_fn(head: "DiffLoss", cond: torch.Tensor, cfg: float, n: int, diffusion: GaussianDiffusion):
-        """Plain model function: both guidance halves every step (none with ``cfg == 1``)."""
+    def guided_model_fn(head: "DiffLoss", cond: torch.Tensor, cfg: float, n: int, diffusion: GaussianDiffusion,
+                        guided: bool):
+        """Plain model function: both guidance halves every step (one without guidance)."""
         mods = head.modulations(diffusion, cond)
 
         def model_fn(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x_in = torch.cat([x, x], dim=0) if cfg != 1.0 else x
-            return head.split_output(head.net.forward_modulated(x_in, mods(i)), cfg, n)
+            x_in = torch.cat([x, x], dim=0) if guided else x
+            return head.split_output(head.net.forward_modulated(x_in, mods(i)), cfg, n, guided)
 
         return model_fn
 

@@ -17,16 +17,17 @@ import numpy as np
 import scipy.stats as stats
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from models.blocks import Block
 from models.diffloss import DiffLoss
 from models.indexing import gather_rows, gather_tokens, positions, scattered_tokens
-from models.schedules import check_sampling_settings, guidance_scale, plain_mask_lens
+from models.runner import Attention, run_blocks
+from models.schedules import check_sampling_settings, guidance_on, guidance_scale, plain_mask_lens
 
 MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
 SAMPLING_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes for sampling
+SAMPLING_RECOMPILE_LIMIT = 64  # graphs per compiled sampling function (see _compiled)
 
 
 class MAR(nn.Module):
@@ -186,8 +187,14 @@ class MAR(nn.Module):
         return torch.cat([torch.zeros(mask.shape[0], self.buffer_size, dtype=mask.dtype, device=mask.device),
                           mask], dim=1)
 
-    def encoder_input(self, x: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens with class embedding in the buffer, position embedding and norm: (B, buf+L, D)."""
+    def encoder_input(self, x: torch.Tensor, class_embedding: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded tokens with the class embedding in the buffer, position embedding and norm:
+        (B, buf+L, D), or with ``positions`` (B, n) (image tokens only, ``>= buffer_size``) those
+        tokens alone, (B, n, D), without embedding the others."""
+        if positions is not None:
+            x = self.z_proj(gather_tokens(x, positions - self.buffer_size))
+            return self.z_proj_ln(x + self.encoder_pos_embed_learned[0, positions])
         x = self.z_proj(x)
         bsz, _, embed_dim = x.shape
         x = torch.cat([torch.zeros(bsz, self.buffer_size, embed_dim, device=x.device, dtype=x.dtype), x], dim=1)
@@ -198,13 +205,13 @@ class MAR(nn.Module):
         x[:, :self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
         return self.z_proj_ln(x + self.encoder_pos_embed_learned)
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, attention: Attention | None = None, *,
+                   start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks ``start .. stop - 1`` of ``blocks`` (``encoder_blocks`` or ``decoder_blocks``) over rows
+        ``x``, with an attention step a technique may replace: :func:`models.runner.run_blocks`, the one
+        block loop of every sampler (what :meth:`compile_for_sampling` compiles)."""
+        return run_blocks(blocks, x, attention, start=start, stop=stop,
+                          checkpointed=self.grad_checkpointing and self.training)
 
     def known_positions(self, mask: torch.Tensor, n_known: int | None = None) -> torch.Tensor:
         """(B, buf + known) ascending positions of the buffer and the known tokens (mask == 0).
@@ -225,22 +232,29 @@ class MAR(nn.Module):
         x = gather_tokens(x, keep)
         return self.encoder_norm(self.run_blocks(self.encoder_blocks, x))
 
-    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Scatter encoded tokens into a full sequence of mask tokens, add positions: (B, buf+L, Dd)."""
+    def decoder_input(self, x: torch.Tensor, keep: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoded tokens ``x`` (B, k, D) placed among mask tokens, position embedding added: (B, buf+L, Dd)
+        with ``x`` at positions ``keep`` (B, k), or with ``positions`` (B, n) the rows of those positions
+        alone, (B, n, Dd), ``x`` at the rows ``keep`` indexes."""
         x = self.decoder_embed(x)
-        keep = self.known_positions(mask) if keep is None else keep
-        full = self.mask_token.to(x.dtype).expand(mask.shape[0], self.buffer_size + mask.shape[1], -1)
-        full = scattered_tokens(full, keep, x)
-        return full + self.decoder_pos_embed_learned
+        n = self.buffer_size + self.seq_len if positions is None else positions.shape[1]
+        rows = scattered_tokens(self.mask_token.to(x.dtype).expand(x.shape[0], n, -1), keep, x)
+        if positions is None:
+            return rows + self.decoder_pos_embed_learned
+        return rows + self.decoder_pos_embed_learned[0, positions]
 
-    def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm, drop the buffer, add the diffusion position embedding: (B, buf+L, Dd) -> (B, L, Dd)."""
+    def decoder_output(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and the diffusion position embedding: (B, buf+L, Dd) -> (B, L, Dd) without the
+        buffer, or, with ``positions`` (B, n) of the rows of ``x`` (image tokens only), (B, n, Dd)."""
         x = self.decoder_norm(x)
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+        if positions is None:
+            return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+        return x + self.diffusion_pos_embed_learned[0, positions - self.buffer_size]
 
     def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Decode all positions to per-token conditions (B, L, Dd)."""
-        x = self.decoder_input(x, mask, keep)
+        x = self.decoder_input(x, self.known_positions(mask) if keep is None else keep)
         return self.decoder_output(self.run_blocks(self.decoder_blocks, x))
 
     # ------------------------------------------------------------------------------ training
@@ -277,23 +291,25 @@ class MAR(nn.Module):
         keep = self.known_positions(mask, n_known)
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, keep), mask, keep)
 
-    def compile_for_sampling(self, mode: str = "default") -> None:
-        """Compile what every sampling step runs with ``torch.compile``: the diffusion head's denoising
-        step (:meth:`SimpleMLPAdaLN.forward_modulated`, 6400 calls per image at 64 x 100 steps) and the
-        encoder and decoder block stacks. Shapes change with the step's token count, so the graphs are
-        dynamic. ``mode="reduce-overhead"`` also replays the compiled step as a CUDA graph on a GPU
+    def compile_for_sampling(self, mode: str = "default", backend: str | Callable = "inductor") -> None:
+        """Compile what every sampler runs with ``torch.compile``: the block runner (:meth:`run_blocks`,
+        through which every technique runs the transformer) and the diffusion head's denoising step
+        (:meth:`SimpleMLPAdaLN.forward_modulated`, 6400 calls per image at 64 x 100 steps, the head cache's
+        included). Shapes change with the step's token count, so the graphs are dynamic.
+        ``mode="reduce-overhead"`` also replays the compiled code as CUDA graphs on a GPU
         (``--cuda_graph``): the head's step is then one launch instead of ~30 small kernels.
 
         The random draws stay outside the compiled code, so the random stream is the eager one; the
         fused arithmetic rounds differently in the last bits (tests hold it to the vector tolerance).
         Sampling only: training keeps the eager, checkpointable blocks. Undo with :meth:`eager_sampling`.
+        ``backend``: torch.compile's (tests count compiled frames with their own).
         """
         if mode not in SAMPLING_COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; choose one of {SAMPLING_COMPILE_MODES}")
         self.eager_sampling()
         net = self.diffloss.net
-        net.forward_modulated = torch.compile(net.forward_modulated, dynamic=True, mode=mode)
-        self.run_blocks = torch.compile(self.run_blocks, dynamic=True, mode=mode)
+        net.forward_modulated = _compiled(net.forward_modulated, mode, backend)
+        self.run_blocks = _compiled(self.run_blocks, mode, backend)
 
     def eager_sampling(self) -> None:
         """Back to the eager methods after :meth:`compile_for_sampling` (the instance attributes go)."""
@@ -317,25 +333,23 @@ class MAR(nn.Module):
             progress: show a progress bar over steps.
             orders: (bsz, seq_len) generation orders; drawn at random when ``None``.
             generator: source of every random draw; ``None`` = torch's global generators, as upstream.
-            accel: acceleration policy (``None`` = plain MAR; a preset name or config, see ``lazymar``).
+            accel: ``None`` (plain MAR) or an acceleration config: an object with a
+                ``sampler(model, *, num_iter, guided)`` method returning the :class:`StepStrategy` of one
+                call, such as ``lazymar.preset("lazymar")`` or any ``lazymar.AccelConfig``. A preset
+                name (``"lazymar"``) works once the ``lazymar`` package is imported (it names presets of
+                that package, which this layer does not import).
         """
         self._check_sampling_args(bsz, num_iter, cfg, cfg_schedule, labels, temperature, orders)
         if self.fake_latent.dtype != torch.float32:
             raise TypeError(f"MAR samples with float32 weights (these are {self.fake_latent.dtype}); for bf16 or "
                             f"fp16 speed keep them float32 and sample under torch.autocast (util.precision, "
                             f"--precision in eval.py / sample.py)")
-        if accel is None:
-            sampler: StepStrategy = PlainSteps(self, num_iter)
-        else:
-            if _ACCEL_FACTORY is None:
-                raise RuntimeError("accel= needs the acceleration package registered: `import lazymar` first "
-                                   "(models/ does not import the layers built on it)")
-            sampler = _ACCEL_FACTORY(self, accel, num_iter=num_iter, cfg=cfg)
+        guided = guidance_on(cfg)  # decided once, passed down to every part of the step
+        sampler = step_strategy(self, accel, num_iter=num_iter, guided=guided)
         device = self.fake_latent.device
         if orders is None:
             orders = self.sample_orders(bsz, generator, device)
         orders = sampler.arrange_orders(orders.to(device))
-        guided = cfg != 1.0
         class_embedding = self.class_embeddings(bsz, labels.to(device) if labels is not None else None, guided)
 
         mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
@@ -346,7 +360,7 @@ class MAR(nn.Module):
         masked = self.seq_len
         for step, mask_len in enumerate(steps):
             # Which tokens stay masked after this step, and which are predicted now (at the last step:
-            # all remaining). Known before the transformer runs, so policies can plan with it.
+            # all remaining). Known before the transformer runs, so techniques can plan with it.
             mask_next = self.mask_by_order(mask_len, orders)
             last = step == len(plan) - 1
             to_pred = mask if last else mask & ~mask_next
@@ -383,21 +397,57 @@ class MAR(nn.Module):
                 raise ValueError("each row of orders must be a permutation of range(seq_len)")
 
 
-# ``(model, accel, *, num_iter, cfg) -> StepStrategy`` for ``sample_tokens(accel=...)``. The acceleration
-# package registers it on import (``lazymar/__init__.py``), so this layer never imports the one above.
-AccelFactory = Callable[..., "StepStrategy"]
-_ACCEL_FACTORY: AccelFactory | None = None
+def _compiled(fn: Callable, mode: str, backend: str | Callable) -> Callable:
+    """``torch.compile(fn)`` for sampling, allowed :data:`SAMPLING_RECOMPILE_LIMIT` graphs: every technique
+    runs the blocks with its own attention step over its own block ranges, one graph each (dynamo's
+    default of 8 would send the later ones back to eager, silently but for a warning)."""
+    compiled = torch.compile(fn, dynamic=True, mode=mode, backend=backend)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(recompile_limit=SAMPLING_RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
-def register_accel(factory: AccelFactory) -> None:
-    """Install the factory that turns ``sample_tokens``'s ``accel`` argument into a step strategy."""
-    global _ACCEL_FACTORY
-    _ACCEL_FACTORY = factory
+class Accel(Protocol):
+    """What ``sample_tokens(accel=...)`` takes besides ``None``: a config that builds the step strategy
+    of one call (``lazymar.AccelConfig``)."""
+
+    def sampler(self, model: MAR, *, num_iter: int, guided: bool) -> "StepStrategy":
+        """The strategy of one ``sample_tokens`` call (its cache state is fresh)."""
+
+
+# Preset name -> config, for ``sample_tokens(accel="<name>")``: installed by the package that defines
+# the names (``lazymar``, on import), since this layer does not import the ones above it.
+_PRESET_NAMES: Callable[[str], Accel] | None = None
+
+
+def register_preset_names(resolve: Callable[[str], Accel]) -> None:
+    """Install the resolver of preset names passed as ``sample_tokens(accel=<name>)``."""
+    global _PRESET_NAMES
+    _PRESET_NAMES = resolve
+
+
+def step_strategy(model: MAR, accel: Accel | str | None, *, num_iter: int, guided: bool) -> "StepStrategy":
+    """The strategy of ``model.sample_tokens(accel=accel)``: plain MAR for None, else the config's own."""
+    if accel is None:
+        return PlainSteps(model, num_iter, guided)
+    if isinstance(accel, str):
+        if _PRESET_NAMES is None:
+            raise ValueError(f"accel={accel!r} names a preset of the lazymar package, which models/ does not "
+                             f"import: pass its config, accel=lazymar.preset({accel!r}) (or import lazymar "
+                             f"before passing names)")
+        accel = _PRESET_NAMES(accel)
+    if not callable(getattr(accel, "sampler", None)):
+        raise TypeError(f"accel must be None, an acceleration config (lazymar.AccelConfig, lazymar.preset(name)) "
+                        f"or a preset name, got {type(accel).__name__}")
+    return accel.sampler(model, num_iter=num_iter, guided=guided)
 
 
 class StepStrategy(Protocol):
     """How MAR steps are scheduled, compute their conditions and sample their tokens (plain, or an
-    acceleration policy)."""
+    acceleration config)."""
 
     def mask_lens(self) -> list[int]:
         """Tokens left masked after each step; its length is the number of steps."""
@@ -420,8 +470,9 @@ class StepStrategy(Protocol):
 class PlainSteps:
     """The plain MAR step: the whole transformer on both guidance halves, then the full diffusion head."""
 
-    def __init__(self, model: MAR, num_iter: int) -> None:
+    def __init__(self, model: MAR, num_iter: int, guided: bool) -> None:
         self.model = model
+        self.guided = guided
         self.plan = plain_mask_lens(num_iter, model.seq_len)
 
     def mask_lens(self) -> list[int]:
@@ -437,14 +488,14 @@ class PlainSteps:
                    class_embedding: torch.Tensor) -> torch.Tensor:
         masked = self.model.seq_len if step == 0 else self.plan[step - 1]
         n_pred = masked if step == len(self.plan) - 1 else masked - self.plan[step]
-        if class_embedding.shape[0] != tokens.shape[0]:  # guided: conditional half first
+        if self.guided:  # the conditional half first
             tokens, mask, to_pred = (torch.cat([t, t], dim=0) for t in (tokens, mask, to_pred))
         z = self.model.transformer(tokens, mask.float(), class_embedding, self.model.seq_len - masked)  # (B', L, D)
         return gather_rows(z, positions(to_pred, n_pred))
 
     def sample_head(self, step: int, z: torch.Tensor, temperature: float, cfg: float,
                     generator: torch.Generator | None) -> torch.Tensor:
-        return self.model.diffloss.sample(z, temperature, cfg, generator=generator)
+        return self.model.diffloss.sample(z, temperature, cfg, guided=self.guided, generator=generator)
 
 
 def _mar(**kwargs: Any) -> MAR:

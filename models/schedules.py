@@ -28,6 +28,12 @@ def check_sampling_settings(num_iter: int | None = None, cfg: float | None = Non
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 
+def guidance_on(cfg: float) -> bool:
+    """Whether a run with guidance scale ``cfg`` is guided: it runs an unconditional half beside the
+    conditional one (upstream's rule). Decided once per ``sample_tokens`` call and passed down."""
+    return cfg != 1.0
+
+
 def next_mask_len(step: int, num_iter: int, seq_len: int, num_masked: int) -> int:
     """Number of tokens still masked after ``step`` (0-based) of ``num_iter``.
 

@@ -7,18 +7,18 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-import lazymar.bench
+import benchmarks.sampling
 import util.timing
 from conftest import build_tiny_mar
-from lazymar.bench import bench, format_rows
+from benchmarks.sampling import bench, format_rows
 from lazymar.flops import estimate
 from models.vae import AutoencoderKL
-from util.profile_sampler import profile
+from benchmarks.profile_sampler import profile
 
 
 def test_bench_rows_pair_latency_with_flops(monkeypatch):
     model = build_tiny_mar(img_size=128, buffer_size=4, num_sampling_steps="20")
-    scripted = iter([6.0, 1.5, 3.0])  # median seconds per call of baseline, lazymar, lazymar-off
+    scripted = iter([6.0, 1.5, 3.0])  # median seconds per call of plain, lazymar, lazymar-off
     calls = []
 
     def fake_median_time(fn, device, repeats, warmup=None):
@@ -26,12 +26,12 @@ def test_bench_rows_pair_latency_with_flops(monkeypatch):
         calls.append(repeats)
         return next(scripted)
 
-    monkeypatch.setattr(lazymar.bench, "median_time", fake_median_time)
+    monkeypatch.setattr(benchmarks.sampling, "median_time", fake_median_time)
     bsz = 2
     rows = bench(model, [None, "lazymar", "lazymar-off"], num_iter=16, cfg=3.0, bsz=bsz, repeats=3,
                  device=torch.device("cpu"), warmup_iter=2)
     assert calls == [3, 3, 3]
-    assert [r.policy for r in rows] == ["baseline", "lazymar", "lazymar-off"]
+    assert [r.preset for r in rows] == ["plain", "lazymar", "lazymar-off"]
     assert [r.seconds_per_image for r in rows] == [3.0, 0.75, 1.5]  # seconds per call / bsz
     assert [r.speedup for r in rows] == [1.0, 4.0, 2.0]  # 3.0 / 3.0, 3.0 / 0.75, 3.0 / 1.5
     tflops = [estimate(model, num_iter=16, cfg=3.0, accel=a, bsz=bsz).total / 1e12 for a in (None, "lazymar")]

@@ -15,7 +15,7 @@ from lazymar import PRESETS, AccelConfig, DiSAConfig, GtRConfig, MARcheConfig, R
 from lazymar.config import OFF
 from lazymar.disa import disa_head_steps
 from lazymar.flops import estimate, main as flops_main
-from lazymar.policy import AccelSteps
+from lazymar.steps import AccelSteps
 from lazymar.recap import recap_groups
 from models.diffloss import respaced_diffusion
 from models.mar import MAR, build_released

@@ -1,4 +1,4 @@
-"""The FLOPs formula equals a real count of the sampler, component by component, for every policy."""
+"""The FLOPs formula equals a real count of the sampler, component by component, for every preset."""
 from __future__ import annotations
 
 import json
@@ -112,4 +112,4 @@ def test_cli_json(capsys):
     main(["--model", "mar_base", "--num_iter", "16", "--cfg", "2.0", "--accel", "lazymar", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert set(out["components"]) == {"encoder", "decoder", "diffusion_head", "vae_decode"}
-    assert 0 < out["total_tflops"] < out["baseline_total_tflops"]
+    assert 0 < out["total_tflops"] < out["plain_total_tflops"]

@@ -14,7 +14,7 @@ from lazymar.gtr import (GtRConfig, fts_scores, fts_select, fts_steps_split, hea
                          stage_step_counts, staged_mask_lens, staged_orders)
 from lazymar.marche import MARcheConfig, merge_partials, partial_attention
 from lazymar.gtr import GtR
-from lazymar.policy import AccelSteps
+from lazymar.steps import AccelSteps
 from models.mar import PlainSteps, build_released
 from models.schedules import plain_mask_lens
 from test_lazymar import run
@@ -199,7 +199,7 @@ def test_marche_with_every_token_active_equals_plain(monkeypatch, cfg, num_iter,
     model = model_for()
     marche = MARcheConfig(active_fraction=1.0, refresh_every=1000, cache_encoder=cache_encoder)
     steps = AccelSteps(model, replace(OFF, marche=marche), num_iter=num_iter, guided=cfg != 1.0)
-    plain = PlainSteps(model, num_iter)
+    plain = PlainSteps(model, num_iter, cfg != 1.0)
     with torch.no_grad():
         for inputs in recorded_inputs(model, monkeypatch, num_iter=num_iter, cfg=cfg):
             z_plain = plain.conditions(*inputs)
@@ -216,7 +216,7 @@ def test_marche_partial_step_beats_reusing_the_last_refresh(monkeypatch):
     The errors are large in absolute terms because the random-weight decoder attends diffusely."""
     model = model_for()
     steps = AccelSteps(model, PRESETS["marche"], num_iter=16, guided=True)
-    plain = PlainSteps(model, 16)
+    plain = PlainSteps(model, 16, True)
     ratios = []
     with torch.no_grad():
         for inputs in recorded_inputs(model, monkeypatch, num_iter=16, cfg=3.0):

@@ -1,8 +1,11 @@
-"""The plain and LazyMAR samplers make no host synchronisation per MAR step.
+"""Sampling makes no host synchronisation per MAR step, with every preset.
 
-Token counts come from the schedule, so gathers and scatters use index tensors built from the orders;
-``nonzero``, boolean indexing, ``masked_select`` and reading a tensor into Python (``.item()``, ``if t``)
-would each make a GPU wait for the host. The counter sees every aten op the sampler issues.
+Token counts come from the plan, so gathers and scatters use index tensors built from the orders;
+``nonzero``, boolean indexing, ``masked_select``, reading a tensor into Python (``.item()``, ``if t``,
+``.tolist()``) or copying it to the host (``.cpu()``, ``.numpy()``) would each make a GPU wait for the
+host. The counter sees every aten op the sampler issues, and the Tensor methods that read data without
+an aten op on a CPU tensor. Random draws come from a generator on the sampling device, as they must on a
+GPU (a CPU generator's noise is a blocking copy per head step).
 """
 from __future__ import annotations
 
@@ -12,59 +15,122 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lazymar  # noqa: F401  (registers accel=)
+import lazymar
 from conftest import build_tiny_mar
 
+# aten ops whose result size or value must be read on the host.
 SYNCING = {"aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.is_nonzero", "aten.equal",
-           "aten.unique_consecutive", "aten._unique2"}
+           "aten.unique_consecutive", "aten._unique2", "aten.unique_dim", "aten.bincount", "aten.allclose"}
+# Tensor methods that hand data to Python; on a CPU tensor some issue no aten op at all.
+READS = ("tolist", "item", "cpu", "numpy")
+# A tensor made from Python data inside the call: on an accelerator a blocking copy to the device.
+HOST_DATA = "aten.lift_fresh"
+
+# 8x8 tokens, 5 decoder blocks, 22 head steps and 24 MAR steps: LazyMAR's decoder drops tokens (from step
+# 20) and its head cache reuses (every other head step); every other technique acts too.
+MODEL = dict(img_size=128, buffer_size=4, decoder_depth=5, num_sampling_steps="22")
+NUM_ITER = 24
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts aten ops that copy a data-dependent result to the host."""
+    """Counts the aten ops and Tensor reads that copy a data-dependent result to the host (and, with
+    ``host_data``, tensors made from Python data)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_data: bool = False) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.host_data = host_data
+        self.saved: dict[str, object] = {}
+
+    def __enter__(self):
+        for name in READS:
+            self.saved[name] = original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._counting(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def _counting(self, name, original):
+        def method(tensor, *args, **kwargs):
+            self.ops[f"Tensor.{name}"] += 1
+            return original(tensor, *args, **kwargs)
+        return method
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = str(func.overloadpacket)
         bool_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if i is not None)
-        if name in SYNCING or bool_index:
+        # repeat_interleave with a tensor of repeats must read their sum, unless given it.
+        repeats = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if name in SYNCING or bool_index or repeats or (self.host_data and name == HOST_DATA):
             self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
-def sync_ops(model, accel, num_iter: int, cfg: float) -> Counter[str]:
-    with torch.no_grad(), SyncCounter() as counter:
-        model.sample_tokens(2, num_iter=num_iter, cfg=cfg, accel=accel,
-                            generator=torch.Generator().manual_seed(0))
+def sample(model, accel, cfg: float, num_iter: int = NUM_ITER) -> torch.Tensor:
+    device = model.fake_latent.device
+    with torch.no_grad():
+        return model.sample_tokens(2, num_iter=num_iter, cfg=cfg, accel=accel,
+                                   generator=torch.Generator(device).manual_seed(0))
+
+
+def sync_ops(model, accel, cfg: float, host_data: bool = False) -> Counter[str]:
+    with SyncCounter(host_data) as counter:
+        sample(model, accel, cfg)
     return counter.ops
 
 
-@pytest.mark.parametrize("accel", [None, "lazymar"])
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_mar(**MODEL)
+
+
+@pytest.mark.parametrize("accel", [None, *lazymar.PRESETS])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_no_host_sync_in_the_step_loop(accel, cfg):
-    model = build_tiny_mar(img_size=128, buffer_size=4, decoder_depth=5, num_sampling_steps="10")
-    assert sync_ops(model, accel, num_iter=12, cfg=cfg) == Counter()
+def test_no_host_sync(model, accel, cfg):
+    assert sync_ops(model, accel, cfg) == Counter()
 
 
-def test_counter_sees_nonzero_and_boolean_indexing():
+@pytest.mark.parametrize("accel", [None, "lazymar", "gtr+disa+lazymar", "marche+lazymar", "recap+lazymar"])
+def test_no_host_data_once_warm(model, accel):
+    """Constants a generation needs on the device (timestep tables, GtR's stage map) are made once per
+    process: a second identical call builds no tensor from Python data (a copy to the device per head call
+    would wait for the GPU at every MAR step)."""
+    sample(model, accel, 3.0)
+    assert sync_ops(model, accel, 3.0, host_data=True) == Counter()
+
+
+def test_counter_sees_what_it_must():
     """The counter is not blind: the operations it must catch are caught, also from Tensor methods."""
     x, m = torch.randn(4, 3), torch.tensor([True, False, True, False])
-    with SyncCounter() as counter:
+    with SyncCounter(host_data=True) as counter:
         m.nonzero()
         torch.nonzero(m)
         x[m]
         x[m] = 0.0
         bool(m.any())
-    assert counter.ops == Counter({"aten.nonzero": 2, "aten.index": 1, "aten.index_put_": 1,
-                                   "aten._local_scalar_dense": 1})
+        x.tolist()
+        x[0, 0].item()
+        x.cpu()
+        x.numpy()
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]))
+        torch.bincount(torch.tensor([0, 1, 1]))
+        torch.unique(x, dim=0)
+        torch.allclose(x, x)
+    ops = dict(counter.ops)
+    assert ops.pop("aten.lift_fresh") >= 2  # the torch.tensor calls
+    assert ops.pop("aten._local_scalar_dense") >= 2  # bool(), .item() (allclose may read its result too)
+    assert ops == {"aten.nonzero": 2, "aten.index": 1, "aten.index_put_": 1, "Tensor.tolist": 1, "Tensor.item": 1,
+                   "Tensor.cpu": 1, "Tensor.numpy": 1, "aten.repeat_interleave": 1, "aten.bincount": 1,
+                   "aten.unique_dim": 1, "aten.allclose": 1}
 
 
-def test_labels_check_is_once_per_call_not_per_step():
+def test_labels_check_is_once_per_call_not_per_step(model):
     """Checking user labels reads them once; the count does not grow with the number of MAR steps."""
-    model = build_tiny_mar(img_size=128, buffer_size=4, num_sampling_steps="10")
 
     def count(num_iter):
         with torch.no_grad(), SyncCounter() as counter:

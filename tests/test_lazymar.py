@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_mar, load_reference
-from lazymar.condition_cache import ConditionCacheTechnique
+from lazymar.condition_cache import ConditionCache
 from lazymar.config import PRESETS, AccelConfig
 from lazymar.head_cache import HeadCacheConfig
-from lazymar.policy import AccelSteps, resolve_accel
+from lazymar.steps import AccelSteps, resolve_accel
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, is_refresh_step
 from lazymar.token_cache import EncoderCache, TokenCache, TokenCacheConfig, encode
 from test_reference import TOL, reference_mar, rel_err, sample_run
@@ -131,7 +131,7 @@ def test_incremental_encoder_equals_full_recompute_when_nothing_is_stale():
     cls = torch.randn(R, model.class_emb.embedding_dim)
     with torch.no_grad():
         full = model.forward_mae_encoder(tokens, mask, cls)
-        cache = EncoderCache()
+        cache = EncoderCache.of(model)
         first = encode(model, tokens, model.known_positions(mask), cls, cache, None)
         known = (mask == 0).nonzero(as_tuple=True)[1].reshape(R, -1) + model.buffer_size
         buffer = torch.arange(model.buffer_size).expand(R, -1)
@@ -160,15 +160,12 @@ def test_incremental_encoder_keys_values_exact_for_one_layer_with_new_tokens():
     compute = (~model.with_buffer(~new)).nonzero(as_tuple=True)[1].reshape(R, -1)
     known = (model.with_buffer(after) == 0).nonzero(as_tuple=True)[1].reshape(R, -1)
     with torch.no_grad():
-        cache, fresh = EncoderCache(), EncoderCache()
+        cache, fresh = EncoderCache.of(model), EncoderCache.of(model)
         encode(model, tokens, model.known_positions(before), cls, cache, None)
         encode(model, tokens, model.known_positions(after), cls, cache, compute)
         encode(model, tokens, model.known_positions(after), cls, fresh, None)
-    pick = known[:, None, :, None].expand(-1, cache.k[0].shape[1], -1, cache.k[0].shape[3])
-    torch.testing.assert_close(cache.k[0].gather(2, pick), fresh.k[0].gather(2, pick))
-    torch.testing.assert_close(cache.v[0].gather(2, pick), fresh.v[0].gather(2, pick))
-    rows = compute[..., None].expand(-1, -1, cache.out.shape[-1])
-    torch.testing.assert_close(cache.out.gather(1, rows), fresh.out.gather(1, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.kv.read(0, known), fresh.kv.read(0, known))
+    torch.testing.assert_close(cache.out.read(compute), fresh.out.read(compute), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- each cache alone
@@ -203,8 +200,8 @@ def test_head_cache_is_active_and_close():
     x = torch.randn(n, head.in_channels, generator=g)
     with torch.no_grad():
         cond = head.net.cond_embed(z)
-        plain_fn = DiffLoss.guided_model_fn(head, cond, cfg, n, diffusion)
-        cache_fn = head_cache_factory(HeadCacheConfig())(head, cond, cfg, n, diffusion)
+        plain_fn = DiffLoss.guided_model_fn(head, cond, cfg, n, diffusion, True)
+        cache_fn = head_cache_factory(HeadCacheConfig())(head, cond, cfg, n, diffusion, True)
         refresh_err, cached_err = [], []
         for i in reversed(range(diffusion.num_timesteps)):
             eps, var = plain_fn(x, i)
@@ -284,12 +281,12 @@ def test_kv_cached_in_activation_dtype():
     model = lazy_model()
     tokens, mask = torch.randn(1, model.seq_len, 16), torch.ones(1, model.seq_len)
     mask[0, :7] = 0
-    cache = EncoderCache()
+    cache = EncoderCache.of(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         encode(model, tokens, model.known_positions(mask), torch.randn(1, 32), cache, None)
         out = run(model, "lazymar", num_iter=8, bsz=1)
-    assert cache.k[0].dtype == torch.bfloat16 and len(cache.k) == len(model.encoder_blocks)
-    assert cache.k[0].shape[2] == model.seq_len + model.buffer_size
+    assert cache.kv.k[0].data.dtype == torch.bfloat16 and len(cache.kv.k) == len(model.encoder_blocks)
+    assert cache.kv.k[0].data.shape[2] == model.seq_len + model.buffer_size
     assert torch.isfinite(out).all()
 
 
@@ -339,5 +336,5 @@ def test_state_is_created_per_call():
     s1, s2 = (AccelSteps(model, PRESETS["lazymar"], num_iter=8, guided=True) for _ in range(2))
     t1, t2 = (next(t for t in s.techniques if isinstance(t, TokenCache)) for s in (s1, s2))
     assert t1.encoder_cache is not t2.encoder_cache and t1.decoder_cache is not t2.decoder_cache
-    c1, c2 = (next(t for t in s.techniques if isinstance(t, ConditionCacheTechnique)) for s in (s1, s2))
+    c1, c2 = (next(t for t in s.techniques if isinstance(t, ConditionCache)) for s in (s1, s2))
     assert c1.state is not c2.state

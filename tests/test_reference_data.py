@@ -44,7 +44,7 @@ def test_every_shipped_file_matches_its_checksum():
     # The vectors the equivalence tests use, listed literally so that dropping one from SHA256SUMS fails.
     expected = {"mar_tiny_baseline.pt", "lazymar_tiny.pt", "vae_tiny.pt", "disa_tiny.pt", "recap_tiny.pt",
                 "mar_base.state_dict.txt", "mar_large.state_dict.txt", "mar_huge.state_dict.txt",
-                "vae_kl16.state_dict.txt"}
+                "vae_kl16.state_dict.txt", "presets_tiny.pt"}
     assert expected <= set(sums), expected - set(sums)
 
 

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import eval as eval_script  # noqa: E402
+import evaluation.metrics as eval_metrics  # noqa: E402
+import evaluation.run as eval_run  # noqa: E402
 import sample as sample_script  # noqa: E402
 
 BASE = ["--model", "tiny-random", "--num_images", "20", "--eval_bsz", "8", "--num_iter", "4",
@@ -87,7 +89,7 @@ def test_killed_run_resumes_to_identical_files(reference_run, tmp_path):
         run_eval("--output_dir", str(tmp_path), "--stop_after_batches", "1")
     images = run_dir(tmp_path) / "images"
     assert 0 < len(os.listdir(images)) < 20
-    (images / f"000019.png{eval_script.TMP_MARK}12345").write_bytes(b"partial")  # what a kill mid-write leaves
+    (images / f"000019.png{eval_run.TMP_MARK}12345").write_bytes(b"partial")  # what a kill mid-write leaves
     run_eval("--output_dir", str(tmp_path))
     assert folder_bytes(images) == folder_bytes(reference_run / "images")
 
@@ -100,18 +102,18 @@ def test_unbalanced_needs_flag(tmp_path):
 
 
 def test_bad_fid_stats_fail_clearly(tmp_path):
-    d = eval_script.FID_DIM
+    d = eval_metrics.FID_DIM
     np.savez(tmp_path / "nosigma.npz", mu=np.zeros(d))
     np.savez(tmp_path / "shape.npz", mu=np.zeros(10), sigma=np.eye(10))
     (tmp_path / "junk.npz").write_bytes(b"not an npz file")
     with pytest.raises(ValueError, match="lacks \\['sigma'\\]"):
-        eval_script.load_fid_stats(tmp_path / "nosigma.npz")
+        eval_metrics.load_fid_stats(tmp_path / "nosigma.npz")
     with pytest.raises(ValueError, match="expected"):
-        eval_script.load_fid_stats(tmp_path / "shape.npz")
+        eval_metrics.load_fid_stats(tmp_path / "shape.npz")
     with pytest.raises(ValueError, match="not a readable .npz"):
-        eval_script.load_fid_stats(tmp_path / "junk.npz")
+        eval_metrics.load_fid_stats(tmp_path / "junk.npz")
     with pytest.raises(FileNotFoundError):
-        eval_script.load_fid_stats(tmp_path / "missing.npz")
+        eval_metrics.load_fid_stats(tmp_path / "missing.npz")
     # main() checks the file before generating anything
     with pytest.raises(ValueError):
         run_eval("--output_dir", str(tmp_path / "out"), "--fid_stats", str(tmp_path / "shape.npz"), metrics=True)
@@ -126,39 +128,42 @@ def test_run_name_encodes_every_image_setting():
                 ["--temperature", "0.9"], ["--num_sampling_steps", "50"], ["--lazy_mar"], ["--accel", "lazymar-token"],
                 ["--seed", "1"], ["--num_images", "100"], ["--eval_bsz", "32"], ["--no_ema"], ["--ckpt", "x.pth"],
                 ["--precision", "bf16"], ["--precision", "fp16"], ["--compile"], ["--cuda_graph"]]
-    names = [eval_script.run_name(parse([*base, *v]), cpu) for v in variants]
+    names = [eval_run.run_name(parse([*base, *v]), cpu) for v in variants]
     assert len(set(names)) == len(names), names
-    assert eval_script.run_name(parse([*base, "--accel", "lazymar"]), cpu) == names[7]
-    assert eval_script.run_name(parse(base), torch.device("cuda")) != names[0]
+    assert eval_run.run_name(parse([*base, "--accel", "lazymar"]), cpu) == names[7]
+    assert eval_run.run_name(parse(base), torch.device("cuda")) != names[0]
     # settings that do not change images do not change the folder (fp32 is the folder name of old runs)
-    assert eval_script.run_name(parse([*base, "--no_metrics", "--output_dir", "elsewhere"]), cpu) == names[0]
-    assert eval_script.run_name(parse([*base, "--precision", "fp32"]), cpu) == names[0]
+    assert eval_run.run_name(parse([*base, "--no_metrics", "--output_dir", "elsewhere"]), cpu) == names[0]
+    assert eval_run.run_name(parse([*base, "--precision", "fp32"]), cpu) == names[0]
 
 
 def test_code_identity_covers_what_makes_images_and_nothing_else(tmp_path):
-    """Editing eval.py (labels, PNG writing) or how weights are read changes the sampling-code digest;
-    editing a benchmark does not (a resume is not refused for it)."""
+    """Editing eval.py or evaluation/run.py (labels, PNG writing) or how weights are read changes the
+    sampling-code digest; editing the FLOPs count does not (a resume is not refused for it), and the
+    benchmarks and metrics are not part of it."""
     root = tmp_path / "tree"
-    for source in eval_script.IMAGE_CODE:
-        src = eval_script.ROOT / source
+    for source in eval_run.IMAGE_CODE:
+        src = eval_run.ROOT / source
         files = sorted(src.rglob("*.py")) if src.is_dir() else [src]
         for f in files:
-            dst = root / f.relative_to(eval_script.ROOT)
+            dst = root / f.relative_to(eval_run.ROOT)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(f.read_bytes())
-    base = eval_script.code_sha256(root)
-    assert base == eval_script.code_sha256()  # the copy is the tree
-    for name in ("eval.py", "util/checkpoint.py", "models/mar.py", "lazymar/token_cache.py"):
+    base = eval_run.code_sha256(root)
+    assert base == eval_run.code_sha256()  # the copy is the tree
+    assert not any(source.startswith(("benchmarks", "evaluation/metrics")) for source in eval_run.IMAGE_CODE)
+    for name in ("eval.py", "evaluation/run.py", "util/checkpoint.py", "models/mar.py", "models/runner.py",
+                 "lazymar/token_cache.py"):
         path = root / name
         original = path.read_bytes()
         path.write_bytes(original + b"\n# edited\n")
-        assert eval_script.code_sha256(root) != base, name
+        assert eval_run.code_sha256(root) != base, name
         path.write_bytes(original)
-    for name in sorted(eval_script.NOT_IMAGE_CODE):
+    for name in sorted(eval_run.NOT_IMAGE_CODE):
         path = root / name
         assert path.is_file(), name  # the exclusions name real files
         path.write_bytes(path.read_bytes() + b"\n# edited\n")
-    assert eval_script.code_sha256(root) == base
+    assert eval_run.code_sha256(root) == base
 
 
 @pytest.mark.parametrize("model", ["demo", "tiny-random"])
@@ -207,7 +212,7 @@ def test_fid_and_is_offline_match_direct_computation(tmp_path, inception_weights
         original_init(self, *args, **kwargs)
 
     monkeypatch.setattr(fei.FeatureExtractorInceptionV3, "__init__", counting_init)
-    d = eval_script.FID_DIM
+    d = eval_metrics.FID_DIM
     rng = np.random.default_rng(0)
     a = rng.standard_normal((d, 64)) * 0.1
     stats = tmp_path / "ref_stats.npz"
@@ -267,7 +272,7 @@ def test_sample_compare_has_two_differing_halves(tmp_path):
         arr, ref = np.asarray(b), np.asarray(a)
     left = arr[sample_script.LABEL_HEIGHT:, :a.width]
     right = arr[sample_script.LABEL_HEIGHT:, a.width:]
-    assert np.array_equal(left, ref)  # the baseline half is the plain grid from the same seed
+    assert np.array_equal(left, ref)  # the left half is the plain grid from the same seed
     assert not np.array_equal(left, right)  # LazyMAR changes the samples
 
 
@@ -366,7 +371,7 @@ def test_weights_replaced_at_the_same_path_are_refused(file_model, tmp_path):
         eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out), "--stop_after_batches", "1"))
     folder = run_dir(out)
     before = folder_bytes(folder / "images")
-    assert len(before) == 5 and (folder / eval_script.IDENTITY_FILE).is_file()
+    assert len(before) == 5 and (folder / eval_run.IDENTITY_FILE).is_file()
 
     save_weights(file_model, perturb=1.0)  # other weights, same path: same folder name
     with pytest.raises(ValueError, match="holds images of another setup \\(mar_sha256: "):
@@ -384,7 +389,7 @@ def test_identical_rerun_resumes_from_cached_digests(file_model, tmp_path, monke
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out), "--stop_after_batches", "1"))
-    assert (out / eval_script.DIGEST_CACHE).is_file()
+    assert (out / eval_run.DIGEST_CACHE).is_file()
 
     import util.hashing
 
@@ -395,7 +400,7 @@ def test_identical_rerun_resumes_from_cached_digests(file_model, tmp_path, monke
     result = eval_script.main(eval_args("--ckpt", str(file_model), "--output_dir", str(out)))
     assert result["timing"]["per_rank"][0]["images_generated"] == 5  # only the missing batch
     assert len(os.listdir(run_dir(out) / "images")) == 10
-    assert result["identity"] == json.loads((run_dir(out) / eval_script.IDENTITY_FILE).read_text())
+    assert result["identity"] == json.loads((run_dir(out) / eval_run.IDENTITY_FILE).read_text())
 
 
 def test_changed_sampler_setting_gets_a_new_folder_and_a_forged_one_is_refused(tmp_path):
@@ -406,11 +411,11 @@ def test_changed_sampler_setting_gets_a_new_folder_and_a_forged_one_is_refused(t
     run_eval(*tiny)
     run_eval(*tiny, "--cfg", "2.0")
     folders = sorted(p for p in out.iterdir() if p.is_dir())
-    assert len(folders) == 2 and all((f / eval_script.IDENTITY_FILE).is_file() for f in folders)
-    cfgs = {json.loads((f / eval_script.IDENTITY_FILE).read_text())["cfg"] for f in folders}
+    assert len(folders) == 2 and all((f / eval_run.IDENTITY_FILE).is_file() for f in folders)
+    cfgs = {json.loads((f / eval_run.IDENTITY_FILE).read_text())["cfg"] for f in folders}
     assert cfgs == {2.0, 3.25}
 
-    record = next(f for f in folders if "cfg3.25" in f.name) / eval_script.IDENTITY_FILE
+    record = next(f for f in folders if "cfg3.25" in f.name) / eval_run.IDENTITY_FILE
     saved = json.loads(record.read_text())
     record.write_text(json.dumps(saved | {"torch": "1.0.0"}))
     with pytest.raises(ValueError, match='torch: "1.0.0" there'):
@@ -444,7 +449,7 @@ def test_missing_inception_weights_fail_before_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_script, "load_generator", _no_generator)
     out = tmp_path / "out"
     message = shell_error("--output_dir", str(out), "--inception_weights", "/nonexistent/file.pth")
-    url, cached = eval_script.inception_download()
+    url, cached = eval_metrics.inception_download()
     assert "--inception_weights /nonexistent/file.pth: no such file" in message
     assert "--inception_weights FILE" in message and url in message and str(cached) in message
     assert not out.exists()
@@ -477,7 +482,7 @@ def test_inception_download_failure_fails_before_sampling(tmp_path, monkeypatch)
 
     monkeypatch.setattr(fei, "load_state_dict_from_url", record)
     with pytest.raises(urllib.error.URLError):
-        fei.FeatureExtractorInceptionV3(eval_script.INCEPTION_NAME, [eval_script.FID_LAYER])
+        fei.FeatureExtractorInceptionV3(eval_metrics.INCEPTION_NAME, [eval_metrics.FID_LAYER])
     ((url, dst),) = requested
     assert [url] == wanted
     assert dst == torch_home / "hub" / "checkpoints" / Path(urlparse(url).path).name
@@ -521,7 +526,7 @@ def test_unusable_inception_weights_fail_before_sampling(tmp_path, monkeypatch, 
 
 def test_bad_fid_reference_folder_fails_before_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_script, "load_generator", _no_generator)
-    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("checked after the Inception"))
+    monkeypatch.setattr(eval_metrics, "load_inception", lambda *a, **k: pytest.fail("checked after the Inception"))
     out = tmp_path / "out"
     message = shell_error("--output_dir", str(out), "--fid_ref_dir", str(tmp_path / "missing"))
     assert f"--fid_ref_dir {tmp_path / 'missing'}: no such folder" in message
@@ -539,7 +544,7 @@ def test_demo_metrics_need_the_classifier_before_sampling(tmp_path, monkeypatch)
     from demo.registry import DEMO_MODEL, demo_path
     monkeypatch.setattr(demo.registry, "DEMO_DIR", tmp_path / "demo")  # an empty folder: no demo files
     monkeypatch.setattr(eval_script, "load_generator", _no_generator)
-    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("the demo path needs no Inception"))
+    monkeypatch.setattr(eval_metrics, "load_inception", lambda *a, **k: pytest.fail("the demo path needs no Inception"))
     flags = ["--model", DEMO_MODEL, "--output_dir", str(tmp_path / "out")]
     message = shell_error(*flags)
     assert f"demo classifier {demo_path('classifier')}, which does not exist" in message
@@ -560,11 +565,11 @@ def test_fid_ref_dir_matches_calculate_metrics(tmp_path, inception_weights):
         for i in range(count):
             pixels = (rng.random((32, 32, 3)) * brightness).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{i:06d}.png")
-    inputs = eval_script.MetricInputs(inception=eval_script.load_inception(inception_weights), fid_ref_dir=reference)
-    ours = eval_script.inception_metrics(samples, inputs, device=torch.device("cpu"), batch_size=8, isc_splits=1)
+    inputs = eval_metrics.MetricInputs(inception=eval_metrics.load_inception(inception_weights), fid_ref_dir=reference)
+    ours = eval_metrics.inception_metrics(samples, inputs, device=torch.device("cpu"), batch_size=8, isc_splits=1)
     theirs = torch_fidelity.calculate_metrics(
         input1=str(samples), input2=str(reference), isc=True, fid=True, cuda=False, batch_size=8, isc_splits=1,
-        feature_extractor=eval_script.INCEPTION_NAME, feature_extractor_weights_path=str(inception_weights),
+        feature_extractor=eval_metrics.INCEPTION_NAME, feature_extractor_weights_path=str(inception_weights),
         cache=False, save_cpu_ram=True, verbose=False)
     assert ours["fid"] > 1.0 and ours["fid_reference"] == str(reference)
     assert ours["fid"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
@@ -572,7 +577,7 @@ def test_fid_ref_dir_matches_calculate_metrics(tmp_path, inception_weights):
 
 
 def test_progress_counts_images_and_the_last_line_gives_images_per_second(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_script, "load_inception", lambda *a, **k: pytest.fail("--no_metrics loaded Inception"))
+    monkeypatch.setattr(eval_metrics, "load_inception", lambda *a, **k: pytest.fail("--no_metrics loaded Inception"))
     run_eval("--output_dir", str(tmp_path), "--num_images", "10", "--eval_bsz", "4", "--num_iter", "2")
     stdout, stderr = capsys.readouterr()
     assert "10/10" in stderr and "img/s" in stderr  # the bar counts the 10 images, not the 3 batches

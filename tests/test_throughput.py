@@ -1,4 +1,4 @@
-"""lazymar.throughput: every planned cell is reported (measured, skipped by the budget, OOM or error),
+"""benchmarks.throughput: every planned cell is reported (measured, skipped by the budget, OOM or error),
 in the planned order, with images/s and speedups that follow from its own seconds; bad flags fail
 before any model is built. Runs the tiny random model on the CPU."""
 from __future__ import annotations
@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-import lazymar.throughput as tp
+import benchmarks.throughput as tp
 from lazymar.flops import estimate
-from lazymar.throughput_report import OK, OOM, SKIPPED, Cell
+from benchmarks.throughput_report import OK, OOM, SKIPPED, Cell
 from util.deadline import can_interrupt
 
-TINY = ["--tiny", "--device", "cpu", "--policies", "plain", "lazymar", "--precisions", "bf16", "fp32",
+TINY = ["--tiny", "--device", "cpu", "--presets", "plain", "lazymar", "--precisions", "bf16", "fp32",
         "--batches", "2", "--num_iter", "4", "--num_sampling_steps", "4", "--warmup_runs", "1"]
 PLANNED = [("plain", "bf16"), ("lazymar", "bf16"), ("plain", "fp32"), ("lazymar", "fp32")]
 
@@ -39,32 +39,32 @@ def test_tiny_run_measures_every_cell(tiny_run, capsys):
     rc, report, markdown = tiny_run
     assert rc == 0
     cells = report["cells"]
-    assert [(c["policy"], c["precision"]) for c in cells] == PLANNED
+    assert [(c["preset"], c["precision"]) for c in cells] == PLANNED
     assert {(c["model"], c["batch"]) for c in cells} == {("tiny-random", 2)}
     for c in cells:
         assert c["status"] == OK and c["detail"] == ""
         assert math.isfinite(c["seconds"]) and c["seconds"] > 0
         assert c["images_per_s"] == pytest.approx(2 / c["seconds"], rel=1e-12)
         assert c["tflops_per_s"] == pytest.approx(c["images_per_s"] * c["tflops_per_image"], rel=1e-12)
-    by = {(c["policy"], c["precision"]): c for c in cells}
+    by = {(c["preset"], c["precision"]): c for c in cells}
     for prec in ("bf16", "fp32"):
         plain, lazy = by["plain", prec], by["lazymar", prec]
         assert plain["speedup"] == 1.0
         assert lazy["speedup"] == pytest.approx(plain["seconds"] / lazy["seconds"], rel=1e-12)
-    # FLOPs are the estimate of the cell's own policy, the same in both precisions.
+    # FLOPs are the estimate of the cell's own preset, the same in both precisions.
     model = tp.build("tiny-random", num_sampling_steps=4, device="meta")
-    for policy, accel in (("plain", None), ("lazymar", "lazymar")):
+    for preset, accel in (("plain", None), ("lazymar", "lazymar")):
         expected = estimate(model, num_iter=4, cfg=3.0, accel=accel, bsz=2).total / 1e12
-        assert by[policy, "bf16"]["tflops_per_image"] == by[policy, "fp32"]["tflops_per_image"] == expected
+        assert by[preset, "bf16"]["tflops_per_image"] == by[preset, "fp32"]["tflops_per_image"] == expected
 
     meta = report["meta"]
-    assert meta["command"].startswith("python -m lazymar.throughput --tiny --device cpu")
+    assert meta["command"].startswith("python -m benchmarks.throughput --tiny --device cpu")
     assert meta["torch"] == torch.__version__ and meta["device"] == "cpu"
     assert meta["warmup_runs"] == 1 and meta["num_iter"] == 4 and meta["cfg_schedule"] == "linear"
     rows = table_rows(markdown)
     assert len(rows) == 4
-    for row, (policy, prec) in zip(rows, PLANNED):
-        assert f"| {policy} | {prec} |" in row and row.endswith("| ok |")
+    for row, (preset, prec) in zip(rows, PLANNED):
+        assert f"| {preset} | {prec} |" in row and row.endswith("| ok |")
     assert meta["command"] in markdown and torch.__version__ in markdown
 
 
@@ -74,7 +74,7 @@ def test_budget_skips_cells_and_exits_0(tmp_path, monkeypatch):
     monkeypatch.setattr(tp, "build", lambda name, **kw: built.append(kw["device"]) or real_build(name, **kw))
     rc, report, markdown = run_main(tmp_path, "--budget_s", "0.001")
     assert rc == 0
-    assert [(c["policy"], c["precision"]) for c in report["cells"]] == PLANNED  # none dropped
+    assert [(c["preset"], c["precision"]) for c in report["cells"]] == PLANNED  # none dropped
     for c in report["cells"]:
         assert c["status"] == SKIPPED
         assert c["seconds"] is None and c["images_per_s"] is None and c["speedup"] is None
@@ -87,8 +87,8 @@ def test_budget_skips_cells_and_exits_0(tmp_path, monkeypatch):
 @pytest.mark.skipif(not can_interrupt(), reason="needs SIGALRM in the main thread")
 def test_budget_interrupts_the_cell_in_progress(tmp_path, monkeypatch):
     """lazymar would take a minute: the deadline cuts it at the budget, and what ran stays reported."""
-    def fake_generate(model, *, bsz, num_iter, cfg, policy, seed):
-        if policy == "lazymar":
+    def fake_generate(model, *, bsz, num_iter, cfg, preset, seed):
+        if preset == "lazymar":
             time.sleep(60)
         return torch.zeros(bsz)
 
@@ -106,11 +106,11 @@ def test_budget_interrupts_the_cell_in_progress(tmp_path, monkeypatch):
 
 
 def test_oom_and_errors_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    def fake_generate(model, *, bsz, num_iter, cfg, policy, seed):
-        if policy == "lazymar" and torch.is_autocast_enabled("cpu"):
+    def fake_generate(model, *, bsz, num_iter, cfg, preset, seed):
+        if preset == "lazymar" and torch.is_autocast_enabled("cpu"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
-        if policy == "lazymar":
-            raise RuntimeError("a bug in one policy")
+        if preset == "lazymar":
+            raise RuntimeError("a bug in one preset")
         return torch.zeros(bsz)
 
     monkeypatch.setattr(tp, "generate", fake_generate)
@@ -119,9 +119,9 @@ def test_oom_and_errors_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, 
     cells = report["cells"]
     assert [c["status"] for c in cells] == [OK, OOM, OK, "error"]
     assert cells[1]["detail"] == "CUDA out of memory. Tried to allocate 80 GiB"
-    assert cells[3]["detail"] == "RuntimeError: a bug in one policy"
+    assert cells[3]["detail"] == "RuntimeError: a bug in one preset"
     assert cells[1]["speedup"] is None and cells[3]["seconds"] is None
-    assert "a bug in one policy" in capsys.readouterr().err  # the traceback
+    assert "a bug in one preset" in capsys.readouterr().err  # the traceback
     rows = table_rows(markdown)
     assert rows[1].endswith("| OOM: CUDA out of memory. Tried to allocate 80 GiB |")
 
@@ -149,7 +149,7 @@ def test_warmup_is_the_timed_generation(tiny_mar):
 
 def test_a_time_of_zero_is_reported_never_divided_by(tmp_path):
     """A clock that did not advance gives seconds 0.0: no speedup, no images/s, a status that says so."""
-    from lazymar.throughput_report import Result, write_reports
+    from benchmarks.throughput_report import Result, write_reports
     results = [Result(Cell("m", 2, "plain", "fp32"), OK, 1.0, seconds=0.0),
                Result(Cell("m", 2, "lazymar", "fp32"), OK, 0.5, seconds=0.5),
                Result(Cell("m", 2, "plain", "bf16"), OK, 1.0, seconds=2.0),
@@ -167,8 +167,8 @@ def test_a_time_of_zero_is_reported_never_divided_by(tmp_path):
 
 
 def test_default_order_puts_the_headline_first():
-    cells = tp.order_cells(tp.DEFAULT_MODELS, tp.DEFAULT_BATCHES, tp.DEFAULT_POLICIES, tp.DEFAULT_PRECISIONS)
-    assert len(cells) == len(set(cells)) == 4 * 5 * 2  # (B 64, B 256, L 64, H 64) x 5 policies x 2
+    cells = tp.order_cells(tp.DEFAULT_MODELS, tp.DEFAULT_BATCHES, tp.DEFAULT_PRESETS, tp.DEFAULT_PRECISIONS)
+    assert len(cells) == len(set(cells)) == 4 * 5 * 2  # (B 64, B 256, L 64, H 64) x 5 presets x 2
     assert cells[:4] == [Cell("mar_base", 64, "plain", "bf16"), Cell("mar_base", 64, "lazymar", "bf16"),
                          Cell("mar_base", 64, "plain", "fp32"), Cell("mar_base", 64, "lazymar", "fp32")]
     groups = []
@@ -178,8 +178,8 @@ def test_default_order_puts_the_headline_first():
     assert groups == [("mar_base", 64, "bf16"), ("mar_base", 64, "fp32")] * 2 + [
         ("mar_large", 64, "bf16"), ("mar_huge", 64, "bf16"), ("mar_base", 256, "bf16"),
         ("mar_large", 64, "fp32"), ("mar_huge", 64, "fp32"), ("mar_base", 256, "fp32")]
-    assert [c.policy for c in cells[4:7]] == ["gtr+lazymar", "disa+lazymar", "gtr+disa+lazymar"]
-    assert [c.policy for c in cells[10:15]] == list(tp.DEFAULT_POLICIES)  # every later group: plain first
+    assert [c.preset for c in cells[4:7]] == ["gtr+lazymar", "disa+lazymar", "gtr+disa+lazymar"]
+    assert [c.preset for c in cells[10:15]] == list(tp.DEFAULT_PRESETS)  # every later group: plain first
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -187,7 +187,7 @@ def test_default_order_puts_the_headline_first():
     (["--budget_s", "0"], "--budget_s must be a positive"),
     (["--budget_s", "-5"], "--budget_s must be a positive"),
     (["--budget_s", "nan"], "--budget_s must be a positive"),
-    (["--policies", "plain", "lazymar", "plain"], "--policies lists plain more than once"),
+    (["--presets", "plain", "lazymar", "plain"], "--presets lists plain more than once"),
     (["--num_iter", "0"], "num_iter must be >= 1"),
     (["--num_sampling_steps", "0"], "--num_sampling_steps"),
     (["--warmup_runs", "-1"], "--warmup_runs"),
@@ -214,7 +214,7 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("argv,match", [
     (["--models", "mar_giant"], "invalid choice: 'mar_giant'"),
-    (["--policies", "fast"], "invalid choice: 'fast'"),
+    (["--presets", "fast"], "invalid choice: 'fast'"),
     (["--precisions", "fp8"], "invalid choice: 'fp8'"),
     (["--tiny", "--models", "mar_base"], "not allowed with"),
 ])

@@ -203,7 +203,7 @@ def test_gpu_window_script_collects_a_split_checkpoint(tmp_path):
 
 
 def test_step_timing_reports_each_mode(capsys):
-    from demo import step_timing
+    from benchmarks import step_timing
     step_timing.main(["--model", "tiny", "--batch_size", "2", "--steps", "2", "--modes", "eager,buckets"])
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [ln["mode"] for ln in lines] == ["eager", "buckets"]

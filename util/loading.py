@@ -94,7 +94,7 @@ def _tiny_random(num_sampling_steps: int) -> tuple[MAR, AutoencoderKL]:
         mar = MAR(norm_layer=partial(nn.LayerNorm, eps=1e-6), num_sampling_steps=str(num_sampling_steps),
                   **TINY_MAR)
         # adaLN-Zero init makes the head output exactly 0; perturb it so samples depend on the model
-        # (and an acceleration policy visibly changes them).
+        # (and an acceleration preset visibly changes them).
         with torch.no_grad():
             for name, p in mar.diffloss.named_parameters():
                 if "adaLN_modulation" in name or "final_layer.linear" in name:

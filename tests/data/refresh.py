@@ -3,7 +3,8 @@
     python tests/data/refresh.py [--source DIR] [--check]
 
 Copies every ``*.pt`` and ``*.state_dict.txt`` (and the source README as ``UPSTREAM_NOTES.md``) into
-this folder, checks each copy's sha256 against its source, and rewrites ``SHA256SUMS``. ``--check``
+this folder, checks each copy's sha256 against its source, and rewrites ``SHA256SUMS`` (keeping the
+lines of :data:`MADE_HERE`, which ``presets.py`` writes). ``--check``
 copies nothing: it verifies the files here against ``SHA256SUMS`` (what ``tests/test_reference_data.py``
 also does).
 """
@@ -18,6 +19,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[2] / "shared" / "reference"  # <repo>/../shared/reference
 SUMS = HERE / "SHA256SUMS"
+# Vectors made in this folder from this project's own code (``presets.py``), not copied from the source:
+# a refresh keeps their SHA256SUMS lines.
+MADE_HERE = ("presets_tiny.pt",)
 
 
 def sha256(path: Path) -> str:
@@ -54,7 +58,7 @@ def refresh(source: Path) -> None:
     if not files:
         raise SystemExit(f"no reference vectors in {source}")
     pairs = [(src, HERE / src.name) for src in files] + [(source / "README.md", HERE / "UPSTREAM_NOTES.md")]
-    lines = []
+    lines = [f"{digest}  {name}" for name, digest in read_sums().items() if name in MADE_HERE]
     for src, dst in pairs:
         shutil.copyfile(src, dst)
         digest = sha256(dst)

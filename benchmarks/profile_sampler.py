@@ -3,7 +3,7 @@
 Random weights: the cost of sampling does not depend on the weights, so any released size can be timed
 without its checkpoint. Example (CPU, MAR-B, 64 steps)::
 
-    python -m util.profile_sampler --model mar_base --num_iter 64 --bsz 1 --cfg 3.0 [--ops 15]
+    python -m benchmarks.profile_sampler --model mar_base --num_iter 64 --bsz 1 --cfg 3.0 [--ops 15]
 
 The first run is a short warm-up and is not timed; on GPU the clock is read after synchronizing.
 ``--ops N`` also prints the N operators with the most self time (torch.profiler over the timed run), which

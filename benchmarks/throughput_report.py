@@ -1,4 +1,4 @@
-"""The reports of :mod:`lazymar.throughput`: one result per cell, speedups, JSON and a markdown table.
+"""The reports of :mod:`benchmarks.throughput`: one result per cell, speedups, JSON and a markdown table.
 
 Every cell planned appears in both reports with its status (``ok``, ``skipped (budget)``, ``OOM``,
 ``error``): a cell that did not run is never silently left out, so a table cut by the budget says so.
@@ -12,17 +12,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-PLAIN = "plain"  # accel=None: the policy every speedup is relative to
+PLAIN = "plain"  # accel=None: the preset every speedup is relative to
 OK, SKIPPED, OOM, ERROR = "ok", "skipped (budget)", "OOM", "error"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One measurement: ``batch`` images of ``model`` sampled with ``policy`` in ``precision``."""
+    """One measurement: ``batch`` images of ``model`` sampled with ``preset`` in ``precision``."""
 
     model: str
     batch: int
-    policy: str
+    preset: str
     precision: str
 
 
@@ -75,7 +75,7 @@ class Result:
 def fill_speedups(results: Sequence[Result]) -> None:
     """Set each result's speedup against the plain cell of its model, batch and precision."""
     plain = {(r.cell.model, r.cell.batch, r.cell.precision): r.seconds
-             for r in results if r.cell.policy == PLAIN and r.measured}
+             for r in results if r.cell.preset == PLAIN and r.measured}
     for r in results:
         base = plain.get((r.cell.model, r.cell.batch, r.cell.precision))
         r.speedup = base / r.seconds if base is not None and r.measured else None
@@ -101,14 +101,14 @@ def format_markdown(meta: dict[str, Any], results: Sequence[Result]) -> str:
              f"generation per cell after {meta['warmup_runs']} identical untimed one(s); compile "
              f"{meta['compile'] or 'off'}; budget {meta['budget_s']:g} s, {meta['elapsed_s']:.1f} s used.",
              "",
-             "| model | batch | policy | precision | s / batch | images/s | speedup | TFLOPs / image | "
+             "| model | batch | preset | precision | s / batch | images/s | speedup | TFLOPs / image | "
              "TFLOP/s | peak GiB | status |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         status = f"{r.status}: {r.detail}" if r.detail else r.status
         if r.status == OK and not r.measured:
             status = f"{OK}: no time measured"
-        lines.append(f"| {r.cell.model} | {r.cell.batch} | {r.cell.policy} | {r.cell.precision} | "
+        lines.append(f"| {r.cell.model} | {r.cell.batch} | {r.cell.preset} | {r.cell.precision} | "
                      f"{_fmt(r.seconds, '.3f')} | {_fmt(r.images_per_s, '.2f')} | {_fmt(r.speedup, '.2f', 'x')} | "
                      f"{_fmt(r.tflops_per_image, '.2f')} | {_fmt(r.tflops_per_s, '.1f')} | {_fmt(r.peak_mem_gib, '.1f')} | "
                      f"{status.replace('|', '/')} |")

@@ -1,13 +1,13 @@
 """Images per second of sampling for MAR-B/L/H, plain vs the acceleration presets, fp32 and bf16, in one
 time-boxed run sized for a GPU window.
 
-    python -m lazymar.throughput --out_json $OUT/throughput.json --out_md $OUT/throughput.md
+    python -m benchmarks.throughput --out_json $OUT/throughput.json --out_md $OUT/throughput.md
 
-Random weights (cost does not depend on them), built on the device. Each cell (model, batch, policy,
+Random weights (cost does not depend on them), built on the device. Each cell (model, batch, preset,
 precision) runs ``--warmup_runs`` untimed generations identical to the timed one (same batch, preset
 and step schedule, so every cached path and every token count, i.e. every compiled graph or CUDA graph,
 is met before the clock starts) and then times ONE ``--num_iter``-step generation of the batch,
-synchronized; ``sample_tokens`` only: the VAE decode is excluded, as in :mod:`lazymar.bench`. FLOPs come
+synchronized; ``sample_tokens`` only: the VAE decode is excluded, as in :mod:`benchmarks.sampling`. FLOPs come
 from :func:`lazymar.flops.estimate`.
 
 Budget: ``--budget_s`` counts from the start, model building included. The cells run most important
@@ -35,7 +35,7 @@ import torch
 
 from lazymar.config import PRESETS
 from lazymar.flops import estimate
-from lazymar.throughput_report import ERROR, OK, OOM, PLAIN, SKIPPED, Cell, Result, write_reports
+from benchmarks.throughput_report import ERROR, OK, OOM, PLAIN, SKIPPED, Cell, Result, write_reports
 from models.mar import MAR, MAR_FACTORIES
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
@@ -44,11 +44,11 @@ from util.loading import TINY_MODEL, check_sampling_steps
 from util.precision import PRECISIONS, autocast
 from util.timing import build_random_model, synchronize, time_call
 
-POLICIES = (PLAIN, *sorted(PRESETS))
+PRESET_CHOICES = (PLAIN, *sorted(PRESETS))
 DEFAULT_MODELS = ("mar_base", "mar_large", "mar_huge")
 # Batches per model when --batches is not given: the eval batch 64 everywhere, and 256 for MAR-B.
 DEFAULT_BATCHES = {"mar_base": (64, 256), "mar_large": (64,), "mar_huge": (64,), TINY_MODEL: (2,)}
-DEFAULT_POLICIES = (PLAIN, "lazymar", "gtr+lazymar", "disa+lazymar", "gtr+disa+lazymar")
+DEFAULT_PRESETS = (PLAIN, "lazymar", "gtr+lazymar", "disa+lazymar", "gtr+disa+lazymar")
 HEADLINE_POLICIES = (PLAIN, "lazymar")  # measured first, in every precision, on the first model
 DEFAULT_PRECISIONS = ("bf16", "fp32")
 CFG_SCHEDULE = "linear"
@@ -77,12 +77,12 @@ class Settings:
     compile_mode: str | None = None
 
 
-def order_cells(models: Sequence[str], batches: dict[str, Sequence[int]], policies: Sequence[str],
+def order_cells(models: Sequence[str], batches: dict[str, Sequence[int]], presets: Sequence[str],
                 precisions: Sequence[str]) -> list[Cell]:
     """Every cell, most important first, so that a budget cut drops the least important.
 
     1. The first model at its first batch: ``plain`` and ``lazymar`` (the headline speedup) in every
-       precision, low precision first (cheaper), then the other policies likewise.
+       precision, low precision first (cheaper), then the other presets likewise.
     2. The other (model, batch) groups in low precision: each model at its first batch in the given
        model order, then the further batches (MAR-L, MAR-H, then MAR-B at 256 by default).
     3. The same groups in fp32, several times slower than bf16 (no TF32 by default).
@@ -90,7 +90,7 @@ def order_cells(models: Sequence[str], batches: dict[str, Sequence[int]], polici
     """
     groups = sorted(((m, b) for m in models for b in batches[m]),
                     key=lambda g: (list(batches[g[0]]).index(g[1]), list(models).index(g[0])))
-    pols = sorted(policies, key=lambda p: p != PLAIN)
+    pols = sorted(presets, key=lambda p: p != PLAIN)
     low = [p for p in precisions if p != "fp32"]
     full = [p for p in precisions if p == "fp32"]
     (m0, b0), rest = groups[0], groups[1:]
@@ -104,13 +104,13 @@ def order_cells(models: Sequence[str], batches: dict[str, Sequence[int]], polici
 build = build_random_model  # the models every cell times: random weights, created on the device
 
 
-def generate(model: MAR, *, bsz: int, num_iter: int, cfg: float, policy: str, seed: int) -> torch.Tensor:
+def generate(model: MAR, *, bsz: int, num_iter: int, cfg: float, preset: str, seed: int) -> torch.Tensor:
     """The one call of the sampler: token latents of ``bsz`` images (labels 0, 1, ... in turn)."""
     device = model.fake_latent.device
     labels = torch.arange(bsz, device=device) % model.num_classes
     generator = torch.Generator(device).manual_seed(seed)
     return model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule=CFG_SCHEDULE, labels=labels,
-                               generator=generator, accel=None if policy == PLAIN else policy)
+                               generator=generator, accel=None if preset == PLAIN else PRESETS[preset])
 
 
 def measure(model: MAR, cell: Cell, settings: Settings) -> tuple[float, float | None]:
@@ -124,7 +124,7 @@ def measure(model: MAR, cell: Cell, settings: Settings) -> tuple[float, float | 
     on_cuda = device.type == "cuda"
 
     def run() -> torch.Tensor:
-        return generate(model, bsz=cell.batch, num_iter=settings.num_iter, cfg=settings.cfg, policy=cell.policy,
+        return generate(model, bsz=cell.batch, num_iter=settings.num_iter, cfg=settings.cfg, preset=cell.preset,
                         seed=settings.seed)
 
     with torch.no_grad(), autocast(device, cell.precision):
@@ -155,7 +155,7 @@ def flops_per_image(cells: Sequence[Cell], settings: Settings) -> dict[Cell, flo
                              f"(each step predicts at least one)")
         for c in cells:
             if c.model == name:
-                accel = None if c.policy == PLAIN else c.policy
+                accel = None if c.preset == PLAIN else c.preset
                 report = estimate(meta, num_iter=settings.num_iter, cfg=settings.cfg, accel=accel, bsz=c.batch)
                 out[c] = report.total / 1e12
     return out
@@ -171,11 +171,11 @@ def _failure(err: Exception) -> tuple[str, str]:
 
 
 def run_cell(model: MAR, cell: Cell, tflops_per_image: float, settings: Settings) -> Result:
-    """Measure one cell; running out of memory or a failure of its policy gives a result, not an exception."""
+    """Measure one cell; running out of memory or a failure of its preset gives a result, not an exception."""
     try:
         seconds, peak = measure(model, cell, settings)
         return Result(cell, OK, tflops_per_image, seconds=seconds, peak_mem_gib=peak)
-    except Exception as err:  # noqa: BLE001 - OOM or a bug in one policy must not end the run
+    except Exception as err:  # noqa: BLE001 - OOM or a bug in one preset must not end the run
         status, detail = _failure(err)
     free_memory(model.fake_latent.device)  # here, not in the except: its traceback holds the cell's tensors
     return Result(cell, status, tflops_per_image, detail=detail)
@@ -246,14 +246,14 @@ def resolve_device(name: str) -> torch.device:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Cells are run most important first; see lazymar.throughput.order_cells.")
+                                epilog="Cells are run most important first; see benchmarks.throughput.order_cells.")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(MAR_FACTORIES))
     which.add_argument("--tiny", action="store_true",
                        help=f"time the {TINY_MODEL} model instead (seconds on a CPU: tests and dry runs)")
     p.add_argument("--batches", nargs="+", type=int, default=None,
                    help="batch sizes for every model (default: 64 for each, and 256 for mar_base; tiny: 2)")
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=POLICIES,
+    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=PRESET_CHOICES,
                    help=f"'{PLAIN}' (accel=None, the reference of every speedup) and presets of lazymar.config")
     p.add_argument("--precisions", nargs="+", default=list(DEFAULT_PRECISIONS), choices=PRECISIONS)
     p.add_argument("--num_iter", type=int, default=Settings.num_iter)
@@ -274,7 +274,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that cannot run, before any model is built."""
-    for flag in ("models", "policies", "precisions", "batches"):
+    for flag in ("models", "presets", "precisions", "batches"):
         values = getattr(args, flag) or []
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:
@@ -299,11 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         warmup_runs=args.warmup_runs, seed=args.seed, compile_mode=compile_mode(args, device))
     models = [TINY_MODEL] if args.tiny else args.models
     batches = {m: args.batches or DEFAULT_BATCHES[m] for m in models}
-    cells = order_cells(models, batches, args.policies, args.precisions)
+    cells = order_cells(models, batches, args.presets, args.precisions)
     tflops = flops_per_image(cells, settings)
 
     meta: dict[str, Any] = {
-        "command": "python -m lazymar.throughput " + shlex.join(argv),
+        "command": "python -m benchmarks.throughput " + shlex.join(argv),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU ({torch.get_num_threads()} threads)",
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shown = f"{r.seconds:.3f} s, {r.images_per_s:.2f} images/s"
         print(f"[{time.monotonic() - started:6.1f} s] {r.cell.model} batch {r.cell.batch} {r.cell.precision} "
-              f"{r.cell.policy}: {shown}", flush=True)
+              f"{r.cell.preset}: {shown}", flush=True)
 
     results = run_cells(cells, tflops, settings, device, started + args.budget_s, on_result)
     print(report(results), end="")

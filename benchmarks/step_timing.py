@@ -1,7 +1,7 @@
 """Seconds per training step of a train.py model in each way of executing it (an entry point, like train.py).
 
-    python -m demo.step_timing --batch_size 32 --threads 2                        # CPU
-    python -m demo.step_timing --batch_size 512 --precision bf16 --modes eager,buckets,step,graph   # GPU
+    python -m benchmarks.step_timing --batch_size 32 --threads 2                        # CPU
+    python -m benchmarks.step_timing --batch_size 512 --precision bf16 --modes eager,buckets,step,graph   # GPU
 
 Modes: ``eager`` (MAR.forward), ``buckets`` (the static-shape step of demo.train_step, eager),
 ``blocks`` (``--compile blocks``), ``step`` (``--compile step``), ``graph`` (``--compile step

@@ -1,0 +1,76 @@
+"""Process-group setup shared by the scripts that run under ``torchrun`` (eval.py, train.py).
+
+One process per device: ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` come from torchrun's environment, a
+CUDA process takes GPU ``LOCAL_RANK`` (NCCL), a CPU one joins a gloo group. Without torchrun
+(``WORLD_SIZE`` unset) nothing is initialised and the collectives below are no-ops.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_MIN = 30  # a collective waits this long for the slowest rank (e.g. rank 0 writing metrics)
+
+
+def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)`` of this process, joining the process group when there are several.
+
+    Args:
+        device: ``None`` takes this rank's GPU if there is one, else the CPU; ``"cuda"`` without an index
+            takes this rank's GPU (or the current one in a single process).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=TIMEOUT_MIN),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return rank, world, dev
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def raise_everywhere(problem: BaseException | None, world: int) -> None:
+    """Raise rank 0's ``problem`` (if any) on every rank, so that none waits at a collective for a rank
+    that stopped."""
+    if world > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise problem
+
+
+def gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a run, or when it stops)."""
+    if is_distributed():
+        dist.destroy_process_group()
