@@ -41,6 +41,7 @@ What it does (see docs/REPRODUCING.md for the paper commands):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -144,8 +145,8 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
                          device=device, num_sampling_steps=args.num_sampling_steps)
     mar = gen.mar
     if metric_inputs is not None and metric_inputs.demo_classifier is not None:
-        metric_inputs.demo_reference = dict(reference_size=mar.img_size,
-                                            reference_style=getattr(mar, "data_style", "varied"))
+        metric_inputs = dataclasses.replace(metric_inputs, demo_reference=dict(
+            reference_size=mar.img_size, reference_style=getattr(mar, "data_style", "varied")))
     apply_compile(mar, sampling_compile)
     if gen.is_random and rank == 0:
         print(f"note: {args.model} has random weights; its images (and metrics) are meaningless")
