@@ -289,3 +289,30 @@ def test_command_line_checks_before_loading(tmp_path):
     with pytest.raises(ValueError, match="rungs must be increasing"):
         main(["--budget_s", "1", "--out", str(tmp_path), "--rungs", "6", "2"])
     assert not any(tmp_path.iterdir())
+
+
+def test_the_command_line_writes_table_plot_and_presets(generator, tmp_path, monkeypatch):
+    """``main`` end to end on the tiny model (loaded in place of the demo model, a smaller reference)."""
+    import demo.evaluate
+    import demo.registry
+    import lazymar.search_space
+    import util.loading
+    monkeypatch.setattr(util.loading, "load_generator", lambda name, **kwargs: generator)
+    monkeypatch.setattr(demo.evaluate, "REFERENCE_PER_CLASS", 2)
+    monkeypatch.setitem(demo.registry.DEMO_DEFAULTS, "num_iter", 4)
+    monkeypatch.setitem(demo.registry.DEMO_DEFAULTS, "cfg", 2.0)
+    monkeypatch.setitem(lazymar.search_space.SPACES, "tiny", SPACE)
+    out, presets = tmp_path / "plan", tmp_path / "planned_presets.json"
+    argv = ["--budget_s", "600", "--out", str(out), "--space", "tiny", "--max_configs", "3", "--rungs", "1",
+            "--report_per_class", "1", "--bsz", "6", "--anchors", "--presets_file", str(presets)]
+    assert main(argv) == 0
+    assert {f.name for f in out.iterdir()} >= {"results.jsonl", "front.md", "front.png", "presets.json"}
+    table = (out / "front.md").read_text()
+    assert "16 combinations, 6 pruned" in table and "4 at 1/class" in table and "**fast**" in table
+    written = json.loads(presets.read_text())
+    assert sorted(written["presets"]) == ["balanced", "fast"] and written == json.loads((out / "presets.json").read_text())
+    assert written["presets"]["fast"]["held_out"]["seeds"] == [1, 2]
+    lines = len((out / "results.jsonl").read_text().splitlines())
+    assert main(argv) == 0 and len((out / "results.jsonl").read_text().splitlines()) == lines  # all reused
+    with pytest.raises(ValueError, match=r"differs in \['settings.max_configs'\]"):
+        main([*argv[:6], "--max_configs", "4", *argv[8:]])
