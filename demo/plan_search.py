@@ -12,8 +12,8 @@ spread over the compositions) plus the named presets given as anchors is measure
 per class, cheapest FLOPs first; the third of it nearest the Pareto front of (FLOPs, demo FID) is
 measured again on more images, and so on. The front of the last rung, the anchors and the exported
 presets are then measured on other seeds: which points form the front and which become presets is
-decided on the selection seeds, and every number reported for them comes from the held-out seeds,
-with its range. A preset ``fast`` with bound 0.25 is the cheapest configuration at the reference
+decided on the selection seeds, and the quality reported for them comes from the held-out seeds,
+with its range (the selection value stands beside it, labelled as such). A preset ``fast`` with bound 0.25 is the cheapest configuration at the reference
 sampling settings (the ones ``--accel`` runs with) whose selection demo FID is within 25% of plain
 MAR's; it is written to ``lazymar/planned_presets.json`` with its held-out measurements.
 
@@ -21,8 +21,9 @@ MAR's; it is written to ``lazymar/planned_presets.json`` with its held-out measu
 finishes: the same command run again reuses them and continues, other settings are refused, naming
 what differs), ``front.md`` (the table), ``front.png`` (the plot), ``presets.json`` (the export) and
 ``fidelity_cache/`` (the reference images' classifier features, computed once).
-``--budget_s`` bounds the wall time: no measurement starts that its predicted time (from the FLOPs and
-the seconds per FLOP so far) would carry past it; what is measured stays saved.
+``--budget_s`` bounds the wall time of the search (loading the model and the reference come before it):
+no measurement starts that its predicted time (from its FLOPs and the seconds per FLOP so far) would
+carry past it; what is measured stays saved.
 """
 from __future__ import annotations
 
@@ -320,6 +321,8 @@ def search(space: SearchSpace, *, model, measure: Measure, results_path: Path, i
         targets: preset name -> demo FID bound relative to plain MAR (0.25: within 25%).
         clock: seconds; read at the start, before and after each measurement.
     """
+    from tqdm.auto import tqdm
+
     plain = Candidate(*settings.reference, None, "plain")
     named = [plain] + [Candidate(*settings.reference, config, name) for name, config in anchors.items()]
     identity = {**identity, "space": space.as_dict(), "settings": asdict(settings),
@@ -343,7 +346,7 @@ def search(space: SearchSpace, *, model, measure: Measure, results_path: Path, i
         """The points of ``keys`` at ``per_class``, cheapest first; None when the time box stops it."""
         order = sorted(keys, key=lambda k: (pool[k][1], k))
         points = []
-        with _bar(len(order), desc, progress) as bar:
+        with tqdm(total=len(order), desc=desc, unit="config", disable=not progress) as bar:
             for key in order:
                 cand, tflops = pool[key]
                 missing = [s for s in seeds if results.get(key, per_class, s) is None]
@@ -391,22 +394,7 @@ def _next_rung(points: list[Point], anchors: list[str], settings: PlanSettings) 
     at_ref = [p for p in free if (p.cand.num_iter, p.cand.cfg) == tuple(settings.reference)]
     keep = nearest_front(free, math.ceil(len(free) / settings.eta))
     keep += nearest_front(at_ref, math.ceil(len(at_ref) / settings.eta))
-    return list(dict.fromkeys([k for k in anchors if any(p.cand.key == k for p in points)]
-                              + [p.cand.key for p in keep]))
-
-
-class _bar:
-    """A tqdm bar (or a silent stand-in) as a context manager."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-        self.tqdm = tqdm(total=total, desc=desc, unit="config", disable=not enabled)
-
-    def __enter__(self):
-        return self.tqdm
-
-    def __exit__(self, *exc) -> None:
-        self.tqdm.close()
+    return list(dict.fromkeys(anchors + [p.cand.key for p in keep]))
 
 
 # ------------------------------------------------------------------------------------------ measurement
