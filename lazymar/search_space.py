@@ -38,9 +38,6 @@ from lazymar.recap import ReCAPConfig
 from lazymar.token_cache import RELEASED_RETAIN, TokenCacheConfig
 
 LAZYMAR_CACHES = ("token", "condition", "head")
-# A faster token-cache schedule than the release: each retention level reached 8/64 of the steps earlier.
-EARLY_RETAIN = ((0.0, 1.0), (12 / 64, 0.6), (13 / 64, 0.5), (17 / 64, 0.4), (22 / 64, 0.15), (27 / 64, 0.12),
-                (32 / 64, 0.05))
 
 
 @dataclass(frozen=True)
