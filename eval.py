@@ -57,7 +57,7 @@ from evaluation.metrics import DEFAULT_FID_STATS, MetricInputs, compute_metrics,
 from evaluation.report import flops_summary, format_table, peak_memory_bytes, rate_line, summarize_timing
 from evaluation.run import (accel_name, claim_run_dir, class_labels, index_width, remove_stale_tmp, run_identity,
                             run_name, save_png)
-from lazymar.config import PRESETS
+from lazymar.config import preset, preset_names
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.distributed import gather, init_distributed, raise_everywhere, shutdown
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast sampling and decoding (weights stay float32; see docs/REPRODUCING.md on "
                         "upstream's fp16 autocast); part of the output folder name unless fp32")
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
-    p.add_argument("--accel", default=None, choices=sorted(PRESETS), help="acceleration preset")
+    p.add_argument("--accel", default=None, choices=preset_names(), help="acceleration preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="output/eval", help="root; each setting gets its own subfolder")
     add_compile_args(p)
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_settings(args: argparse.Namespace, accel: str | None) -> SamplingSettings:
     return SamplingSettings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                            temperature=args.temperature, accel=PRESETS[accel] if accel else None,
+                            temperature=args.temperature, accel=preset(accel) if accel else None,
                             precision=args.precision)
 
 
@@ -119,6 +119,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_images < 1 or args.eval_bsz < 1:
         raise SystemExit("--num_images and --eval_bsz must be >= 1")
     check_sampling_settings(args.num_iter, args.cfg, args.cfg_schedule, args.temperature)  # before loading
+    if accel is not None:
+        preset(accel)  # a planned name the planner has not measured yet is refused here, with how to measure it
     if args.fid_stats is not None and args.fid_ref_dir is not None:
         raise SystemExit("give --fid_stats or --fid_ref_dir, not both")
     rank, world, device = init_distributed(args.device)
@@ -224,7 +226,7 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
         raise RuntimeError(f"{len(missing)} images missing after generation (e.g. {missing[:5]})")
     result: dict[str, Any] = {
         "settings": {**{k: v for k, v in vars(args).items() if k != "stop_after_batches"}, "accel": accel,
-                     "accel_config": repr(PRESETS[accel]) if accel else None, "world_size": world,
+                     "accel_config": repr(preset(accel)) if accel else None, "world_size": world,
                      "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                           if device.type == "cuda" else "cpu"),
                      "run_dir": str(run_dir), "image_name": f"<index zero-padded to {width}>.png",

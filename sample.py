@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from demo.registry import DEMO_DEFAULTS, DEMO_MODEL  # also registers the demo model with util.loading
-from lazymar.config import PRESETS
+from lazymar.config import preset, preset_names
 from models.schedules import check_sampling_settings
 from util.generate import SamplingSettings, generate_batches
 from util.compile import add_compile_args, apply_compile, compile_mode
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion steps of the head (default: the model's own: 100, the demo's from its "
                         "checkpoint; 20 for the untrained tiny-random fallback)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accel", default=None, choices=sorted(PRESETS))
+    p.add_argument("--accel", default=None, choices=preset_names())
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
     p.add_argument("--compare", action="store_true", help="plain and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
@@ -125,6 +125,8 @@ def main(args: argparse.Namespace) -> Image.Image:
     accel = "lazymar" if args.lazy_mar else args.accel
     t_start = time.perf_counter()
     check_sampling_settings(**_settings(args))  # before loading any weights
+    if accel is not None:
+        preset(accel)  # a planned name the planner has not measured yet is refused here, with how to measure it
     mode = compile_mode(args, args.device)
     gen = _load(args)
     apply_compile(gen.mar, mode)

@@ -20,7 +20,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,18 +85,22 @@ def summarize(rows: list[Row]) -> list[Summary]:
     return out
 
 
-def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], per_class: int,
+def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class: int,
              sampling: dict, bsz: int, seeds: list[int], classifier_path: str, reference: np.ndarray,
              done: list[Row] | None = None, on_row: Callable[[Row], None] | None = None,
-             progress: bool = False) -> list[Row]:
+             progress: bool = False, reference_cache: tuple[Path, str] | None = None) -> list[Row]:
     """One :class:`Row` per (step count, policy, seed), in that order.
 
     Images come from :func:`util.generate.generate_images`; seconds per image exclude the first batch.
 
     Args:
+        policies: preset names, acceleration configs, or None (plain MAR).
         done: rows measured before (same model and settings); they are reused, not regenerated.
         on_row: called with each new row as soon as it is measured (to print or save it).
         progress: show a progress bar over the batches still to generate.
+        reference_cache: ``(folder, name)`` under which torch-fidelity keeps the reference's features, for
+            callers that measure many rows against one reference (``demo.plan_search``); the name says
+            what the reference images are.
     """
     from tqdm.auto import tqdm
 
@@ -115,8 +119,9 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], pe
                 bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps, seed {seed}")
                 settings = SamplingSettings(num_iter=num_iter, accel=policy, **sampling)
                 images, seconds = generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=bar)
+                cache = dict(zip(("cache_root", "reference_cache_name"), reference_cache or ()))
                 m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference,
-                                 compute_is=False)
+                                 compute_is=False, **cache)
                 flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
                 rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
                                 len(images), seed))
@@ -124,6 +129,14 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], pe
                     on_row(rows[-1])
     bar.close()
     return rows
+
+
+def reference_images(gen: Generator) -> tuple[np.ndarray, dict]:
+    """The demo FID's real reference (:data:`REFERENCE_PER_CLASS` held-out images per class) and the data
+    settings it is rendered with: the model's resolution (the classifier upsamples both alike) and style."""
+    data = dict(size=gen.mar.img_size, style=getattr(gen.mar, "data_style", "varied"))
+    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED, **data)
+    return reference, data
 
 
 def format_markdown(rows: list[Row], floor: dict | None) -> str:
@@ -219,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
     identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
-    # Real images as the model's samples are: its resolution (the classifier upsamples both alike), its style.
-    data = dict(size=gen.mar.img_size, style=getattr(gen.mar, "data_style", "varied"))
-    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED, **data)
+    reference, data = reference_images(gen)
     real, real_labels = make_split(args.per_class, FLOOR_SEED, **data)
     floor = demo_metrics(real, classifier, labels=real_labels, reference=reference, compute_is=False)
     header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "

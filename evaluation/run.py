@@ -18,7 +18,7 @@ import PIL
 import torch
 from PIL import Image
 
-from lazymar.config import PRESETS
+from lazymar.config import preset
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
 from util.generate import SEED_RULE
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the benchmarks live elsewhere.
 IMAGE_CODE = ("eval.py", "evaluation/run.py", "models", "lazymar", "util/generate.py", "util/loading.py",
               "util/checkpoint.py", "util/precision.py", "util/compile.py", "demo/registry.py", "demo/tokenizer.py")
-NOT_IMAGE_CODE = frozenset({"lazymar/flops.py"})
+NOT_IMAGE_CODE = frozenset({"lazymar/flops.py", "lazymar/search_space.py"})
 
 
 def accel_name(args: argparse.Namespace) -> str | None:
@@ -74,7 +74,7 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
         parts.append(args.precision)
     if args.compile or args.cuda_graph:  # compiled arithmetic rounds differently: another run
         parts.append("cudagraph" if args.cuda_graph else "compiled")
-    parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(PRESETS[accel]))}")
+    parts.append("base" if accel is None else f"{accel}-{_short_hash(repr(preset(accel)))}")
     parts += [f"bsz{args.eval_bsz}", device.type, f"seed{args.seed}", f"n{args.num_images}"]
     return "-".join(parts)
 
@@ -119,7 +119,7 @@ def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, de
         "num_iter": args.num_iter, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
         "temperature": args.temperature, "num_sampling_steps": gen.mar.diffloss.num_sampling_steps,
         "precision": args.precision, "compile": compile_mode(args, device), "accel": accel,
-        "accel_config": repr(PRESETS[accel]) if accel else None,
+        "accel_config": repr(preset(accel)) if accel else None,
         "seed": args.seed, "seed_rule": SEED_RULE, "eval_bsz": args.eval_bsz, "num_images": args.num_images,
         "labels": f"image i has class i % {num_classes}",
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

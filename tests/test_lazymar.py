@@ -335,8 +335,8 @@ def test_kv_cached_in_activation_dtype():
 
 # ------------------------------------------------------------------------------- config errors
 def test_unknown_preset_and_bad_types():
-    with pytest.raises(ValueError, match="unknown acceleration preset 'fast'.*lazymar"):
-        resolve_accel("fast")
+    with pytest.raises(ValueError, match="unknown acceleration preset 'warp'.*lazymar"):
+        resolve_accel("warp")  # not 'fast': that one is a planned preset (tests/test_plan_search.py)
     with pytest.raises(TypeError, match="accel must be"):
         resolve_accel(3)
 
