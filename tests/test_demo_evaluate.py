@@ -108,3 +108,26 @@ def test_demo_class_accuracy_uses_the_shared_loop(tiny_generator, monkeypatch, t
     b = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, progress=False)
     assert a["n"] == NUM_CLASSES and 0.0 <= a["accuracy"] <= 1.0 and grid.is_file()
     assert a["per_class"] == b["per_class"] and a["settings"]["num_iter"] == 2
+
+
+def test_a_one_batch_row_is_timed_after_an_untimed_warm_up(tiny_generator, monkeypatch):
+    """A row of one batch used to have nothing after its warm-up batch to time (NaN seconds in the table):
+    it is now preceded by an untimed warm-up generation and timed whole, with the same images as before;
+    rows saved with NaN are left out of the mean, not averaged in."""
+    import demo.evaluate as ev
+    labels = torch.arange(NUM_CLASSES) % NUM_CLASSES
+    settings = SamplingSettings(num_iter=4, **SAMPLING)
+    calls = []
+    real = ev.generate_batches
+
+    def spy(gen, lab, *args, **kwargs):
+        calls.append(len(lab))
+        return real(gen, lab, *args, **kwargs)
+    monkeypatch.setattr(ev, "generate_batches", spy)
+    images, seconds = ev.row_images(tiny_generator, labels, settings, seed=0, bsz=NUM_CLASSES)
+    assert calls == [NUM_CLASSES] and seconds > 0  # the warm-up goes through generate_images, then one timed batch
+    plain, nan = generate_images(tiny_generator, labels, settings, seed=0, batch_size=NUM_CLASSES)
+    assert np.isnan(nan) and np.array_equal(images, plain)
+    rows = [Row("plain", 4, 1.0, s, 0.5, 10.0, 12, seed) for seed, s in enumerate((float("nan"), 2.0, 4.0))]
+    assert summarize(rows)[0].seconds_per_image == 3.0
+    assert np.isnan(summarize(rows[:1])[0].seconds_per_image)
