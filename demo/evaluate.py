@@ -8,7 +8,8 @@ policy and step count. With several ``--seeds`` each (policy, steps) is measured
 table shows the mean with the range over seeds, the noise a difference between rows must exceed.
 Class accuracy and demo FID come from the demo classifier (``demo.fidelity``); the "real data" row is
 the same measurement on held-out real images of the model's data style, the floor any generator can
-reach. Latency is per image on this machine, excluding the first (warm-up) batch.
+reach. Latency is per image on this machine, excluding the first (warm-up) batch; a row of one batch
+is timed whole after an untimed warm-up generation (:func:`row_images`).
 
 The full table is hours of CPU time, so a progress bar counts batches, each row is printed when done,
 and with ``--out`` the rows are saved as they finish: the same command run again (same checkpoint,
