@@ -46,6 +46,7 @@ What it does (see docs/REPRODUCING.md for the paper commands):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -162,8 +163,8 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     if isinstance(accel_config, CSpDConfig):
         accel_config.check_target(mar)
     if metric_inputs is not None and metric_inputs.demo_classifier is not None:
-        metric_inputs.demo_reference = dict(reference_size=mar.img_size,
-                                            reference_style=getattr(mar, "data_style", "varied"))
+        metric_inputs = dataclasses.replace(metric_inputs, demo_reference=dict(
+            reference_size=mar.img_size, reference_style=getattr(mar, "data_style", "varied")))
     apply_compile(mar, sampling_compile)
     if draft is not None:
         apply_compile(draft.mar, sampling_compile)

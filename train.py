@@ -1,17 +1,18 @@
 """Train a MAR on cached demo-tokenizer latents (single process, or DDP under ``torchrun``).
 
-The demo MAR recipe (one GPU; see demo/TRAINING.md for what it reaches so far)::
+The demo MAR recipe (2 CPU cores; demo/TRAINING.md has what it reaches, its wall time and why each flag)::
 
-    python train.py --model demo --num_per_class 5000 --epochs 200 --batch_size 512 --lr 1.5e-3 \
-        --min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --noise_schedule linear \
-        --pos_init sincos --precision bf16 --output_dir output/demo_mar
+    python train.py --model demo --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 \
+        --batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup \
+        --noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 \
+        --output_dir output/demo_mar --save_every_minutes 10
 
 Several processes: ``torchrun --standalone --nproc_per_node=N train.py ...`` (``--batch_size`` is per
 process; gloo on CPU, nccl on GPU).
 
 Export the EMA weights for sampling (``demo.registry.load_demo`` reads this file)::
 
-    python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt
+    python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt --export_dtype fp32
 
 Faster steps (demo/TRAINING.md, "One GPU window"): ``--mask_buckets N`` draws the mask ratio from N fixed
 values so every step has one of N static shapes (``demo.train_step``), ``--compile step`` compiles that
@@ -147,7 +148,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the forward pass (GPU training; weights and optimizer stay fp32)")
+                   help="bf16: autocast the forward pass (CPU or GPU; weights and optimizer stay fp32)")
     p.add_argument("--weight_decay", type=float, default=0.02)
     p.add_argument("--grad_clip", type=float, default=3.0, help="max grad norm (0 = off)")
     p.add_argument("--ema_rate", type=float, default=0.998)

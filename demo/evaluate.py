@@ -8,7 +8,12 @@ policy and step count. With several ``--seeds`` each (policy, steps) is measured
 table shows the mean with the range over seeds, the noise a difference between rows must exceed.
 Class accuracy and demo FID come from the demo classifier (``demo.fidelity``); the "real data" row is
 the same measurement on held-out real images of the model's data style, the floor any generator can
-reach. Latency is per image on this machine, excluding the first (warm-up) batch.
+reach. Latency is per image on this machine, excluding the first (warm-up) batch; a row of one batch
+is timed whole after an untimed warm-up generation (:func:`row_images`).
+
+Speculative decoding (``--policies cspd`` or ``cspd-release``) samples the demo model as its target with
+``--draft_model`` (the shipped ``demo_draft`` by default) drafting; its rows also hold the share of drafts
+the target accepted, and its FLOPs count both models.
 
 The full table is hours of CPU time, so a progress bar counts batches, each row is printed when done,
 and with ``--out`` the rows are saved as they finish: the same command run again (same checkpoint,
@@ -20,14 +25,14 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
 from demo.fidelity import demo_metrics
-from util.generate import SEED_RULE, SamplingSettings, generate_images
+from util.generate import SEED_RULE, SamplingSettings, generate_batches, generate_images
 from util.loading import Generator
 
 REFERENCE_PER_CLASS = 500
@@ -48,6 +53,7 @@ class Row:
     demo_fid: float
     num_images: int
     seed: int = 0
+    acceptance_rate: float | None = None  # speculative decoding: accepted / verified drafts of the row
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -68,6 +74,14 @@ class Summary:
     demo_fid: float
     demo_fid_range: tuple[float, float]
     num_images: int
+    acceptance_rate: float | None = None  # mean over seeds (speculative decoding only)
+
+
+def _mean_timed(seconds: list[float]) -> float:
+    """Mean seconds per image over the rows that were timed (rows saved before one-batch rows were timed
+    hold NaN); NaN if none was."""
+    timed = [x for x in seconds if not np.isnan(x)]
+    return float(np.mean(timed)) if timed else float("nan")
 
 
 def summarize(rows: list[Row]) -> list[Summary]:
@@ -80,26 +94,33 @@ def summarize(rows: list[Row]) -> list[Summary]:
         acc = [r.class_accuracy for r in rs]
         fid = [r.demo_fid for r in rs]
         out.append(Summary(policy, num_iter, tuple(r.seed for r in rs), float(np.mean([r.tflops_per_image for r in rs])),
-                           float(np.mean([r.seconds_per_image for r in rs])), float(np.mean(acc)),
-                           (min(acc), max(acc)), float(np.mean(fid)), (min(fid), max(fid)), rs[0].num_images))
+                           _mean_timed([r.seconds_per_image for r in rs]), float(np.mean(acc)),
+                           (min(acc), max(acc)), float(np.mean(fid)), (min(fid), max(fid)), rs[0].num_images,
+                           None if rs[0].acceptance_rate is None else float(np.mean([r.acceptance_rate for r in rs]))))
     return out
 
 
-def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], per_class: int,
+def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class: int,
              sampling: dict, bsz: int, seeds: list[int], classifier_path: str, reference: np.ndarray,
              done: list[Row] | None = None, on_row: Callable[[Row], None] | None = None,
-             progress: bool = False) -> list[Row]:
+             progress: bool = False, reference_cache: tuple[Path, str] | None = None, draft: Any = None) -> list[Row]:
     """One :class:`Row` per (step count, policy, seed), in that order.
 
     Images come from :func:`util.generate.generate_images`; seconds per image exclude the first batch.
 
     Args:
+        policies: preset names, acceleration configs, or None (plain MAR).
         done: rows measured before (same model and settings); they are reused, not regenerated.
         on_row: called with each new row as soon as it is measured (to print or save it).
         progress: show a progress bar over the batches still to generate.
+        reference_cache: ``(folder, name)`` under which torch-fidelity keeps the reference's features, for
+            callers that measure many rows against one reference (``demo.plan_search``); the name says
+            what the reference images are.
+        draft: the draft MAR of the speculative decoding policies (``cspd``, ``cspd-release``).
     """
     from tqdm.auto import tqdm
 
+    from lazymar.cspd import summarize as summarize_cspd
     from lazymar.flops import estimate
     labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES
     known = {r.key: r for r in done or []}
@@ -113,33 +134,79 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[str | None], pe
                     rows.append(known[policy or "plain", num_iter, seed])
                     continue
                 bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps, seed {seed}")
-                settings = SamplingSettings(num_iter=num_iter, accel=policy, **sampling)
-                images, seconds = generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=bar)
+                accel, log = _accel(policy, draft)
+                settings = SamplingSettings(num_iter=num_iter, accel=accel, **sampling)
+                images, seconds = row_images(gen, labels, settings, seed=seed, bsz=bsz, progress=bar)
+                # One generation per batch; a warm-up before them is not part of the row.
+                acceptance = None if log is None else summarize_cspd(
+                    [r.as_dict() for r in log.runs[-(-len(labels) // bsz):]])["acceptance_rate"]
+                cache = dict(zip(("cache_root", "reference_cache_name"), reference_cache or ()))
                 m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference,
-                                 compute_is=False)
-                flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=policy, bsz=bsz).total / 1e12
+                                 compute_is=False, **cache)
+                flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=accel, bsz=bsz).total / 1e12
                 rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
-                                len(images), seed))
+                                len(images), seed, acceptance))
                 if on_row is not None:
                     on_row(rows[-1])
     bar.close()
     return rows
 
 
+def _accel(policy: Any, draft: Any) -> tuple[Any, Any]:
+    """What a row samples with, and for speculative decoding the :class:`~lazymar.cspd.StatsLog` its
+    generations report to (None otherwise)."""
+    from lazymar.cspd import CSPD_PRESETS, StatsLog, cspd_preset
+    if not (isinstance(policy, str) and policy in CSPD_PRESETS):
+        return policy, None
+    if draft is None:
+        raise ValueError(f"policy {policy} is speculative decoding: pass the draft MAR (draft=)")
+    log = StatsLog()
+    return cspd_preset(policy, draft, on_stats=log), log
+
+
+def row_images(gen: Generator, labels: torch.Tensor, settings: SamplingSettings, *, seed: int, bsz: int,
+               progress: Any = None) -> tuple[np.ndarray, float]:
+    """One row's images and CPU seconds per image.
+
+    With several batches the first is the warm-up and the rest are timed (:func:`generate_images`). A row
+    of one batch has nothing after its warm-up, so an untimed generation of one image per class (same
+    settings, where a preset's first call pays its allocations) comes first, and the row is timed whole.
+    """
+    if len(labels) > bsz:
+        return generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=progress)
+    generate_images(gen, labels[:NUM_CLASSES], settings, seed=seed, batch_size=bsz)
+    (batch,) = generate_batches(gen, labels, settings, seed=seed, batch_size=bsz)
+    if progress is not None:
+        progress.update(1)
+    return batch.images, batch.total_s / len(batch.images)
+
+
+def reference_images(gen: Generator) -> tuple[np.ndarray, dict]:
+    """The demo FID's real reference (:data:`REFERENCE_PER_CLASS` held-out images per class) and the data
+    settings it is rendered with: the model's resolution (the classifier upsamples both alike) and style."""
+    data = dict(size=gen.mar.img_size, style=getattr(gen.mar, "data_style", "varied"))
+    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED, **data)
+    return reference, data
+
+
 def format_markdown(rows: list[Row], floor: dict | None) -> str:
     """The table of ``rows`` summarized over seeds: means, with the range over seeds when there are several."""
-    lines = ["| steps | policy | seeds | TFLOPs / image | CPU s / image | class accuracy | demo FID |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in summarize(rows):
+    summaries = summarize(rows)
+    speculative = any(r.acceptance_rate is not None for r in summaries)  # a column for them only then
+    lines = ["| steps | policy | seeds | TFLOPs / image | CPU s / image | class accuracy | demo FID |"
+             + (" drafts accepted |" if speculative else ""),
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if speculative else "")]
+    for r in summaries:
         acc, fid = f"{r.class_accuracy:.1%}", f"{r.demo_fid:.2f}"
         if len(r.seeds) > 1:
             acc += f" ({r.class_accuracy_range[0]:.1%}-{r.class_accuracy_range[1]:.1%})"
             fid += f" ({r.demo_fid_range[0]:.2f}-{r.demo_fid_range[1]:.2f})"
+        accepted = "-" if r.acceptance_rate is None else f"{r.acceptance_rate:.1%}"
         lines.append(f"| {r.num_iter} | {r.policy} | {len(r.seeds)} | {r.tflops_per_image:.4f} | "
-                     f"{r.seconds_per_image:.3f} | {acc} | {fid} |")
+                     f"{r.seconds_per_image:.3f} | {acc} | {fid} |" + (f" {accepted} |" if speculative else ""))
     if floor:
         lines.append(f"| - | real held-out data | - | - | - | {floor['class_accuracy']:.1%} | "
-                     f"{floor['demo_fid']:.2f} |")
+                     f"{floor['demo_fid']:.2f} |" + (" - |" if speculative else ""))
     return "\n".join(lines)
 
 
@@ -172,19 +239,23 @@ def load_done_rows(path: Path, identity: dict) -> tuple[list[Row], dict[str, str
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, DEMO_MODEL
+    from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_DRAFT_MODEL, DEMO_FILES, DEMO_MODEL
     from lazymar.config import PRESETS
+    from lazymar.cspd import CSPD_PRESETS, preset_settings
     from models.schedules import check_sampling_settings
     from util.checkpoint import atomic_path
     from util.cli import check_positive
     from util.hashing import file_sha256
-    from util.loading import load_generator
+    from util.loading import load_draft, load_generator, model_choices
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--policies", nargs="+", default=["none", "lazymar", "lazymar-scaled"],
-                   choices=["none", "comparison", *sorted(PRESETS)],
-                   help="'comparison': plain MAR, LazyMAR, GtR, MARche, DiSA, ReCAP and their combinations")
+                   choices=["none", "comparison", *sorted(PRESETS), *sorted(CSPD_PRESETS)],
+                   help="'comparison': plain MAR, LazyMAR, GtR, MARche, DiSA, ReCAP and their combinations; "
+                        "cspd / cspd-release: speculative decoding with --draft_model drafting")
+    p.add_argument("--draft_model", default=DEMO_DRAFT_MODEL, choices=model_choices(),
+                   help="the draft of the speculative decoding policies (default: the shipped demo draft)")
     p.add_argument("--per_class", type=int, default=50, help="generated images per class and row")
     p.add_argument("--bsz", type=int, default=60)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -201,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--seeds lists a seed twice: {args.seeds}")
     check_sampling_settings(cfg=args.cfg, temperature=args.temperature)  # before loading anything
     if "comparison" in args.policies:
-        args.policies = [x for x in args.policies if x != "comparison"] + COMPARISON
+        at = args.policies.index("comparison")  # in its place: the table keeps the order asked for
+        args.policies = list(dict.fromkeys(args.policies[:at] + COMPARISON + args.policies[at + 1:]))
     if args.threads:
         torch.set_num_threads(args.threads)
     sampling = dict(cfg=DEMO_DEFAULTS["cfg"] if args.cfg is None else args.cfg,
@@ -209,19 +281,24 @@ def main(argv: list[str] | None = None) -> int:
                     temperature=DEMO_DEFAULTS["temperature"] if args.temperature is None else args.temperature)
     gen = load_generator(DEMO_MODEL, device=args.device)
     policies = [None if x == "none" else x for x in args.policies]
+    speculative = [p for p in policies if p in CSPD_PRESETS]
+    draft = load_draft(args.draft_model, gen) if speculative else None
     # Everything a saved row depends on: the model and classifier files, each preset's definition
-    # (editing one in lazymar/config.py changes its rows), the images and the machine that timed them.
+    # (editing one in lazymar/config.py changes its rows; a CSpD row also depends on the draft's weights),
+    # the images and the machine that timed them.
+    definitions = {p: repr(PRESETS[p]) for p in policies if p is not None and p not in CSPD_PRESETS}
+    for p in speculative:
+        definitions[p] = (f"CSpDConfig({preset_settings(p)}), draft {args.draft_model} "
+                          f"sha256 {file_sha256(draft.files['mar'])}")
     identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]),
                     classifier_sha256=file_sha256(DEMO_DIR / DEMO_FILES["classifier"]),
-                    presets={p: repr(PRESETS[p]) for p in policies if p is not None},
+                    presets=definitions,
                     per_class=args.per_class, bsz=args.bsz, seed_rule=SEED_RULE, device=args.device,
                     threads=torch.get_num_threads(), **sampling)
     done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
     identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
-    # Real images as the model's samples are: its resolution (the classifier upsamples both alike), its style.
-    data = dict(size=gen.mar.img_size, style=getattr(gen.mar, "data_style", "varied"))
-    reference, _ = make_split(REFERENCE_PER_CLASS, HELDOUT_SEED, **data)
+    reference, data = reference_images(gen)
     real, real_labels = make_split(args.per_class, FLOOR_SEED, **data)
     floor = demo_metrics(real, classifier, labels=real_labels, reference=reference, compute_is=False)
     header = (f"demo model, {args.per_class * NUM_CLASSES} images per row, cfg {sampling['cfg']} "
@@ -246,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
     rows = evaluate(gen, steps=args.steps, policies=policies, per_class=args.per_class,
                     sampling=sampling, bsz=args.bsz, seeds=args.seeds, classifier_path=classifier, reference=reference,
-                    done=done, on_row=on_row, progress=True)
+                    done=done, on_row=on_row, progress=True, draft=None if draft is None else draft.mar)
     table = format_markdown(rows, floor)
     print(header)
     print(table)

@@ -359,7 +359,8 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
                  batch_size: int = 256, device: str | torch.device | None = None,
                  compute_is: bool = True, isc_splits: int = 10,
                  cache_root: PathLike | None = None, verbose: bool = False,
-                 reference_size: int = DEFAULT_SIZE, reference_style: str = DEFAULT_STYLE) -> dict[str, Any]:
+                 reference_size: int = DEFAULT_SIZE, reference_style: str = DEFAULT_STYLE,
+                 reference_cache_name: str | None = None) -> dict[str, Any]:
     """Demo FID (and IS) through ``torch_fidelity.calculate_metrics``, and class accuracy.
 
     Args:
@@ -380,7 +381,10 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
             ``2 * isc_splits`` samples.
         isc_splits: torch-fidelity ``isc_splits``.
         cache_root: if given, torch-fidelity caches the features/statistics of the DEFAULT reference
-            there (keyed by the classifier file hash and split parameters); otherwise nothing is cached.
+            there (keyed by the classifier file hash and split parameters), and those of an explicit
+            ``reference`` when ``reference_cache_name`` names it; otherwise nothing is cached.
+        reference_cache_name: the cache name of an explicit ``reference``: the caller makes it say what the
+            images are (split, size, style); the classifier file hash is added here.
         verbose: torch-fidelity's progress output.
 
     Returns:
@@ -405,6 +409,9 @@ def demo_metrics(samples: PathLike | Dataset | np.ndarray | torch.Tensor,
                                              f"-clf{file_sha256(classifier_path)[:12]}"))
     else:
         ref_ds = as_uint8_dataset(reference)
+        if cache_root is not None and reference_cache_name is not None:
+            kwargs.update(cache=True, cache_root=str(cache_root),
+                          input2_cache_name=f"{reference_cache_name}-clf{file_sha256(classifier_path)[:12]}")
     do_is = compute_is and len(sample_ds) >= 2 * isc_splits
     if do_is:
         kwargs.update(isc=True, feature_layer_isc=ISC_LAYER, isc_splits=isc_splits)

@@ -10,7 +10,7 @@
 #
 # Environment (all optional):
 #   OUT             where the window's files go (default output/gpu_window)
-#   RUN_DIR         the run folder: checkpoint-last.pth + log.jsonl (default output/demo_mar)
+#   RUN_DIR         the run folder: checkpoint-last.pth + log.jsonl (default output/demo_mar_gpu)
 #   WINDOW_MINUTES  the whole command's budget, setup and reading included (default 9)
 #   RESERVE_MINUTES kept back for export, class accuracy and packing (default 2)
 #   FAST            execution flags, exempt from the resume check (default: --compile step --cuda_graph)
@@ -21,7 +21,7 @@
 #                   reading (cuda) and its images per class (20); a CPU dry run sets all three
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN_DIR=${RUN_DIR:-output/demo_mar}
+RUN_DIR=${RUN_DIR:-output/demo_mar_gpu}
 OUT=${OUT:-output/gpu_window}
 PART=15M
 
@@ -60,7 +60,7 @@ device=${DEVICE:-cuda}
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee -a "$log"
 
 # 2. Train: the recipe of demo/TRAINING.md with static-shape steps; resumes $RUN_DIR's checkpoint.
-RECIPE=${RECIPE:-"--model demo --num_per_class 5000 --epochs 200 --batch_size 512 --lr 1.5e-3
+RECIPE=${RECIPE:-"--model demo --data_style varied --num_per_class 5000 --epochs 200 --batch_size 512 --lr 1.5e-3
     --min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --noise_schedule linear
     --pos_init sincos --precision bf16 --mask_buckets 8"}
 FAST=${FAST-"--compile step --cuda_graph"}

@@ -12,7 +12,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (174, 199, 232),
+           (152, 223, 138), (255, 187, 120)]  # 14 colours: the comparison's 12 policies all differ
 
 
 def plot_quality_vs_flops(rows, path: str | Path, size: tuple[int, int] = (720, 480)) -> Path:

@@ -1,13 +1,14 @@
 """Where the demo checkpoints live, how to load them, and the demo model's default sampling settings.
 
 The demo MAR generates 32x32 images of the procedural shapes dataset (:mod:`demo.dataset`). The demo
-tokenizer (:mod:`demo.tokenizer`) maps them to 4x16x16 latents; the MAR sees each latent position as a
-token (``patch_size=1``), i.e. 256 tokens of 4 dims, as many as the released models. See
-demo/TRAINING.md for why and how the files are made (and why ``mar.pt`` is not shipped yet).
-``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size ``mar.img_size``;
+tokenizer (:mod:`demo.tokenizer`) maps them to 4x16x16 latents; the MAR takes 2x2 patches of that latent
+(``patch_size=2``) as its tokens, i.e. 8x8 tokens of 16 dims. demo/TRAINING.md says how and why the
+files are made. ``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of size ``mar.img_size``;
 :func:`to_classifier_size` upsamples them (bilinear) to the 64x64 the demo classifier expects.
 
-Importing this module registers the demo model as ``demo`` with :func:`util.loading.load_generator`.
+Importing this module registers two models with :func:`util.loading.load_generator`: ``demo``
+(``mar.pt``) and ``demo_draft`` (``draft.pt``: the same recipe at half the width, the draft of
+speculative decoding, ``--accel cspd --draft_model demo_draft``). Both decode with the demo tokenizer.
 """
 from __future__ import annotations
 
@@ -19,22 +20,31 @@ import torch.nn.functional as F
 from util.loading import LoadedModel, register_generator
 
 DEMO_MODEL = "demo"  # its name for util.loading.load_generator (registered below) and the scripts' --model
+DEMO_DRAFT_MODEL = "demo_draft"  # the demo's draft model for speculative decoding (--draft_model)
 # In the clone, wherever the caller's working directory is (the files ship with the repository, not
 # with `pip install .`).
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained_models" / "demo"
-DEMO_FILES = {"mar": "mar.pt", "tokenizer": "tokenizer.pt", "classifier": "classifier.pt"}
+DEMO_FILES = {"mar": "mar.pt", "draft": "draft.pt", "tokenizer": "tokenizer.pt", "classifier": "classifier.pt"}
 
-# Default sampling settings of the demo model (chosen by class accuracy, see demo/TRAINING.md).
-DEMO_DEFAULTS: dict = dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+# Default sampling settings of the demo model, chosen by class accuracy over a cfg x temperature sweep of
+# the shipped model (demo/TRAINING.md): temperature 0.4 trades colour variety for clean shapes.
+DEMO_DEFAULTS: dict = dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=0.4)
 
 # The commands that reproduce each file (run from the repository root).
 REPRODUCE = {
     "tokenizer": "python -m demo.tokenizer --out pretrained_models/demo/tokenizer.pt --num_per_class 800 "
                  "--epochs 5 --batch_size 16 --lr 2e-3 --warmup_steps 100 --threads 2",
-    "mar": "python train.py --model demo --num_per_class 5000 --epochs 200 --batch_size 512 --lr 1.5e-3 "
-           "--min_lr_ratio 0.02 --warmup_steps 300 --ema_rate 0.9995 --ema_warmup --noise_schedule linear "
-           "--pos_init sincos --precision bf16 --output_dir output/demo_mar && "
-           "python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt",
+    "mar": "python train.py --model demo --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 "
+           "--batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup "
+           "--noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 "
+           "--output_dir output/demo_mar --save_every_minutes 10 && "
+           "python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt --export_dtype fp32",
+    "draft": "python train.py --model demo_draft --patch_size 2 --data_style simple --num_per_class 5000 "
+             "--epochs 10 --batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 "
+             "--ema_warmup --noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 "
+             "--threads 2 --output_dir output/demo_draft --save_every_minutes 10 && "
+             "python train.py --output_dir output/demo_draft --export pretrained_models/demo/draft.pt "
+             "--export_dtype fp32",
     "classifier": "python -m demo.classifier --out pretrained_models/demo/classifier.pt "
                   "--epochs 6 --num_per_class 2000 --seed 0",
 }
@@ -50,12 +60,13 @@ def _require(name: str, path: Path) -> None:
                                 f"`{REPRODUCE[name]}` (see demo/TRAINING.md).")
 
 
-def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """The demo MAR (EMA weights, fp32, eval mode) from an exported ``mar.pt``."""
+def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "cpu", *, name: str = "mar"):
+    """A demo MAR (EMA weights, fp32, eval mode) from an export of train.py: ``mar.pt`` by default,
+    ``name="draft"`` for the draft model's ``draft.pt``."""
     from models.mar import mar_from_config
     from util.checkpoint import CheckpointError, check_state_dict, read_checkpoint
-    path = Path(path) if path is not None else demo_path("mar")
-    _require("mar", path)
+    path = Path(path) if path is not None else demo_path(name)
+    _require(name, path)
     ckpt = read_checkpoint(path)
     if "model_ema" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} holds {sorted(ckpt)}; expected an export of train.py "
@@ -70,12 +81,13 @@ def load_demo_mar(path: str | Path | None = None, device: str | torch.device = "
     return model.to(device).eval()
 
 
-def load_demo(device: str | torch.device = "cpu"):
-    """``(mar, vae, latent_scale)``: demo MAR (EMA, eval), demo tokenizer (eval) and its latent scale."""
+def load_demo(device: str | torch.device = "cpu", *, name: str = "mar"):
+    """``(mar, vae, latent_scale)``: a demo MAR (EMA, eval; ``name="draft"``: the draft model), the demo
+    tokenizer (eval) and its latent scale, checked to belong together."""
     from demo.tokenizer import load_demo_tokenizer
-    mar_path, tok_path = demo_path("mar"), demo_path("tokenizer")
+    mar_path, tok_path = demo_path(name), demo_path("tokenizer")
     _require("tokenizer", tok_path)
-    mar = load_demo_mar(mar_path, device)
+    mar = load_demo_mar(mar_path, device, name=name)
     vae, scale = load_demo_tokenizer(tok_path, device)
     from util.checkpoint import CheckpointError
     from util.hashing import file_sha256
@@ -84,28 +96,32 @@ def load_demo(device: str | torch.device = "cpu"):
         raise CheckpointError(
             f"{mar_path} was trained on the latents of another tokenizer than {tok_path} (SHA-256 "
             f"{want[:12]}... expected). Use the matching pair, or retrain the MAR with "
-            f"`{REPRODUCE['mar']}`.")
+            f"`{REPRODUCE[name]}`.")
     if mar.vae_embed_dim != vae.embed_dim or mar.vae_stride != vae.stride:
         raise CheckpointError(f"{mar_path} expects {mar.vae_embed_dim}-channel latents at stride "
                               f"{mar.vae_stride}; {tok_path} gives {vae.embed_dim} at stride {vae.stride}")
     return mar, vae, scale
 
 
-def _load_generator(*, ckpt=None, vae_path=None, use_ema: bool = True) -> LoadedModel:
-    """The loader ``util.loading.load_generator('demo')`` calls: the demo files, on the CPU.
+def _loader(name: str):
+    """The loader ``util.loading.load_generator`` calls for the demo file ``name`` (``mar`` or ``draft``),
+    on the CPU, with the demo tokenizer.
 
-    The export holds the EMA weights only (what the demo is evaluated with), so ``use_ema=False`` is
+    The exports hold the EMA weights only (what the demo is evaluated with), so ``use_ema=False`` is
     refused rather than answered with EMA weights under a run record that says raw."""
-    if ckpt is not None or vae_path is not None:
-        raise ValueError("--ckpt / --vae_path apply to the released models; the demo loads its own files")
-    if not use_ema:
-        raise ValueError("--no_ema: the demo export holds only its EMA weights; evaluate the raw weights of a "
-                         "training run by exporting them (train.py --export) or drop --no_ema")
-    mar, vae, scale = load_demo(device="cpu")
-    return LoadedModel(mar, vae, scale, files={"mar": demo_path("mar"), "tokenizer": demo_path("tokenizer")})
+    def load(*, ckpt=None, vae_path=None, use_ema: bool = True) -> LoadedModel:
+        if ckpt is not None or vae_path is not None:
+            raise ValueError("--ckpt / --vae_path apply to the released models; the demo loads its own files")
+        if not use_ema:
+            raise ValueError("--no_ema: the demo export holds only its EMA weights; evaluate the raw weights of a "
+                             "training run by exporting them (train.py --export) or drop --no_ema")
+        mar, vae, scale = load_demo(device="cpu", name=name)
+        return LoadedModel(mar, vae, scale, files={"mar": demo_path(name), "tokenizer": demo_path("tokenizer")})
+    return load
 
 
-register_generator(DEMO_MODEL, _load_generator)
+register_generator(DEMO_MODEL, _loader("mar"))
+register_generator(DEMO_DRAFT_MODEL, _loader("draft"))
 
 
 def to_classifier_size(images: torch.Tensor, size: int = 64) -> torch.Tensor:
@@ -128,12 +144,14 @@ def decode_uint8(vae, tokens: torch.Tensor, latent_scale: float, size: int | Non
 @torch.no_grad()
 def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: float | None = None,
                    num_iter: int | None = None, seed: int = 0, batch_size: int = 60,
-                   grid: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+                   grid: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                   accel=None) -> dict:
     """Sample ``per_class`` images of every class with the demo model and classify them.
 
     Samples come from :func:`util.generate.generate_images` (batch ``b`` seeded by ``(seed, b)``),
     are upsampled to 64x64 (bilinear) and fed to the demo classifier. Optionally writes a PNG grid
-    (rows = classes). Settings default to :data:`DEMO_DEFAULTS`.
+    (rows = classes). Settings default to :data:`DEMO_DEFAULTS`; ``accel`` is the acceleration (a preset
+    name or config, e.g. ``lazymar.cspd_preset("cspd", draft)``; None: plain MAR).
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -153,8 +171,8 @@ def class_accuracy(per_class: int = 10, cfg: float | None = None, temperature: f
     labels = torch.arange(NUM_CLASSES * per_class) % NUM_CLASSES
     with tqdm(total=num_batches(len(labels), batch_size), desc=f"cfg {settings['cfg']}", unit="batch",
               disable=not progress) as bar:
-        native, _ = generate_images(gen, labels, SamplingSettings(**settings), seed=seed, batch_size=batch_size,
-                                    progress=bar)
+        native, _ = generate_images(gen, labels, SamplingSettings(**settings, accel=accel), seed=seed,
+                                    batch_size=batch_size, progress=bar)
     imgs = to_uint8(to_classifier_size(to_model_input(native), 64))
     _, logits = predict(clf, imgs)
     pred = logits.argmax(1)

@@ -18,7 +18,7 @@ import PIL
 import torch
 from PIL import Image
 
-from lazymar.config import PRESETS
+from lazymar.config import preset
 from lazymar.cspd import CSPD_PRESETS, check_draft_flags, preset_settings
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the benchmarks live elsewhere.
 IMAGE_CODE = ("eval.py", "evaluation/run.py", "models", "lazymar", "util/generate.py", "util/loading.py",
               "util/checkpoint.py", "util/precision.py", "util/compile.py", "demo/registry.py", "demo/tokenizer.py")
-NOT_IMAGE_CODE = frozenset({"lazymar/flops.py"})
+NOT_IMAGE_CODE = frozenset({"lazymar/flops.py", "lazymar/search_space.py"})
 
 
 def accel_name(args: argparse.Namespace) -> str | None:
@@ -59,7 +59,7 @@ def accel_definition(args: argparse.Namespace, accel: str | None) -> str | None:
         return None
     if accel in CSPD_PRESETS:
         return f"CSpDConfig({', '.join(f'{k}={v!r}' for k, v in preset_settings(accel).items())})"
-    return repr(PRESETS[accel])
+    return repr(preset(accel))
 
 
 def _short_hash(text: str, n: int = 8) -> str:

@@ -14,7 +14,8 @@ the config is rejected with a message that names both (:func:`lazymar.technique.
 ablations; ``lazymar-off`` has everything disabled and is plain MAR by construction (a test holds it
 to that). ``gtr*`` and ``marche*`` are GtR, MARche and their ablations, ``disa`` the DiSA release's
 README setting, ``recap`` the ReCAP release's MAR-H setting at any step count, and ``+`` names
-combinations.
+combinations. The names the acceleration planner chose by measurement (``fast``, ``balanced``) are not
+code: :func:`preset` reads them from :mod:`lazymar.planned`.
 """
 from __future__ import annotations
 
@@ -141,11 +142,22 @@ PRESETS: dict[str, AccelConfig] = {
 
 
 def preset(name: str) -> AccelConfig:
-    """The config of preset ``name`` (:data:`PRESETS`), with the list of names when it is unknown."""
-    if name not in PRESETS:
-        from lazymar.cspd import CSPD_PRESETS  # cspd.py builds on this module
-        if name in CSPD_PRESETS:
-            raise ValueError(f"{name!r} is speculative decoding, which needs a draft model: "
-                             f"lazymar.cspd_preset({name!r}, draft=<the draft MAR>)")
-        raise ValueError(f"unknown acceleration preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    """The config of preset ``name``: a paper preset (:data:`PRESETS`) or one the planner measured
+    (:mod:`lazymar.planned`), with the list of names when it is unknown. Speculative decoding's names
+    (:data:`lazymar.cspd.CSPD_PRESETS`) are refused here: they need a draft model."""
+    if name in PRESETS:
+        return PRESETS[name]
+    from lazymar.cspd import CSPD_PRESETS  # cspd.py builds on this module
+    if name in CSPD_PRESETS:
+        raise ValueError(f"{name!r} is speculative decoding, which needs a draft model: "
+                         f"lazymar.cspd_preset({name!r}, draft=<the draft MAR>)")
+    from lazymar.planned import planned_preset  # it builds configs of this module
+    return planned_preset(name)
+
+
+def preset_names() -> list[str]:
+    """Every name :func:`preset` may accept, for ``choices=``: the paper presets, then the planned ones
+    (a planned name the planner has not measured yet is refused by :func:`preset` with the command that
+    measures it)."""
+    from lazymar.planned import planned_names
+    return sorted(PRESETS) + planned_names()

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.config import PRESETS, AccelConfig, preset
+from lazymar.config import AccelConfig, preset, preset_names
 from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
 from lazymar.plan import FIELD_MEANING
 from lazymar.steps import decide
@@ -217,10 +217,10 @@ def preset_settings(name: str) -> dict[str, Any]:
 def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:
     if accel is None or isinstance(accel, AccelConfig):
         return accel
-    if isinstance(accel, str) and accel in PRESETS:
-        return PRESETS[accel]
+    if isinstance(accel, str):
+        return preset(accel)  # refuses an unknown name, listing the known ones
     raise ValueError(f"CSpD's draft_accel / target_accel must be None, an AccelConfig or a preset name "
-                     f"({sorted(PRESETS)}), got {accel!r}")
+                     f"({preset_names()}), got {accel!r}")
 
 
 # What CSpD asks of a technique on either model: the head's model function; it decides everything else.
@@ -270,18 +270,21 @@ def cspd_preset(name: str, draft: Any, **settings: Any) -> CSpDConfig:
 
 # ------------------------------------------------------------------------------------------ scripts
 # What the scripts' ``--accel`` takes: a preset, or a CSpD preset with ``--draft_model``.
-ACCEL_NAMES = (*sorted(PRESETS), *sorted(CSPD_PRESETS))
+ACCEL_NAMES = (*preset_names(), *sorted(CSPD_PRESETS))
 
 
 def check_draft_flags(accel: str | None, draft_model: str | None) -> None:
     """The scripts' rule for ``--accel`` and ``--draft_model``, checked before anything loads: a CSpD
-    preset needs a draft model, and a draft model needs a CSpD preset."""
+    preset needs a draft model, a draft model needs a CSpD preset, and any other name must be a preset
+    whose config exists (a planned one the planner has not measured is refused, with how to measure it)."""
     if accel in CSPD_PRESETS and draft_model is None:
         raise ValueError(f"--accel {accel} needs --draft_model MODEL: the small MAR that drafts for --model "
                          f"(same token grid and channels, e.g. --model mar_huge --draft_model mar_base)")
     if draft_model is not None and accel not in CSPD_PRESETS:
         raise ValueError(f"--draft_model {draft_model} is only used by speculative decoding: add --accel "
                          f"{' or '.join(sorted(CSPD_PRESETS))} (got --accel {accel})")
+    if accel is not None and accel not in CSPD_PRESETS:
+        preset(accel)  # a planned name the planner has not measured yet is refused here, with how to measure it
 
 
 def named_accel(accel: str | None, draft=None, *, on_stats: Callable[["CSpDStats"], None] | None = None):

@@ -316,3 +316,30 @@ def test_sample_bad_draft_flags(draft_file, tmp_path, flags, message):
         sample_script.main(sample_script.build_parser().parse_args(
             ["--model", "tiny-random", "--num_iter", "4", "--num_sampling_steps", "5", *flags, "--out", str(out)]))
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ the demo pair
+def test_shipped_demo_draft_drafts_for_the_demo_model():
+    """``pretrained_models/demo/draft.pt`` ships with the clone (required, never skipped): ``demo_draft``
+    loads it (half the demo's width, the demo's token grid and tokenizer) and drafts for the demo model.
+
+    Measured (seed 0, 24 images, 16 steps, the demo defaults, preset ``cspd``): acceptance 0.389 (570 of 1,464 drafts), 24 of 24
+    classified right. Bounds: acceptance within [measured / 2, 1.5x measured] (a draft of other
+    weights, or a broken trajectory alignment, is accepted at ~0 with the target's sd ~1e-3 of the token
+    scale); 18 of 24 right as for the demo model alone (noise reads at chance, 2 of 24)."""
+    import demo.registry as registry
+    from util.loading import load_generator
+    assert registry.demo_path("draft").is_file(), "pretrained_models/demo/draft.pt ships with the repository"
+    draft, target = load_generator("demo_draft").mar, load_generator("demo").mar
+    assert (draft.seq_len, draft.token_embed_dim, draft.z_proj.out_features) == (64, 16, 64)  # encoder width
+    assert target.z_proj.out_features == 128 and draft.data_style == target.data_style == "simple"
+    log = StatsLog()
+    r = registry.class_accuracy(per_class=2, num_iter=16, seed=0, batch_size=24, progress=False,
+                                accel=cspd_preset("cspd", draft, on_stats=log))
+    # 3 pre-fill steps make 3 tokens; the 13 draft steps the other 61, every one verified once.
+    assert len(log.runs) == 1 and (len(log.last.prefill_steps), log.last.verified) == (3, 24 * 61)
+    assert 0.389 / 2 <= log.last.acceptance_rate <= 0.389 * 1.5, log.last.acceptance_rate
+    assert r["accuracy"] >= 0.75, r
+    import argparse
+    from evaluation.metrics import prepare_metrics  # eval.py --model demo_draft: scored as the demo is
+    assert prepare_metrics(argparse.Namespace(model="demo_draft")).demo_classifier == registry.demo_path("classifier")

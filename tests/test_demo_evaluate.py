@@ -102,9 +102,68 @@ def test_finished_rows_are_reused_and_saved_rows_checked(tiny_generator, tmp_pat
 
 def test_demo_class_accuracy_uses_the_shared_loop(tiny_generator, monkeypatch, tmp_path):
     import demo.registry as registry
-    monkeypatch.setattr(registry, "load_demo", lambda device="cpu": (tiny_generator.mar, tiny_generator.vae, 1.0))
+    monkeypatch.setattr(registry, "load_demo", lambda device="cpu", name="mar": (tiny_generator.mar, tiny_generator.vae, 1.0))
     grid = tmp_path / "grid.png"
     a = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, grid=grid, progress=False)
     b = registry.class_accuracy(per_class=1, num_iter=2, batch_size=6, progress=False)
     assert a["n"] == NUM_CLASSES and 0.0 <= a["accuracy"] <= 1.0 and grid.is_file()
     assert a["per_class"] == b["per_class"] and a["settings"]["num_iter"] == 2
+
+
+def test_a_one_batch_row_is_timed_after_an_untimed_warm_up(tiny_generator, monkeypatch):
+    """A row of one batch used to have nothing after its warm-up batch to time (NaN seconds in the table):
+    it is now preceded by an untimed warm-up generation and timed whole, with the same images as before;
+    rows saved with NaN are left out of the mean, not averaged in."""
+    import demo.evaluate as ev
+    labels = torch.arange(NUM_CLASSES) % NUM_CLASSES
+    settings = SamplingSettings(num_iter=4, **SAMPLING)
+    calls = []
+    real = ev.generate_batches
+
+    def spy(gen, lab, *args, **kwargs):
+        calls.append(len(lab))
+        return real(gen, lab, *args, **kwargs)
+    monkeypatch.setattr(ev, "generate_batches", spy)
+    images, seconds = ev.row_images(tiny_generator, labels, settings, seed=0, bsz=NUM_CLASSES)
+    assert calls == [NUM_CLASSES] and seconds > 0  # the warm-up goes through generate_images, then one timed batch
+    plain, nan = generate_images(tiny_generator, labels, settings, seed=0, batch_size=NUM_CLASSES)
+    assert np.isnan(nan) and np.array_equal(images, plain)
+    rows = [Row("plain", 4, 1.0, s, 0.5, 10.0, 12, seed) for seed, s in enumerate((float("nan"), 2.0, 4.0))]
+    assert summarize(rows)[0].seconds_per_image == 3.0
+    assert np.isnan(summarize(rows[:1])[0].seconds_per_image)
+
+
+def test_speculative_decoding_rows_hold_their_own_acceptance(tiny_generator):
+    """A ``cspd`` row samples the target with a draft and records accepted / verified drafts of exactly
+    its own images (not of the warm-up before a one-batch row); a draft identical to the target has
+    every draft accepted, another one fewer; FLOPs count both models."""
+    from lazymar.cspd import StatsLog, cspd_preset, summarize as summarize_cspd
+    from lazymar.flops import estimate
+    torch.manual_seed(1)
+    other = MAR(img_size=64, vae_stride=4, encoder_embed_dim=16, encoder_depth=1, encoder_num_heads=2,
+                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, buffer_size=4,
+                diffloss_d=1, diffloss_w=16, num_sampling_steps="20", class_num=NUM_CLASSES,
+                norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).eval()
+    # Untrained heads predict eps = 0 (their output layer starts at zero), so any two untrained models agree
+    # on every token; a bias moves the draft's tokens off the target's, by ~3 of its last-step sd here.
+    with torch.no_grad():
+        other.diffloss.net.final_layer.linear.bias.fill_(3e-6)
+    reference, _ = make_split(3, HELDOUT_SEED)
+    common = dict(steps=[8], per_class=1, sampling=SAMPLING, bsz=12, seeds=[3], classifier_path=CLASSIFIER,
+                  reference=reference)
+    with pytest.raises(ValueError, match="draft"):
+        evaluate(tiny_generator, policies=["cspd"], **common)
+    plain, same = evaluate(tiny_generator, policies=[None, "cspd"], draft=tiny_generator.mar, **common)
+    (small,) = evaluate(tiny_generator, policies=["cspd"], draft=other, **common)
+    assert plain.acceptance_rate is None and same.acceptance_rate == 1.0
+    log = StatsLog()
+    settings = SamplingSettings(num_iter=8, accel=cspd_preset("cspd", other, on_stats=log), **SAMPLING)
+    list(generate_batches(tiny_generator, torch.arange(12) % NUM_CLASSES, settings, seed=3, batch_size=12))
+    assert 0.2 < small.acceptance_rate == summarize_cspd([log.last.as_dict()])["acceptance_rate"] < 0.95
+    assert small.tflops_per_image == pytest.approx(estimate(tiny_generator.mar, num_iter=8, cfg=2.0, bsz=12,
+                                                            accel=cspd_preset("cspd", other)).total / 1e12)
+    assert plain.tflops_per_image < same.tflops_per_image  # the same-size draft costs more than it saves
+    table = format_markdown([plain, small], None)
+    assert "drafts accepted" in table.splitlines()[0] and table.count("| - |") == 1
+    assert table.splitlines()[-1].endswith(f"| {small.acceptance_rate:.1%} |")
+    assert "drafts accepted" not in format_markdown([plain], None)

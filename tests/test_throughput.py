@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import benchmarks.throughput as tp
+import lazymar
 from lazymar.flops import estimate
 from benchmarks.throughput_report import OK, OOM, SKIPPED, Cell
 from util.deadline import can_interrupt
@@ -143,7 +144,7 @@ def test_warmup_is_the_timed_generation(tiny_mar):
     finally:
         del tiny_mar.sample_tokens
     assert len(calls) == 3 and calls[0] == calls[1] == calls[2]
-    assert calls[0] == (2, dict(num_iter=6, cfg=3.0, cfg_schedule="linear", accel="lazymar"))
+    assert calls[0] == (2, dict(num_iter=6, cfg=3.0, cfg_schedule="linear", accel=lazymar.preset("lazymar")))
     assert seconds > 0
 
 

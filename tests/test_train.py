@@ -110,18 +110,20 @@ def test_missing_demo_file_names_command(tmp_path, monkeypatch):
         registry.load_demo()
 
 
-@pytest.mark.skipif(not (registry.DEMO_DIR / "mar.pt").is_file()
-                    or not (registry.DEMO_DIR / "tokenizer.pt").is_file(),
-                    reason="demo checkpoints not trained here")
-def test_real_demo_checkpoints_sample():
-    mar, vae, scale = registry.load_demo()
-    torch.manual_seed(0)
-    d = registry.DEMO_DEFAULTS
-    tokens = mar.sample_tokens(2, num_iter=8, cfg=d["cfg"], cfg_schedule=d["cfg_schedule"],
-                               temperature=d["temperature"], labels=torch.tensor([0, 1]))
-    imgs = vae.decode(tokens / scale)
-    assert imgs.shape == (2, 3, mar.img_size, mar.img_size)
-    assert torch.isfinite(imgs).all()
+def test_shipped_demo_model_draws_its_classes():
+    """The demo files ship with the clone (required, never skipped): sampled with the demo's defaults,
+    24 images (2 per class) at 16 MAR steps are classified as their label by the shipped classifier.
+
+    Measured (seed 0): 23 of 24 right at 16 steps (94.4% of 1,008 at 64 steps); chance is 2 of 24.
+    The bound, 18 of 24, fails a broken loader, tokenizer or sampler (noise is classified at chance, and
+    the model sampled at temperature 1 reads ~67%) while leaving room for float differences across
+    platforms, which redraw the samples (at the measured 94% rate, 17 or fewer right has odds < 1%)."""
+    assert registry.demo_path("mar").is_file(), "pretrained_models/demo/mar.pt ships with the repository"
+    mar, _, _ = registry.load_demo()
+    assert (mar.seq_len, mar.token_embed_dim, mar.data_style) == (64, 16, "simple")
+    r = registry.class_accuracy(per_class=2, num_iter=16, seed=0, batch_size=24, progress=False)
+    assert r["n"] == 24
+    assert r["accuracy"] >= 0.75, r
 
 
 def _head_timesteps(head, monkeypatch, n: int = 4000) -> torch.Tensor:

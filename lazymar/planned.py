@@ -1,0 +1,107 @@
+"""Presets chosen by measurement: the acceleration planner's picks, read from ``lazymar/planned_presets.json``.
+
+The paper presets (:data:`lazymar.config.PRESETS`) are code. A planned preset (``fast``, ``balanced``)
+is data: the cheapest configuration the planner (``python -m demo.plan_search``) measured within a
+quality bound on the demo model, written to :data:`PLANNED_FILE` with the sampling settings and the
+held-out measurements behind the choice. :func:`lazymar.preset` looks a name up here when it is not a
+paper preset; a planned name with no entry in the file is refused with the command that produces it.
+
+Configs are stored as plain dicts of their fields (:func:`config_to_dict`) and rebuilt field by field
+from the dataclasses' own types (:func:`config_from_dict`), so a file that no longer matches the
+configs (a field added or removed since it was written) is refused, naming the field, rather than
+read into a different configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+PLANNED_FILE = Path(__file__).resolve().with_name("planned_presets.json")
+# The names the planner exports by default, with their bound: demo FID at most (1 + bound) x plain MAR's.
+DEFAULT_TARGETS: dict[str, float] = {"balanced": 0.05, "fast": 0.25}
+PLAN_COMMAND = "python -m demo.plan_search --model demo --budget_s 1200 --out output/plan_demo"
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The fields of a (nested) config dataclass as JSON-ready values (tuples become lists in JSON)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild ``cls`` from :func:`config_to_dict`'s output: nested configs by their field types,
+    lists as tuples (every sequence field of the configs is a tuple). Raises ``ValueError`` naming a
+    field that is missing or unknown."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing, unknown = sorted(set(names) - set(data)), sorted(set(data) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{cls.__name__}: the stored config does not match the code (missing fields {missing}, "
+                         f"unknown fields {unknown})")
+    values = {}
+    for name in names:
+        value = data[name]
+        nested = [t for t in typing.get_args(hints[name]) or (hints[name],) if dataclasses.is_dataclass(t)]
+        values[name] = config_from_dict(nested[0], value) if nested and isinstance(value, dict) else _tuples(value)
+    return cls(**values)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def read_planned(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The entries of the planned presets file (name -> entry with ``accel``, ``num_iter``, ``cfg`` and
+    the measurements); empty when there is no file."""
+    path = PLANNED_FILE if path is None else Path(path)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["presets"]
+
+
+def planned_names(path: Path | None = None) -> list[str]:
+    """Every planned name: the default targets and those in the file."""
+    return sorted(set(DEFAULT_TARGETS) | set(read_planned(path)))
+
+
+def planned_preset(name: str, path: Path | None = None):
+    """The :class:`lazymar.AccelConfig` of planned preset ``name``.
+
+    Raises ``ValueError``: for a planned name the file has no entry for, with the command that measures
+    it; for any other name, as an unknown preset.
+    """
+    from lazymar.config import PRESETS, AccelConfig  # config.preset() calls this module lazily
+    path = PLANNED_FILE if path is None else Path(path)
+    entries = read_planned(path)
+    if name in entries:
+        try:
+            return config_from_dict(AccelConfig, entries[name]["accel"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"planned preset {name!r} in {path} cannot be read ({e}); rerun the planner "
+                             f"(`{PLAN_COMMAND}`) or delete the file") from None
+    if name in DEFAULT_TARGETS:
+        held = f"it holds {sorted(entries)}" if entries else "there is no such file"
+        raise ValueError(f"acceleration preset {name!r} is chosen by measurement and {path} has no entry for it "
+                         f"({held}); produce it with `{PLAN_COMMAND}` (see README, 'Planning an acceleration')")
+    raise ValueError(f"unknown acceleration preset {name!r}; choose one of {sorted(PRESETS) + planned_names(path)}")
+
+
+def write_planned(path: Path, entries: dict[str, dict[str, Any]], about: dict[str, Any]) -> Path:
+    """Write ``entries`` (name -> entry with an ``accel`` config object) to ``path``, atomically, and check
+    that every entry reads back as the config it was written from."""
+    from lazymar.config import PRESETS, AccelConfig
+    from util.checkpoint import atomic_path
+    clash = sorted(set(entries) & set(PRESETS))
+    if clash:
+        raise ValueError(f"planned preset names {clash} are paper presets; choose other names")
+    out = {name: {**e, "accel": config_to_dict(e["accel"])} for name, e in entries.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"about": about, "presets": out}, indent=2) + "\n")
+    for name, e in entries.items():
+        if config_from_dict(AccelConfig, out[name]["accel"]) != e["accel"]:
+            raise AssertionError(f"planned preset {name!r} does not read back as written")
+    return path
