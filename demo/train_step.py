@@ -24,17 +24,16 @@ import torch.nn as nn
 from models.mar import MAR
 
 # Model sizes: transformer width/depth/heads and head size. ``demo`` is the shipped demo model.
+_DEMO: dict[str, Any] = dict(encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, decoder_embed_dim=128,
+                             decoder_depth=4, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=16, diffloss_d=3,
+                             diffloss_w=192)
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
                  decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, buffer_size=4, diffloss_d=1,
                  diffloss_w=32),
-    "demo": dict(encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, decoder_embed_dim=128,
-                 decoder_depth=4, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=16, diffloss_d=3,
-                 diffloss_w=192),
-    # The draft of speculative decoding on the demo (lazymar.cspd): the demo's recipe at half its width.
-    "demo_draft": dict(encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=4, decoder_embed_dim=64,
-                       decoder_depth=4, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=16, diffloss_d=3,
-                       diffloss_w=96),
+    "demo": _DEMO,
+    # The draft of speculative decoding on the demo (lazymar.cspd): the demo at half its width.
+    "demo_draft": dict(_DEMO, encoder_embed_dim=64, decoder_embed_dim=64, diffloss_w=96),
     "small": dict(encoder_embed_dim=256, encoder_depth=6, encoder_num_heads=4, decoder_embed_dim=256,
                   decoder_depth=6, decoder_num_heads=4, mlp_ratio=4.0, buffer_size=32, diffloss_d=3,
                   diffloss_w=512),

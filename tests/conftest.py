@@ -62,6 +62,16 @@ def _cpu_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test, the count before restored after (tests that run the scripts, which
+    set threads of their own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def inductor_default_random():
     """Inductor's own random stream (``fallback_random`` off, its default) for the test, restored after.
 

@@ -37,12 +37,7 @@ EVAL = ["--model", "tiny-random", "--num_images", "10", "--eval_bsz", "5", "--nu
         "--num_sampling_steps", "5", "--device", "cpu", "--no_metrics"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the scripts set their own threads: restored after
 
 
 def draft_architecture(**overrides):

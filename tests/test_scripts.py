@@ -34,12 +34,7 @@ BASE = ["--model", "tiny-random", "--num_images", "20", "--eval_bsz", "8", "--nu
         "--num_sampling_steps", "10", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the scripts set their own threads: restored after
 
 
 def run_eval(*extra: str, metrics: bool = False) -> dict:
