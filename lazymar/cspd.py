@@ -218,7 +218,10 @@ def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:
     if accel is None or isinstance(accel, AccelConfig):
         return accel
     if isinstance(accel, str):
-        return preset(accel)  # refuses an unknown name, listing the known ones
+        try:
+            return preset(accel)
+        except ValueError as e:  # an unknown name, with the list of known ones
+            raise ValueError(f"CSpD's draft_accel / target_accel must be a preset name: {e}") from None
     raise ValueError(f"CSpD's draft_accel / target_accel must be None, an AccelConfig or a preset name "
                      f"({preset_names()}), got {accel!r}")
 

@@ -280,7 +280,7 @@ def test_conflicting_compositions_are_rejected(config, conflict):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="dis"), "choose 'disa' or 'recap'"),
+    (dict(method="dis"), "choose 'disa', 'recap' or 'cspd'"),
     (dict(method="disa", diff_sampler="DDIM"), "diff_sampler must be one of"),
     (dict(method="disa", diff_sampler="DiSA", diff_annealing_strategy="exp"), "diff_annealing_strategy"),
     (dict(method="disa", diff_upper=50), "unknown disa argument"),

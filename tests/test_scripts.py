@@ -283,7 +283,7 @@ def test_num_sampling_steps_reaches_every_model(monkeypatch):
     import demo.registry
     demo_mar = build_tiny_mar()  # its checkpoint config says 10 steps
     monkeypatch.setattr(demo.registry, "load_demo",
-                        lambda device="cpu": (demo_mar, AutoencoderKL(**loading.TINY_VAE), 1.0))
+                        lambda device="cpu", name="mar": (demo_mar, AutoencoderKL(**loading.TINY_VAE), 1.0))
     assert loading.load_generator("demo").mar.diffloss.num_sampling_steps == 10  # its own by default
     assert loading.load_generator("demo", num_sampling_steps=25).mar.diffloss.gen_diffusion.num_timesteps == 25
     for bad in (0, -3, 1001):
@@ -313,7 +313,7 @@ def test_sample_passes_its_flags_to_the_demo_model(monkeypatch, tmp_path):
     from util import loading
     import demo.registry
     monkeypatch.setattr(demo.registry, "load_demo",
-                        lambda device="cpu": (build_tiny_mar(), AutoencoderKL(**loading.TINY_VAE), 1.0))
+                        lambda device="cpu", name="mar": (build_tiny_mar(), AutoencoderKL(**loading.TINY_VAE), 1.0))
     parse = sample_script.build_parser().parse_args
     assert sample_script._load(parse(["--num_sampling_steps", "25"])).mar.diffloss.num_sampling_steps == 25
     assert sample_script._load(parse([])).mar.diffloss.num_sampling_steps == 10  # the checkpoint's own
