@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from demo.registry import DEMO_DEFAULTS, DEMO_DRAFT_MODEL, DEMO_MODEL  # also registers the demo models with util.loading
+from demo.registry import DEMO_DEFAULTS, DEMO_MODEL, DEMO_MODELS  # also registers the demo models with util.loading
 from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, check_draft_flags, describe, named_accel
 from models.schedules import check_sampling_settings
 from util.generate import SamplingSettings, generate_batches
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _defaults(model: str) -> dict[str, Any]:
-    if model in (DEMO_MODEL, DEMO_DRAFT_MODEL):  # the draft samples with the demo's settings too
+    if model in DEMO_MODELS:  # the draft samples with the demo's settings too
         return dict(DEMO_DEFAULTS)
     if model == TINY_MODEL:
         return dict(num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=1.0)

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_DRAFT_MODEL, DEMO_FILES, DEMO_MODEL
     from lazymar.config import PRESETS
-    from lazymar.cspd import CSPD_PRESETS, preset_settings
+    from lazymar.cspd import CSPD_PRESETS, definition
     from models.schedules import check_sampling_settings
     from util.checkpoint import atomic_path
     from util.cli import check_positive
@@ -286,10 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     # Everything a saved row depends on: the model and classifier files, each preset's definition
     # (editing one in lazymar/config.py changes its rows; a CSpD row also depends on the draft's weights),
     # the images and the machine that timed them.
-    definitions = {p: repr(PRESETS[p]) for p in policies if p is not None and p not in CSPD_PRESETS}
+    definitions = {p: definition(p) for p in policies if p is not None}
     for p in speculative:
-        definitions[p] = (f"CSpDConfig({preset_settings(p)}), draft {args.draft_model} "
-                          f"sha256 {file_sha256(draft.files['mar'])}")
+        definitions[p] += f", draft {args.draft_model} sha256 {file_sha256(draft.files['mar'])}"
     identity = dict(mar_sha256=file_sha256(DEMO_DIR / DEMO_FILES["mar"]),
                     classifier_sha256=file_sha256(DEMO_DIR / DEMO_FILES["classifier"]),
                     presets=definitions,

@@ -21,6 +21,7 @@ from util.loading import LoadedModel, register_generator
 
 DEMO_MODEL = "demo"  # its name for util.loading.load_generator (registered below) and the scripts' --model
 DEMO_DRAFT_MODEL = "demo_draft"  # the demo's draft model for speculative decoding (--draft_model)
+DEMO_MODELS = (DEMO_MODEL, DEMO_DRAFT_MODEL)  # scored by the demo classifier, sampled with DEMO_DEFAULTS
 # In the clone, wherever the caller's working directory is (the files ship with the repository, not
 # with `pip install .`).
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained_models" / "demo"

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from demo.registry import DEMO_DRAFT_MODEL, DEMO_MODEL, demo_path
+from demo.registry import DEMO_MODELS, demo_path
 from util.checkpoint import CheckpointError
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -156,7 +156,7 @@ def prepare_metrics(args: argparse.Namespace) -> MetricInputs:
     checked; an ImageNet model gets its FID reference (``--fid_stats``, else ``--fid_ref_dir``, else
     ``fid_stats/adm_in256_stats.npz`` if present, else IS only) and the Inception network (:func:`load_inception`).
     """
-    if args.model in (DEMO_MODEL, DEMO_DRAFT_MODEL):
+    if args.model in DEMO_MODELS:
         return MetricInputs(demo_classifier=check_demo_classifier(demo_path("classifier")))
     stats_path = Path(args.fid_stats) if args.fid_stats is not None else None
     ref_dir = check_fid_ref_dir(args.fid_ref_dir) if args.fid_ref_dir is not None else None

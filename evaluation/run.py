@@ -18,8 +18,7 @@ import PIL
 import torch
 from PIL import Image
 
-from lazymar.config import preset
-from lazymar.cspd import CSPD_PRESETS, check_draft_flags, preset_settings
+from lazymar.cspd import CSPD_PRESETS, check_draft_flags, definition
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
 from util.generate import SEED_RULE
@@ -52,14 +51,9 @@ def accel_name(args: argparse.Namespace) -> str | None:
 
 
 def accel_definition(args: argparse.Namespace, accel: str | None) -> str | None:
-    """The acceleration's full definition as text (recorded, and hashed into the folder name): the
-    preset's config, or for CSpD every setting of its config but the draft, whose weights the identity
-    records by digest (``repr`` of the :class:`~lazymar.cspd.CSpDConfig` the run samples with)."""
-    if accel is None:
-        return None
-    if accel in CSPD_PRESETS:
-        return f"CSpDConfig({', '.join(f'{k}={v!r}' for k, v in preset_settings(accel).items())})"
-    return repr(preset(accel))
+    """The acceleration's full definition as text (recorded, and hashed into the folder name):
+    :func:`lazymar.cspd.definition`, None for plain MAR."""
+    return None if accel is None else definition(accel)
 
 
 def _short_hash(text: str, n: int = 8) -> str:

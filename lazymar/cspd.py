@@ -214,6 +214,15 @@ def preset_settings(name: str) -> dict[str, Any]:
     return {**defaults, **CSPD_PRESETS[name]}
 
 
+def definition(name: str) -> str:
+    """The full definition of the acceleration ``name`` as text, for run identities: the preset's config,
+    or for a CSpD preset every setting of its config but the draft, whose weights an identity records by
+    digest (``repr`` of the :class:`CSpDConfig` it samples with)."""
+    if name in CSPD_PRESETS:
+        return f"CSpDConfig({', '.join(f'{k}={v!r}' for k, v in preset_settings(name).items())})"
+    return repr(preset(name))
+
+
 def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:
     if accel is None or isinstance(accel, AccelConfig):
         return accel
