@@ -31,21 +31,23 @@ DEMO_FILES = {"mar": "mar.pt", "draft": "draft.pt", "tokenizer": "tokenizer.pt",
 # the shipped model (demo/TRAINING.md): temperature 0.4 trades colour variety for clean shapes.
 DEMO_DEFAULTS: dict = dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=0.4)
 
+
+
+def _mar_recipe(model: str, output_dir: str, export: str) -> str:
+    """The CPU recipe of a demo MAR (demo/TRAINING.md) for ``--model model``, then its export."""
+    return (f"python train.py --model {model} --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 "
+            "--batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup "
+            "--noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 "
+            f"--output_dir {output_dir} --save_every_minutes 10 && "
+            f"python train.py --output_dir {output_dir} --export pretrained_models/demo/{export} --export_dtype fp32")
+
+
 # The commands that reproduce each file (run from the repository root).
 REPRODUCE = {
     "tokenizer": "python -m demo.tokenizer --out pretrained_models/demo/tokenizer.pt --num_per_class 800 "
                  "--epochs 5 --batch_size 16 --lr 2e-3 --warmup_steps 100 --threads 2",
-    "mar": "python train.py --model demo --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 "
-           "--batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup "
-           "--noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 "
-           "--output_dir output/demo_mar --save_every_minutes 10 && "
-           "python train.py --output_dir output/demo_mar --export pretrained_models/demo/mar.pt --export_dtype fp32",
-    "draft": "python train.py --model demo_draft --patch_size 2 --data_style simple --num_per_class 5000 "
-             "--epochs 10 --batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 "
-             "--ema_warmup --noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 "
-             "--threads 2 --output_dir output/demo_draft --save_every_minutes 10 && "
-             "python train.py --output_dir output/demo_draft --export pretrained_models/demo/draft.pt "
-             "--export_dtype fp32",
+    "mar": _mar_recipe("demo", "output/demo_mar", "mar.pt"),
+    "draft": _mar_recipe("demo_draft", "output/demo_draft", "draft.pt"),
     "classifier": "python -m demo.classifier --out pretrained_models/demo/classifier.pt "
                   "--epochs 6 --num_per_class 2000 --seed 0",
 }
