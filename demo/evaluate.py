@@ -22,6 +22,7 @@ settings and thread count) skips the rows already measured.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,10 +31,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from demo.compare import RowSample, absolute, as_json, versus_plain
 from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
-from demo.fidelity import demo_metrics
-from util.generate import SEED_RULE, SamplingSettings, generate_batches, generate_images
+from demo.fidelity import FID_LAYER, demo_metrics, extract_features
+from util.generate import SEED_RULE, GeneratedSet, SamplingSettings, generate_batches, generate_set
 from util.loading import Generator
+from util.set_metrics import Reference
+from util.stats import BOOTSTRAP_RESAMPLES
 
 REFERENCE_PER_CLASS = 500
 # The methods compared in the README: plain MAR, each method, and the combinations.
@@ -54,6 +58,11 @@ class Row:
     num_images: int
     seed: int = 0
     acceptance_rate: float | None = None  # speculative decoding: accepted / verified drafts of the row
+    # With comparisons (plain MAR among the policies): the row's own intervals ({metric: {value, low,
+    # high}}: demo FID and KID by bootstrap, class accuracy by Wilson) and its difference from plain MAR at
+    # the same steps and seed (demo.compare.versus_plain, as JSON).
+    intervals: dict | None = None
+    vs_plain: dict | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -103,10 +112,15 @@ def summarize(rows: list[Row]) -> list[Summary]:
 def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class: int,
              sampling: dict, bsz: int, seeds: list[int], classifier_path: str, reference: np.ndarray,
              done: list[Row] | None = None, on_row: Callable[[Row], None] | None = None,
-             progress: bool = False, reference_cache: tuple[Path, str] | None = None, draft: Any = None) -> list[Row]:
+             progress: bool = False, reference_cache: tuple[Path, str] | None = None, draft: Any = None,
+             samples_dir: Path | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+             twin: Callable[[int, int], RowSample] | None = None, twin_pairs: bool = False) -> list[Row]:
     """One :class:`Row` per (step count, policy, seed), in that order.
 
-    Images come from :func:`util.generate.generate_images`; seconds per image exclude the first batch.
+    Images come from :func:`util.generate.generate_set`; seconds per image exclude the first batch. When
+    plain MAR (None) is among ``policies`` it is measured first at each step count and seed, and every
+    other row also gets its intervals and its difference from plain (:mod:`demo.compare`), on common
+    random numbers: the same labels, seeds and batch size.
 
     Args:
         policies: preset names, acceleration configs, or None (plain MAR).
@@ -117,39 +131,98 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class
             callers that measure many rows against one reference (``demo.plan_search``); the name says
             what the reference images are.
         draft: the draft MAR of the speculative decoding policies (``cspd``, ``cspd-release``).
+        samples_dir: where plain MAR's per-image data is kept (``plain-<steps>-<seed>.npz``), so that a
+            resumed run compares new rows with a plain row measured before without sampling it again.
+        resamples: bootstrap resamples of every interval.
+        twin: ``(steps, seed) -> RowSample`` of the plain MAR every row is compared with, when it is not
+            the plain MAR of the rows' own steps (the planner compares every configuration with plain MAR
+            at its reference settings). Comparisons are made when it is given or plain MAR is a policy.
+        twin_pairs: ``twin`` was sampled at the rows' own steps and sampling settings, so the rows of
+            presets that pair with plain MAR have their twins in it.
     """
     from tqdm.auto import tqdm
 
+    from lazymar.config import pairs_with_plain
     from lazymar.cspd import summarize as summarize_cspd
     from lazymar.flops import estimate
     labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES
     known = {r.key: r for r in done or []}
-    todo = [(n, p, s) for n in steps for p in policies for s in seeds if (p or "plain", n, s) not in known]
+    compare = None in policies or twin is not None
+    order = [None] + [p for p in policies if p is not None] if compare else list(policies)
+    todo = [(n, p, s) for n in steps for p in order for s in seeds if (p or "plain", n, s) not in known]
     bar = tqdm(total=len(todo) * -(-len(labels) // bsz), desc="demo.evaluate", unit="batch", disable=not progress)
-    rows = []
+    ref = (Reference.from_features(extract_features(reference, classifier_path, (FID_LAYER,), device="cpu")[FID_LAYER])
+           if compare and todo else None)
+    plain: dict[tuple[int, int], RowSample] = {}
+    measured: dict[tuple[str, int, int], Row] = {}
     for num_iter in steps:
-        for policy in policies:
+        for policy in order:
             for seed in seeds:
-                if (policy or "plain", num_iter, seed) in known:
-                    rows.append(known[policy or "plain", num_iter, seed])
+                key = (policy or "plain", num_iter, seed)
+                if key in known:
+                    measured[key] = known[key]
                     continue
                 bar.set_postfix_str(f"{policy or 'plain'} @ {num_iter} steps, seed {seed}")
                 accel, log = _accel(policy, draft)
                 settings = SamplingSettings(num_iter=num_iter, accel=accel, **sampling)
-                images, seconds = row_images(gen, labels, settings, seed=seed, bsz=bsz, progress=bar)
+                generated = row_images(gen, labels, settings, seed=seed, bsz=bsz, progress=bar)
                 # One generation per batch; a warm-up before them is not part of the row.
                 acceptance = None if log is None else summarize_cspd(
                     [r.as_dict() for r in log.runs[-(-len(labels) // bsz):]])["acceptance_rate"]
                 cache = dict(zip(("cache_root", "reference_cache_name"), reference_cache or ()))
-                m = demo_metrics(images, classifier_path, labels=labels.numpy(), reference=reference,
+                m = demo_metrics(generated.images, classifier_path, labels=labels.numpy(), reference=reference,
                                  compute_is=False, **cache)
                 flops = estimate(gen.mar, num_iter=num_iter, cfg=sampling["cfg"], accel=accel, bsz=bsz).total / 1e12
-                rows.append(Row(policy or "plain", num_iter, flops, seconds, m["class_accuracy"], m["demo_fid"],
-                                len(images), seed, acceptance))
+                row = Row(policy or "plain", num_iter, flops, generated.seconds_per_image, m["class_accuracy"],
+                          m["demo_fid"], len(generated.images), seed, acceptance)
+                if compare:
+                    sample = RowSample.measure(generated.images, generated.tokens, labels.numpy(), classifier_path)
+                    if samples_dir is not None and policy is None:  # only plain's is read back
+                        samples_dir.mkdir(parents=True, exist_ok=True)
+                        sample.save(_sample_path(samples_dir, policy, num_iter, seed))
+                    if policy is None:
+                        plain[num_iter, seed] = sample
+                    if twin is not None:
+                        base = twin(num_iter, seed)
+                    else:
+                        base = plain.get((num_iter, seed)) or _plain_sample(
+                            gen, labels, sampling, num_iter, seed, bsz, classifier_path, samples_dir, bar)
+                        plain[num_iter, seed] = base
+                    row.intervals = as_json(absolute(sample, ref, resamples=resamples, seed=seed))
+                    if policy is not None or twin is not None:
+                        paired = pairs_with_plain(accel) and (twin is None or twin_pairs)
+                        row.vs_plain = as_json(versus_plain(sample, base, ref, paired=paired,
+                                                            resamples=resamples, seed=seed))
+                measured[key] = row
                 if on_row is not None:
-                    on_row(rows[-1])
+                    on_row(row)
     bar.close()
-    return rows
+    return [measured[p or "plain", n, s] for n in steps for p in policies for s in seeds]
+
+
+def _sample_path(folder: Path, policy: Any, num_iter: int, seed: int) -> Path:
+    """The file of a row's per-image data: named by the preset, or by a digest of a config's text."""
+    name = policy or "plain"
+    if not isinstance(name, str):
+        name = "config-" + hashlib.sha256(repr(name).encode()).hexdigest()[:16]
+    return Path(folder) / f"{name}-{num_iter}-{seed}.npz"
+
+
+def plain_sample_path(folder: Path, num_iter: int, seed: int) -> Path:
+    """Where :func:`evaluate` keeps plain MAR's per-image data at (steps, seed) under ``samples_dir``."""
+    return _sample_path(folder, None, num_iter, seed)
+
+
+def _plain_sample(gen: Generator, labels: torch.Tensor, sampling: dict, num_iter: int, seed: int, bsz: int,
+                  classifier_path: str, samples_dir: Path | None, bar: Any) -> RowSample:
+    """Plain MAR's per-image data at (steps, seed) for a row measured after a resume: from ``samples_dir``
+    when an earlier run kept it, else sampled again (the same images: generation is seeded per batch)."""
+    if samples_dir is not None and _sample_path(samples_dir, None, num_iter, seed).is_file():
+        return RowSample.load(_sample_path(samples_dir, None, num_iter, seed))
+    bar.total += -(-len(labels) // bsz)
+    generated = generate_set(gen, labels, SamplingSettings(num_iter=num_iter, **sampling), seed=seed,
+                             batch_size=bsz, progress=bar)
+    return RowSample.measure(generated.images, generated.tokens, labels.numpy(), classifier_path)
 
 
 def _accel(policy: Any, draft: Any) -> tuple[Any, Any]:
@@ -165,20 +238,20 @@ def _accel(policy: Any, draft: Any) -> tuple[Any, Any]:
 
 
 def row_images(gen: Generator, labels: torch.Tensor, settings: SamplingSettings, *, seed: int, bsz: int,
-               progress: Any = None) -> tuple[np.ndarray, float]:
-    """One row's images and CPU seconds per image.
+               progress: Any = None) -> GeneratedSet:
+    """One row's images, tokens and CPU seconds per image.
 
-    With several batches the first is the warm-up and the rest are timed (:func:`generate_images`). A row
+    With several batches the first is the warm-up and the rest are timed (:func:`generate_set`). A row
     of one batch has nothing after its warm-up, so an untimed generation of one image per class (same
     settings, where a preset's first call pays its allocations) comes first, and the row is timed whole.
     """
     if len(labels) > bsz:
-        return generate_images(gen, labels, settings, seed=seed, batch_size=bsz, progress=progress)
-    generate_images(gen, labels[:NUM_CLASSES], settings, seed=seed, batch_size=bsz)
+        return generate_set(gen, labels, settings, seed=seed, batch_size=bsz, progress=progress)
+    generate_set(gen, labels[:NUM_CLASSES], settings, seed=seed, batch_size=bsz)
     (batch,) = generate_batches(gen, labels, settings, seed=seed, batch_size=bsz)
     if progress is not None:
         progress.update(1)
-    return batch.images, batch.total_s / len(batch.images)
+    return GeneratedSet(batch.images, batch.tokens, batch.total_s / len(batch.images))
 
 
 def reference_images(gen: Generator) -> tuple[np.ndarray, dict]:
@@ -189,8 +262,50 @@ def reference_images(gen: Generator) -> tuple[np.ndarray, dict]:
     return reference, data
 
 
+def _ci(interval: dict | None, fmt: str, scale: float = 1.0) -> str:
+    """``value [low, high]`` of a saved interval ("-" without one; "inf" for an infinite value)."""
+    if interval is None:
+        return "-"
+    if interval["value"] is None:
+        return "inf"
+    text = format(interval["value"] * scale, fmt)
+    if interval["low"] is not None and interval["high"] is not None:
+        text += f" [{format(interval['low'] * scale, fmt)}, {format(interval['high'] * scale, fmt)}]"
+    return text
+
+
+def format_comparison(rows: list[Row], floor: dict | None) -> str:
+    """The table of rows measured against plain MAR (one per step count, policy and seed): each row's own
+    values with 95% intervals, its difference from plain at the same steps and seed with the paired
+    bootstrap interval, the distances to its plain twin where it has one, and the verdict on demo FID."""
+    plain = {(r.num_iter, r.seed): r for r in rows if r.policy == "plain"}
+    lines = ["| steps | policy | paired | FLOPs vs plain | CPU speed-up | class accuracy | "
+             "demo FID | d accuracy | d demo FID | d KID x 1e3 | twin PSNR dB | twin SSIM | verdict (demo FID) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = plain.get((r.num_iter, r.seed))
+        vs = r.vs_plain or {}
+        diff, twin = vs.get("difference", {}), vs.get("twin", {})
+        flops = f"{base.tflops_per_image / r.tflops_per_image:.2f}x" if base else "-"
+        speed = (f"{base.seconds_per_image / r.seconds_per_image:.2f}x"
+                 if base and np.isfinite(r.seconds_per_image) and np.isfinite(base.seconds_per_image) else "-")
+        own = r.intervals or {}
+        lines.append(f"| {r.num_iter} | {r.policy} | {'-' if not vs else 'yes' if vs['paired'] else 'no'} | {flops} | "
+                     f"{speed} | {_ci(own.get('class_accuracy'), '.1%')} | {_ci(own.get('demo_fid'), '.2f')} | "
+                     f"{_ci(diff.get('class_accuracy'), '+.1%')} | {_ci(diff.get('demo_fid'), '+.2f')} | "
+                     f"{_ci(diff.get('kid'), '+.2f', 1e3)} | {_ci(twin.get('psnr'), '.1f')} | "
+                     f"{_ci(twin.get('ssim'), '.3f')} | {vs.get('verdict', {}).get('demo_fid', '-')} |")
+    if floor:
+        lines.append(f"| - | real held-out data | - | - | - | {floor['class_accuracy']:.1%} | {floor['demo_fid']:.2f} "
+                     f"| - | - | - | - | - | - |")
+    return "\n".join(lines)
+
+
 def format_markdown(rows: list[Row], floor: dict | None) -> str:
-    """The table of ``rows`` summarized over seeds: means, with the range over seeds when there are several."""
+    """The table of ``rows`` summarized over seeds: means, with the range over seeds when there are several
+    (rows measured against plain MAR: :func:`format_comparison`)."""
+    if any(r.vs_plain is not None for r in rows):
+        return format_comparison(rows, floor)
     summaries = summarize(rows)
     speculative = any(r.acceptance_rate is not None for r in summaries)  # a column for them only then
     lines = ["| steps | policy | seeds | TFLOPs / image | CPU s / image | class accuracy | demo FID |"
@@ -265,9 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and rows (.json) here")
-    p.add_argument("--plot", type=Path, default=None, help="also write the quality-vs-FLOPs plot (PNG) here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write the plot (PNG) here: each row's demo FID difference from plain MAR with its "
+                        "interval against its FLOPs reduction (without plain MAR among the policies: demo FID "
+                        "against TFLOPs)")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples per interval")
+    p.add_argument("--samples_dir", type=Path, default=None,
+                   help="where each row's per-image data is kept for comparisons across resumes (default: "
+                        "output/demo_evaluate/<digest of the run's identity>)")
     args = p.parse_args(argv)
-    check_positive(per_class=args.per_class, bsz=args.bsz, steps=min(args.steps))
+    check_positive(per_class=args.per_class, bsz=args.bsz, steps=min(args.steps), resamples=args.resamples)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds lists a seed twice: {args.seeds}")
     check_sampling_settings(cfg=args.cfg, temperature=args.temperature)  # before loading anything
@@ -293,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                     classifier_sha256=file_sha256(DEMO_DIR / DEMO_FILES["classifier"]),
                     presets=definitions,
                     per_class=args.per_class, bsz=args.bsz, seed_rule=SEED_RULE, device=args.device,
-                    threads=torch.get_num_threads(), **sampling)
+                    threads=torch.get_num_threads(), resamples=args.resamples, **sampling)
     done, saved_presets = load_done_rows(args.out.with_suffix(".json"), identity) if args.out else ([], {})
     identity["presets"] = saved_presets | identity["presets"]  # rows of other presets stay in the file
     classifier = str(DEMO_DIR / DEMO_FILES["classifier"])
@@ -314,21 +436,28 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_row(row: Row) -> None:
         finished[row.key] = row
-        tqdm.write(format_markdown([row], None).splitlines()[-1])
+        table = format_comparison(list(finished.values()), None) if row.intervals else format_markdown([row], None)
+        tqdm.write(table.splitlines()[-1])
         if args.out:
             save()
 
     if done:
         print(f"reusing {len(done)} rows of {args.out.with_suffix('.json')}")
+    samples_dir = args.samples_dir or Path("output/demo_evaluate") / hashlib.sha256(
+        json.dumps({k: v for k, v in identity.items() if k != "presets"}, sort_keys=True).encode()).hexdigest()[:16]
     rows = evaluate(gen, steps=args.steps, policies=policies, per_class=args.per_class,
                     sampling=sampling, bsz=args.bsz, seeds=args.seeds, classifier_path=classifier, reference=reference,
-                    done=done, on_row=on_row, progress=True, draft=None if draft is None else draft.mar)
+                    done=done, on_row=on_row, progress=True, draft=None if draft is None else draft.mar,
+                    samples_dir=samples_dir, resamples=args.resamples)
     table = format_markdown(rows, floor)
     print(header)
     print(table)
     if args.plot:
-        from demo.plot import plot_quality_vs_flops
-        print(f"plot: {plot_quality_vs_flops(summarize(rows), args.plot)}")
+        from demo.plot import plot_difference_vs_flops, plot_quality_vs_flops
+        compared = [r for r in rows if r.vs_plain is not None]
+        path = (plot_difference_vs_flops(rows, args.plot, title=header) if compared
+                else plot_quality_vs_flops(summarize(rows), args.plot))
+        print(f"plot: {path}")
     if args.out:
         save()
         with atomic_path(args.out.with_suffix(".md")) as tmp:

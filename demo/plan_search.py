@@ -13,9 +13,13 @@ per class, cheapest FLOPs first; the third of it nearest the Pareto front of (FL
 measured again on more images, and so on. The front of the last rung, the anchors and the exported
 presets are then measured on other seeds: which points form the front and which become presets is
 decided on the selection seeds, and the quality reported for them comes from the held-out seeds,
-with its range (the selection value stands beside it, labelled as such). A preset ``fast`` with bound 0.25 is the cheapest configuration at the reference
-sampling settings (the ones ``--accel`` runs with) whose selection demo FID is within 25% of plain
-MAR's; it is written to ``lazymar/planned_presets.json`` with its held-out measurements.
+with its range (the selection value stands beside it, labelled as such). Every measurement is compared
+with plain MAR at the reference settings on common random numbers (same labels, seed and batch size), so
+each carries the 95% interval of its demo FID loss (:mod:`demo.compare`). A preset ``fast`` with bound
+0.25 is the cheapest configuration at the reference sampling settings (the ones ``--accel`` runs with)
+whose loss interval on the selection seeds ends within 25% of plain MAR's demo FID (:func:`qualifies`): a
+configuration qualifies by its worst plausible loss, not its mean. It is written to
+``lazymar/planned_presets.json`` with its held-out measurements and their intervals.
 
 ``--out`` holds ``results.jsonl`` (the run identity, then one line per measurement, appended as it
 finishes: the same command run again reuses them and continues, other settings are refused, naming
@@ -43,9 +47,11 @@ from typing import Any, Callable
 import numpy as np
 
 from demo.dataset import NUM_CLASSES
-from demo.evaluate import Row, Summary, evaluate, summarize
+from demo.compare import RowSample
+from demo.evaluate import Row, Summary, evaluate, plain_sample_path, summarize
 from lazymar.planned import config_to_dict
 from lazymar.search_space import Candidate, SearchSpace, candidates, price
+from util.stats import BOOTSTRAP_RESAMPLES
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +124,13 @@ class Point:
     def accuracy(self) -> float:
         return float(np.mean([r.class_accuracy for r in self.rows]))
 
+    @property
+    def fid_loss_high(self) -> float:
+        """The largest upper end, over the seeds, of the 95% interval of (demo FID - plain MAR's) on common
+        random numbers; +inf where a row has none."""
+        highs = [((r.vs_plain or {}).get("difference", {}).get("demo_fid") or {}).get("high") for r in self.rows]
+        return max((math.inf if h is None else h) for h in highs)
+
 
 @dataclass
 class PlanResult:
@@ -131,6 +144,7 @@ class PlanResult:
         measured / reused: measurements made now / found in the results file.
         last: the last rung's points; front: its Pareto front (selection seeds); picks: preset name -> point.
         report: candidate key -> its held-out rows summarized (means and ranges over the report seeds).
+        held_out: candidate key -> its held-out rows (each with its difference from plain MAR).
         plain: the reference plain MAR point; anchors: the keys of plain and the named presets.
     """
 
@@ -145,6 +159,7 @@ class PlanResult:
     front: list[Point] = field(default_factory=list)
     picks: dict[str, Point] = field(default_factory=dict)
     report: dict[str, Summary] = field(default_factory=dict)
+    held_out: dict[str, list[Row]] = field(default_factory=dict)
     plain: Point | None = None
     anchors: list[str] = field(default_factory=list)
 
@@ -295,12 +310,20 @@ def _round_robin(cands: list[Candidate], k: int, rng: random.Random) -> list[Can
     return out
 
 
+def qualifies(p: Point, plain: Point, bound: float) -> bool:
+    """Whether ``p`` is within ``bound`` of plain MAR's demo FID beyond reasonable doubt: the upper end of the
+    95% interval of its loss (demo FID - plain's, on common random numbers, every selection seed) is at most
+    ``bound`` x plain's demo FID. A point whose interval is wide qualifies for no bound, however good its
+    mean; plain MAR qualifies for every bound."""
+    return p.cand.key == plain.cand.key or p.fid_loss_high <= bound * plain.fid
+
+
 def choose_presets(points: list[Point], plain: Point, targets: dict[str, float],
                    reference: tuple[int, float]) -> dict[str, Point]:
-    """Per target ``name -> bound``: the cheapest point at the reference sampling settings whose demo FID
-    is at most ``(1 + bound)`` x plain MAR's (plain itself when nothing cheaper is)."""
+    """Per target ``name -> bound``: the cheapest point at the reference sampling settings that
+    :func:`qualifies` for the bound (plain itself when nothing cheaper does)."""
     at_ref = [p for p in points if (p.cand.num_iter, p.cand.cfg) == tuple(reference)]
-    return {name: min((p for p in at_ref if p.fid <= plain.fid * (1 + bound)), key=_order)
+    return {name: min((p for p in at_ref if qualifies(p, plain, bound)), key=_order)
             for name, bound in targets.items()}
 
 
@@ -343,8 +366,9 @@ def search(space: SearchSpace, *, model, measure: Measure, results_path: Path, i
     result.anchors = [k for k in result.anchors if k in pool]  # a named preset may not plan on this model
 
     def measure_all(keys: list[str], per_class: int, seeds: tuple[int, ...], desc: str) -> list[Point] | None:
-        """The points of ``keys`` at ``per_class``, cheapest first; None when the time box stops it."""
-        order = sorted(keys, key=lambda k: (pool[k][1], k))
+        """The points of ``keys`` at ``per_class``: plain MAR first (every other is compared with it), then
+        the cheapest first; None when the time box stops it."""
+        order = sorted(keys, key=lambda k: (k != plain.key, pool[k][1], k))
         points = []
         with tqdm(total=len(order), desc=desc, unit="config", disable=not progress) as bar:
             for key in order:
@@ -383,6 +407,7 @@ def search(space: SearchSpace, *, model, measure: Measure, results_path: Path, i
     if held_out is None:
         return result
     result.report = {p.cand.key: summarize(p.rows)[0] for p in held_out}
+    result.held_out = {p.cand.key: p.rows for p in held_out}
     result.complete = True
     return result
 
@@ -400,19 +425,50 @@ def _next_rung(points: list[Point], anchors: list[str], settings: PlanSettings) 
 # ------------------------------------------------------------------------------------------ measurement
 class DemoMeasure:
     """Measures a candidate with :func:`demo.evaluate.evaluate`: class-balanced images from each seed, class
-    accuracy and demo FID against ``reference``, FLOPs of the executed plan, CPU seconds per image."""
+    accuracy and demo FID against ``reference``, FLOPs of the executed plan, CPU seconds per image, and the
+    difference from plain MAR at the reference settings on common random numbers (same labels, seed and
+    batch size), with its interval.
+
+    Plain MAR's per-image data is kept in ``samples_dir`` per (images per class, seed): measured once as the
+    plain candidate's row (the search measures it first), read back for every other candidate and resume.
+    """
 
     def __init__(self, gen, *, classifier_path: str, reference: np.ndarray, cfg_schedule: str, temperature: float,
-                 bsz: int, reference_cache: tuple[Path, str] | None = None) -> None:
+                 bsz: int, reference_settings: tuple[int, float], samples_dir: Path,
+                 reference_cache: tuple[Path, str] | None = None, resamples: int = BOOTSTRAP_RESAMPLES) -> None:
         self.gen, self.classifier_path, self.reference, self.bsz = gen, classifier_path, reference, bsz
         self.cfg_schedule, self.temperature = cfg_schedule, temperature
+        self.reference_settings, self.samples_dir, self.resamples = tuple(reference_settings), Path(samples_dir), resamples
         self.reference_cache = reference_cache  # the reference's features are computed once, not per measurement
 
+    def _sampling(self, cfg: float) -> dict:
+        return dict(cfg=cfg, cfg_schedule=self.cfg_schedule, temperature=self.temperature)
+
+    def plain(self, per_class: int, seed: int) -> RowSample:
+        """Plain MAR's per-image data at the reference settings, ``per_class`` images per class, ``seed``."""
+        num_iter, cfg = self.reference_settings
+        folder = self.samples_dir / f"{per_class}-per-class"
+        path = plain_sample_path(folder, num_iter, seed)
+        if not path.is_file():
+            evaluate(self.gen, steps=[num_iter], policies=[None], per_class=per_class, sampling=self._sampling(cfg),
+                     bsz=self.bsz, seeds=[seed], classifier_path=self.classifier_path, reference=self.reference,
+                     reference_cache=self.reference_cache, samples_dir=folder, resamples=2)
+        return RowSample.load(path)
+
     def __call__(self, cand: Candidate, per_class: int, seeds: list[int]) -> list[Row]:
-        sampling = dict(cfg=cand.cfg, cfg_schedule=self.cfg_schedule, temperature=self.temperature)
-        rows = evaluate(self.gen, steps=[cand.num_iter], policies=[cand.accel], per_class=per_class,
-                        sampling=sampling, bsz=self.bsz, seeds=list(seeds), classifier_path=self.classifier_path,
-                        reference=self.reference, reference_cache=self.reference_cache)
+        at_reference = (cand.num_iter, cand.cfg) == self.reference_settings
+        if cand.accel is None and at_reference:  # plain MAR itself: its row is the twin of all others
+            rows = evaluate(self.gen, steps=[cand.num_iter], policies=[None], per_class=per_class,
+                            sampling=self._sampling(cand.cfg), bsz=self.bsz, seeds=list(seeds),
+                            classifier_path=self.classifier_path, reference=self.reference,
+                            reference_cache=self.reference_cache, samples_dir=self.samples_dir / f"{per_class}-per-class",
+                            resamples=self.resamples)
+        else:
+            rows = evaluate(self.gen, steps=[cand.num_iter], policies=[cand.accel], per_class=per_class,
+                            sampling=self._sampling(cand.cfg), bsz=self.bsz, seeds=list(seeds),
+                            classifier_path=self.classifier_path, reference=self.reference,
+                            reference_cache=self.reference_cache, resamples=self.resamples,
+                            twin=lambda _steps, seed: self.plain(per_class, seed), twin_pairs=at_reference)
         return [replace(r, policy=cand.key) for r in rows]
 
 
@@ -423,6 +479,23 @@ def _by_key(result: PlanResult) -> dict[str, Point]:
 
 def _range(mean: float, span: tuple[float, float], fmt: str) -> str:
     return f"{mean:{fmt}} ({span[0]:{fmt}}-{span[1]:{fmt}})"
+
+
+def _loss_high(p: Point, plain: Point) -> str:
+    """The upper end of the selection's interval of the demo FID loss against plain MAR."""
+    if p.cand.key == plain.cand.key:
+        return "-"
+    return "no interval" if not math.isfinite(p.fid_loss_high) else f"{p.fid_loss_high:+.2f}"
+
+
+def _differences(rows: list[Row]) -> str:
+    """``value [low, high]`` of each held-out row's demo FID difference from plain MAR."""
+    out = []
+    for r in rows:
+        d = ((r.vs_plain or {}).get("difference") or {}).get("demo_fid")
+        if d is not None:
+            out.append(f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+    return "; ".join(out) or "-"
 
 
 def format_report(result: PlanResult, settings: PlanSettings) -> str:
@@ -443,15 +516,24 @@ def format_report(result: PlanResult, settings: PlanSettings) -> str:
     n_sel = settings.rungs[-1] * NUM_CLASSES
     lines += ["", f"Held-out: seeds {list(settings.report_seeds)}, {settings.report_per_class * NUM_CLASSES} images "
               f"each; mean (range over the seeds). Selection: demo FID of {n_sel} images per seed at the last rung.", "",
-              "| configuration | TFLOPs / image | vs plain | CPU s / image | demo FID, selection | demo FID, held-out "
+              "| configuration | TFLOPs / image | vs plain | CPU s / image | demo FID, selection | loss CI high, "
+              "selection | demo FID, held-out | d demo FID vs plain, held-out (95% CI per seed) "
               "| class accuracy, held-out | |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, s in sorted(result.report.items(), key=lambda kv: _order(points[kv[0]])):
         p = points[key]
         lines.append(f"| {p.cand.label} | {p.tflops:.4f} | {plain.tflops_per_image / p.tflops:.2f}x | "
-                     f"{s.seconds_per_image:.3f} | {p.fid:.2f} | {_range(s.demo_fid, s.demo_fid_range, '.2f')} | "
+                     f"{s.seconds_per_image:.3f} | {p.fid:.2f} | {_loss_high(p, result.plain)} | "
+                     f"{_range(s.demo_fid, s.demo_fid_range, '.2f')} | {_differences(result.held_out.get(key, []))} | "
                      f"{_range(s.class_accuracy, s.class_accuracy_range, '.1%')} | {', '.join(marks[key])} |")
     lines.append("")
+    chosen: dict[str, list[str]] = {}
+    for name, p in result.picks.items():
+        chosen.setdefault(p.cand.key, []).append(name)
+    for key, names in chosen.items():
+        if len(names) > 1:
+            lines.append(f"- {' and '.join(names)} chose the same configuration ({points[key].cand.label}): nothing "
+                         f"cheaper qualifies for the looser bound at the selection's interval widths")
     for key in result.anchors:
         a = points[key]
         if a.cand.accel is None:
@@ -485,15 +567,19 @@ def preset_entries(result: PlanResult, settings: PlanSettings, targets: dict[str
         out[name] = dict(
             accel=p.cand.accel if p.cand.accel is not None else OFF, label=p.cand.label,
             num_iter=p.cand.num_iter, cfg=p.cand.cfg, bound=bound,
-            rule=f"the cheapest configuration at {p.cand.num_iter} steps, cfg {p.cand.cfg:g} whose demo FID on the "
-                 f"selection seeds is within {bound:.0%} of plain MAR's",
+            rule=f"the cheapest configuration at {p.cand.num_iter} steps, cfg {p.cand.cfg:g} whose demo FID loss against "
+                 f"plain MAR on the selection seeds (common random numbers) has a 95% interval ending within "
+                 f"{bound:.0%} of plain MAR's demo FID",
             tflops_per_image=p.tflops, flops_vs_plain=result.plain.tflops / p.tflops,
             selection=dict(seeds=list(settings.select_seeds), images_per_seed=settings.rungs[-1] * NUM_CLASSES,
-                           demo_fid=p.fid, class_accuracy=p.accuracy, plain_demo_fid=result.plain.fid),
+                           demo_fid=p.fid, class_accuracy=p.accuracy, plain_demo_fid=result.plain.fid,
+                           demo_fid_loss_high=None if not math.isfinite(p.fid_loss_high) else p.fid_loss_high),
             held_out=dict(seeds=list(s.seeds), images_per_seed=s.num_images, demo_fid=s.demo_fid,
                           demo_fid_range=list(s.demo_fid_range), class_accuracy=s.class_accuracy,
                           class_accuracy_range=list(s.class_accuracy_range), seconds_per_image=s.seconds_per_image,
                           plain_demo_fid=plain.demo_fid, plain_class_accuracy=plain.class_accuracy,
+                          demo_fid_difference=[((r.vs_plain or {}).get("difference") or {}).get("demo_fid")
+                                               for r in result.held_out.get(p.cand.key, [])],
                           within_bound=bool(s.demo_fid <= plain.demo_fid * (1 + bound))))
     return out
 
@@ -539,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=_targets, nargs="+", default=sorted(DEFAULT_TARGETS.items()),
                    help="exported presets, NAME=BOUND: the cheapest within BOUND (0.25 = 25%%) of plain's demo FID")
     p.add_argument("--presets_file", type=Path, default=PLANNED_FILE, help="where the presets are written")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples per interval")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     settings = PlanSettings(reference=(DEMO_DEFAULTS["num_iter"], DEMO_DEFAULTS["cfg"]), rungs=tuple(args.rungs),
@@ -559,12 +646,13 @@ def main(argv: list[str] | None = None) -> int:
                     **{f"{role}_sha256": file_sha256(path) for role, path in sorted(gen.files.items())},
                     reference=dict(data, per_class=len(reference) // NUM_CLASSES),
                     cfg_schedule=DEMO_DEFAULTS["cfg_schedule"], temperature=DEMO_DEFAULTS["temperature"],
-                    seed_rule=SEED_RULE, device="cpu", threads=torch.get_num_threads())
+                    seed_rule=SEED_RULE, device="cpu", threads=torch.get_num_threads(), resamples=args.resamples)
     # The reference's classifier features are computed once; the cache is named by the images themselves.
     reference_name = f"demo-reference-{hashlib.sha256(reference.tobytes()).hexdigest()[:16]}"
     measure = DemoMeasure(gen, classifier_path=str(classifier), reference=reference,
                           cfg_schedule=DEMO_DEFAULTS["cfg_schedule"], temperature=DEMO_DEFAULTS["temperature"],
-                          bsz=settings.bsz, reference_cache=(args.out / "fidelity_cache", reference_name))
+                          bsz=settings.bsz, reference_settings=settings.reference, samples_dir=args.out / "plain_samples",
+                          reference_cache=(args.out / "fidelity_cache", reference_name), resamples=args.resamples)
     result = search(SPACES[args.space], model=gen.mar, measure=measure, results_path=args.out / RESULTS_FILE,
                     identity=identity, settings=settings, anchors={n: preset(n) for n in args.anchors},
                     targets=targets, budget_s=args.budget_s, progress=True)

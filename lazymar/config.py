@@ -107,6 +107,12 @@ class AccelConfig:
         return is_refresh_step(step, self.schedule_length(num_iter), self.refresh_warmup, self.refresh_interval)
 
     @property
+    def pairs_with_plain(self) -> bool:
+        """Every enabled technique draws plain MAR's random numbers (:meth:`Technique.draws_as_plain`), so
+        each image sampled with this config has a plain twin."""
+        return all(cls.draws_as_plain() for cls, _ in self.enabled())
+
+    @property
     def caches_transformer(self) -> bool:
         return self.token_cache is not None or self.condition_cache is not None
 
@@ -161,3 +167,17 @@ def preset_names() -> list[str]:
     measures it)."""
     from lazymar.planned import planned_names
     return sorted(PRESETS) + planned_names()
+
+
+def pairs_with_plain(accel: Any) -> bool:
+    """Whether images sampled with ``accel`` (None, a preset name or a config) have plain-MAR twins: the
+    same labels, seed and batch give the same random draws (:attr:`AccelConfig.pairs_with_plain`). Plain
+    MAR pairs with itself; speculative decoding draws its own noise for the draft and the verification."""
+    if accel is None:
+        return True
+    if isinstance(accel, str):
+        from lazymar.cspd import CSPD_PRESETS  # cspd.py builds on this module
+        if accel in CSPD_PRESETS:
+            return False
+        accel = preset(accel)
+    return isinstance(accel, AccelConfig) and accel.pairs_with_plain

@@ -67,6 +67,13 @@ class Hidden:
     positions: torch.Tensor | None = None
 
 
+# The plan fields that change which random numbers a generation draws, or in which order: the step
+# schedule and orders (GtR, ReCAP), how the predicted tokens split among head calls (GtR's stages), and
+# the head's step counts (DiSA, GtR, ReCAP: each diffusion step draws noise). A technique that decides none
+# of them draws exactly what plain MAR draws from the same generator, so its images have plain twins.
+DRAW_FIELDS = frozenset({"schedule", "head", "head_steps"})
+
+
 class Technique:
     """Base class: every hook decides nothing, every claimed part is priced as plain MAR.
 
@@ -82,6 +89,13 @@ class Technique:
 
     def __init__(self, model) -> None:
         self.model = model
+
+    @classmethod
+    def draws_as_plain(cls) -> bool:
+        """Whether this technique leaves the random draws of plain MAR unchanged (it decides none of
+        :data:`DRAW_FIELDS`): then an image it samples has a plain twin (same labels, seed and batch), and
+        the distance between the two measures the technique's approximation alone."""
+        return not cls.writes & DRAW_FIELDS
 
     # ------------------------------------------------------------------------------ planning
     def schedule(self, sched: Schedule) -> Schedule | None:

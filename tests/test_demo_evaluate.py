@@ -167,3 +167,55 @@ def test_speculative_decoding_rows_hold_their_own_acceptance(tiny_generator):
     assert "drafts accepted" in table.splitlines()[0] and table.count("| - |") == 1
     assert table.splitlines()[-1].endswith(f"| {small.acceptance_rate:.1%} |")
     assert "drafts accepted" not in format_markdown([plain], None)
+
+
+@pytest.fixture(scope="module")
+def conditioned_generator(tiny_generator):
+    """tiny_generator's MAR on the linear noise schedule with the head's adaLN weights perturbed. With
+    adaLN-Zero's init the head predicts 0 whatever its condition, and with the cosine schedule its tokens are
+    its starting noise x 2e4 (test_preset_bands): either way a transformer approximation would not show."""
+    import dataclasses
+    torch.manual_seed(0)
+    mar = MAR(img_size=64, vae_stride=4, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+              decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, buffer_size=4,
+              diffloss_d=1, diffloss_w=32, num_sampling_steps="20", class_num=NUM_CLASSES, noise_schedule="linear",
+              norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in mar.diffloss.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(0, 0.02)
+    return dataclasses.replace(tiny_generator, mar=mar)
+
+
+def test_rows_are_compared_with_plain_on_common_random_numbers(conditioned_generator, tmp_path, monkeypatch):
+    """Plain MAR first, then each row's difference from it: exact zero for a preset that is plain MAR
+    (lazymar-off), twin distances only where the preset pairs with plain, the same comparison after a
+    resume that finds plain's per-image data on disk instead of sampling it again."""
+    import demo.evaluate as ev
+    reference, _ = make_split(5, HELDOUT_SEED)
+    kwargs = dict(steps=[16], per_class=2, sampling=SAMPLING, bsz=12, seeds=[0], classifier_path=CLASSIFIER,
+                  reference=reference, samples_dir=tmp_path / "samples", resamples=200)
+    rows = evaluate(conditioned_generator, policies=["lazymar-off", None, "lazymar-scaled", "gtr"], **kwargs)
+    assert [r.policy for r in rows] == ["lazymar-off", "plain", "lazymar-scaled", "gtr"]  # the order asked for
+    off, plain, lazy, gtr = rows
+    assert plain.vs_plain is None
+    assert plain.intervals["demo_fid"]["value"] == pytest.approx(plain.demo_fid, rel=1e-4)  # = torch-fidelity's
+    acc = plain.intervals["class_accuracy"]
+    assert acc["value"] == pytest.approx(plain.class_accuracy) and acc["low"] <= acc["value"] <= acc["high"]
+    diff = off.vs_plain["difference"]
+    assert all(diff[m] == {"value": 0.0, "low": 0.0, "high": 0.0} for m in ("demo_fid", "kid", "class_accuracy"))
+    assert off.vs_plain["verdict"]["demo_fid"] == "no detectable difference"
+    assert off.vs_plain["twin"]["psnr"]["value"] is None  # infinite: identical images
+    assert off.vs_plain["twin"]["ssim"]["value"] == pytest.approx(1.0)
+    assert lazy.vs_plain["paired"] and 0 < lazy.vs_plain["twin"]["token_rel_err"]["value"] < 0.1
+    assert not gtr.vs_plain["paired"] and "twin" not in gtr.vs_plain
+    d = gtr.vs_plain["difference"]["demo_fid"]
+    assert d["low"] <= d["value"] <= d["high"] and d["value"] == pytest.approx(gtr.demo_fid - plain.demo_fid, rel=1e-3)
+
+    sampled = []
+    real = ev.generate_set
+    monkeypatch.setattr(ev, "generate_set", lambda *a, **k: sampled.append(a[2].accel) or real(*a, **k))
+    again = evaluate(conditioned_generator, policies=[None, "gtr"], done=[plain], **kwargs)
+    assert sampled == ["gtr"]  # plain's images came from samples_dir, not from sampling them again
+    assert again[1].vs_plain == gtr.vs_plain and again[1].intervals == gtr.intervals

@@ -13,8 +13,9 @@ import torch
 
 from conftest import build_tiny_mar
 from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
-from demo.plan_search import (DemoMeasure, PlanSettings, Point, ResultsFile, dominates, format_report,
-                              main, nearest_front, pareto_front, plot_front, preset_entries, sample_space, search)
+from demo.plan_search import (DemoMeasure, PlanSettings, Point, ResultsFile, choose_presets, dominates, format_report,
+                              main, nearest_front, pareto_front, plot_front, preset_entries, qualifies, sample_space,
+                              search)
 from demo.evaluate import Row
 from lazymar.config import PRESETS, preset
 from lazymar.flops import estimate
@@ -59,7 +60,9 @@ def generator():
 def measure(generator, tmp_path_factory):
     reference, _ = make_split(2, HELDOUT_SEED, size=32)
     return DemoMeasure(generator, classifier_path=CLASSIFIER, reference=reference, cfg_schedule="linear",
-                       temperature=1.0, bsz=SETTINGS.bsz, reference_cache=(tmp_path_factory.mktemp("fid"), "tiny-ref"))
+                       temperature=1.0, bsz=SETTINGS.bsz, reference_settings=SETTINGS.reference,
+                       samples_dir=tmp_path_factory.mktemp("plain"), reference_cache=(tmp_path_factory.mktemp("fid"), "tiny-ref"),
+                       resamples=100)
 
 
 class Counting:
@@ -130,8 +133,14 @@ def test_presets_are_chosen_on_selection_seeds_and_reported_on_others(planned):
     result, path, _ = planned
     plain = result.plain
     for name, bound in TARGETS.items():
-        ok = [p for p in result.last if p.fid <= plain.fid * (1 + bound)]
+        ok = [p for p in result.last if qualifies(p, plain, bound) and (p.cand.num_iter, p.cand.cfg) == SETTINGS.reference]
         assert result.picks[name].tflops == min(p.tflops for p in ok)
+    # Every measured configuration carries its loss interval against plain MAR (the same labels and seed).
+    for p in result.last:
+        if p.cand.key != plain.cand.key:
+            d = p.rows[0].vs_plain["difference"]["demo_fid"]
+            assert d["low"] <= d["value"] <= d["high"] and p.fid_loss_high == d["high"]
+            assert d["value"] == pytest.approx(p.fid - plain.fid, abs=0.05 * plain.fid)
     assert result.picks["fast"].tflops <= result.picks["balanced"].tflops
     reported = set(result.anchors) | {p.cand.key for p in result.front} | {p.cand.key for p in result.picks.values()}
     assert set(result.report) == reported
@@ -251,6 +260,26 @@ def test_the_plot_marks_presets_and_anchors(planned, tmp_path):
 def _point(name: str, tflops: float, fid: float) -> Point:
     cand = Candidate(4 + ord(name[0]), 2.0, None, name)  # a step count per name: a key per point
     return Point(cand, tflops, [Row(cand.key, cand.num_iter, tflops, 0.1, 0.5, fid, 12)])
+
+
+def _with_loss(point: Point, value: float, low: float, high: float) -> Point:
+    point.rows[0].vs_plain = {"difference": {"demo_fid": {"value": value, "low": low, "high": high}}}
+    return point
+
+
+def test_a_configuration_qualifies_by_the_upper_end_of_its_loss_interval():
+    def point(name, accel, tflops, fid):
+        return Point(Candidate(64, 3.0, accel, name), tflops, [Row(name, 64, tflops, 0.1, 0.5, fid, 12)])
+
+    plain = point("plain", None, 10, 10)
+    narrow = _with_loss(point("narrow", PRESETS["lazymar"], 2, 10.3), 0.3, 0.1, 0.45)  # at most 4.5% of 10 worse
+    wide = _with_loss(point("wide", PRESETS["gtr"], 1, 10.1), 0.1, -1.5, 1.7)  # a better mean, up to 17% worse
+    assert qualifies(narrow, plain, 0.05) and not qualifies(wide, plain, 0.05) and qualifies(wide, plain, 0.25)
+    assert qualifies(plain, plain, 0.0) and not qualifies(point("unmeasured", PRESETS["marche"], 1, 9), plain, 1.0)
+    picks = choose_presets([plain, narrow, wide], plain, {"fast": 0.25, "balanced": 0.05}, (64, 3.0))
+    assert picks["fast"].cand.name == "wide" and picks["balanced"].cand.name == "narrow"
+    picks = choose_presets([plain, narrow, wide], plain, {"fast": 0.04, "balanced": 0.01}, (64, 3.0))
+    assert picks["fast"] is picks["balanced"] is plain  # nothing qualifies: plain MAR itself
 
 
 def test_front_selection_on_known_points():

@@ -52,6 +52,7 @@ class GeneratedBatch:
     index: int
     start: int
     images: np.ndarray  # (B, H, W, 3) uint8
+    tokens: np.ndarray  # (B, C, h, w) float32: the sampled latent tokens the images decode
     sample_s: float  # sampling only, synchronized
     total_s: float  # sampling + decoding to uint8 on the CPU
 
@@ -108,23 +109,42 @@ def generate_batches(gen: Generator, labels: torch.Tensor | np.ndarray, settings
             synchronize(device)
             t1 = time.perf_counter()
             images = decode_images(gen, tokens)  # ends with a copy to the CPU (synchronizes)
-        yield GeneratedBatch(b, start, images, t1 - t0, time.perf_counter() - t0)
+        total_s = time.perf_counter() - t0
+        yield GeneratedBatch(b, start, images, tokens.float().cpu().numpy(), t1 - t0, total_s)
 
 
-def generate_images(gen: Generator, labels: torch.Tensor | np.ndarray, settings: SamplingSettings, *,
-                    seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, float]:
-    """All images (N, H, W, 3) uint8 of :func:`generate_batches`, and seconds per image (sampling and
-    decoding) excluding the first batch, the warm-up (NaN when there is only one batch).
+@dataclass(frozen=True)
+class GeneratedSet:
+    """Every batch of a run put together: images (N, H, W, 3) uint8, their tokens (N, C, h, w) float32, and
+    seconds per image (sampling and decoding) excluding the first batch, the warm-up (NaN when there is
+    only one batch)."""
+
+    images: np.ndarray
+    tokens: np.ndarray
+    seconds_per_image: float
+
+
+def generate_set(gen: Generator, labels: torch.Tensor | np.ndarray, settings: SamplingSettings, *,
+                 seed: int, batch_size: int, progress: Any = None) -> GeneratedSet:
+    """All batches of :func:`generate_batches` as one :class:`GeneratedSet`.
 
     Args:
         progress: optional tqdm-like bar, advanced by one per batch.
     """
-    images, timed_s, timed_n = [], 0.0, 0
+    images, tokens, timed_s, timed_n = [], [], 0.0, 0
     for batch in generate_batches(gen, labels, settings, seed=seed, batch_size=batch_size):
         images.append(batch.images)
+        tokens.append(batch.tokens)
         if batch.index > 0:
             timed_s += batch.total_s
             timed_n += len(batch.images)
         if progress is not None:
             progress.update(1)
-    return np.concatenate(images), (timed_s / timed_n if timed_n else float("nan"))
+    return GeneratedSet(np.concatenate(images), np.concatenate(tokens), timed_s / timed_n if timed_n else float("nan"))
+
+
+def generate_images(gen: Generator, labels: torch.Tensor | np.ndarray, settings: SamplingSettings, *,
+                    seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, float]:
+    """The images and seconds per image of :func:`generate_set`."""
+    out = generate_set(gen, labels, settings, seed=seed, batch_size=batch_size, progress=progress)
+    return out.images, out.seconds_per_image
