@@ -18,8 +18,8 @@ sampling settings (the ones ``--accel`` runs with) whose selection demo FID is w
 MAR's; it is written to ``lazymar/planned_presets.json`` with its held-out measurements.
 
 ``--out`` holds ``results.jsonl`` (the run identity, then one line per measurement, appended as it
-finishes: the same command run again reuses them and continues, other settings are refused, naming
-what differs), ``front.md`` (the table), ``front.png`` (the plot), ``presets.json`` (the export) and
+finishes: the same command run again reuses them and continues; other settings, weights or measurement
+code (:data:`MEASUREMENT_CODE`) are refused, naming what differs), ``front.md`` (the table), ``front.png`` (the plot), ``presets.json`` (the export) and
 ``fidelity_cache/`` (the reference images' classifier features, computed once).
 ``--budget_s`` bounds the wall time of the search (loading the model and the reference come before it):
 no measurement starts that its predicted time (from its FLOPs and the seconds per FLOP so far) would
@@ -46,10 +46,20 @@ from demo.dataset import NUM_CLASSES
 from demo.evaluate import Row, Summary, evaluate, summarize
 from lazymar.planned import config_to_dict
 from lazymar.search_space import Candidate, SearchSpace, candidates, price
+from util.hashing import source_sha256
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+# The sources whose edits can change a measurement (a line of results.jsonl), so their digest is part of the
+# results' identity: the sampler and every technique with its FLOPs count and search space (a line is found
+# by its candidate's key), how weights are read and images generated and timed, and the demo's measure (data,
+# classifier, metrics, demo.evaluate). This module's selection and report are not: they decide which
+# configurations to measure and how to show them, and a measurement reused under their edit is still right.
+MEASUREMENT_CODE = ("models", "lazymar", "util/generate.py", "util/loading.py", "util/checkpoint.py",
+                    "util/precision.py", "util/timing.py", "demo/registry.py", "demo/tokenizer.py", "demo/dataset.py",
+                    "demo/classifier.py", "demo/fidelity.py", "demo/evaluate.py")
 # The named presets measured beside the search by default: the paper techniques the README compares.
 DEFAULT_ANCHORS = ("lazymar", "gtr+lazymar", "gtr+disa+lazymar")
 
@@ -214,6 +224,11 @@ class ResultsFile:
             f.flush()
             os.fsync(f.fileno())
         self.rows[cand.key, per_class, row.seed] = row
+
+
+def measurement_code_sha256(root: Path = ROOT) -> str:
+    """Digest of :data:`MEASUREMENT_CODE` under ``root`` (:func:`util.hashing.source_sha256`)."""
+    return source_sha256(root, MEASUREMENT_CODE)
 
 
 # ------------------------------------------------------------------------------------------ time box
@@ -559,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                     **{f"{role}_sha256": file_sha256(path) for role, path in sorted(gen.files.items())},
                     reference=dict(data, per_class=len(reference) // NUM_CLASSES),
                     cfg_schedule=DEMO_DEFAULTS["cfg_schedule"], temperature=DEMO_DEFAULTS["temperature"],
-                    seed_rule=SEED_RULE, device="cpu", threads=torch.get_num_threads())
+                    seed_rule=SEED_RULE, device="cpu", threads=torch.get_num_threads(),
+                    code_sha256=measurement_code_sha256())
     # The reference's classifier features are computed once; the cache is named by the images themselves.
     reference_name = f"demo-reference-{hashlib.sha256(reference.tobytes()).hexdigest()[:16]}"
     measure = DemoMeasure(gen, classifier_path=str(classifier), reference=reference,

@@ -22,7 +22,7 @@ from lazymar.cspd import CSPD_PRESETS, check_draft_flags, definition
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
 from util.generate import SEED_RULE
-from util.hashing import cached_file_sha256, state_dict_sha256
+from util.hashing import cached_file_sha256, source_sha256, state_dict_sha256
 from util.loading import Generator
 
 TMP_MARK = ".tmp-"
@@ -108,15 +108,8 @@ def class_labels(num_images: int, num_classes: int) -> np.ndarray:
 
 def code_sha256(root: Path = ROOT, sources: tuple[str, ...] = IMAGE_CODE,
                 exclude: frozenset[str] = NOT_IMAGE_CODE) -> str:
-    """Digest of the Python files under ``sources`` but not in ``exclude`` (relative paths and contents)."""
-    h = hashlib.sha256()
-    for source in sources:
-        files = sorted((root / source).rglob("*.py")) if (root / source).is_dir() else [root / source]
-        for f in files:
-            name = f.relative_to(root).as_posix()
-            if name not in exclude:
-                h.update(f"{name}\0".encode() + f.read_bytes() + b"\0")
-    return h.hexdigest()
+    """Digest of the sampling code (:func:`util.hashing.source_sha256` of ``sources`` less ``exclude``)."""
+    return source_sha256(root, sources, exclude)
 
 
 def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, device: torch.device,
