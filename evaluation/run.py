@@ -21,7 +21,7 @@ from PIL import Image
 from lazymar.cspd import CSPD_PRESETS, check_draft_flags, definition
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
-from util.generate import SEED_RULE
+from util.generate import SEED_RULE, sampling_flags
 from util.hashing import cached_file_sha256, source_sha256, state_dict_sha256
 from util.loading import Generator
 
@@ -74,14 +74,15 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
     ``--draft_ckpt`` path) and the hash of :func:`accel_definition`.
     """
     accel = accel_name(args)
+    sampling, _ = sampling_flags(args.model, args)  # flags left out: the model's defaults, as eval.py fills them
     parts = [args.model]
     if args.ckpt is not None or args.vae_path is not None:
         parts.append("ckpt" + _short_hash(f"{Path(args.ckpt).resolve() if args.ckpt else ''}|"
                                           f"{Path(args.vae_path).resolve() if args.vae_path else ''}", 6))
     if args.no_ema:
         parts.append("raw")
-    parts += [f"it{args.num_iter}", f"cfg{_fmt(args.cfg)}", args.cfg_schedule, f"temp{_fmt(args.temperature)}",
-              f"ds{args.num_sampling_steps}"]
+    parts += [f"it{sampling['num_iter']}", f"cfg{_fmt(sampling['cfg'])}", sampling["cfg_schedule"],
+              f"temp{_fmt(sampling['temperature'])}", f"ds{args.num_sampling_steps}"]
     if args.precision != "fp32":  # fp32 is the default and gets no name part
         parts.append(args.precision)
     if args.compile or args.cuda_graph:  # compiled arithmetic rounds differently: another run

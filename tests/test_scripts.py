@@ -161,6 +161,40 @@ def test_code_identity_covers_what_makes_images_and_nothing_else(tmp_path):
     assert eval_run.code_sha256(root) == base
 
 
+def test_eval_samples_each_model_at_its_own_defaults(tmp_path):
+    """eval.py --model demo without --cfg / --temperature samples at the demo's defaults (those sample.py,
+    demo.evaluate and the README's accuracy use: cfg 3, temperature 0.4) and records that it took them; a
+    flag still overrides; the released models keep the LazyMAR evaluation's (64 steps, cfg 3.25, T 1)."""
+    small = ["--model", "demo", "--num_images", "12", "--eval_bsz", "12", "--num_iter", "2",
+             "--num_sampling_steps", "5", "--device", "cpu", "--no_metrics"]
+    result = eval_script.main(eval_script.build_parser().parse_args([*small, "--output_dir", str(tmp_path / "a")]))
+    identity = result["identity"]
+    assert (identity["num_iter"], identity["cfg"], identity["cfg_schedule"], identity["temperature"]) == (
+        2, 3.0, "linear", 0.4)
+    used = {"model": "demo", "used": {"cfg": 3.0, "cfg_schedule": "linear", "temperature": 0.4}}
+    assert result["settings"]["sampling_defaults"] == used
+    assert json.loads((run_dir(tmp_path / "a") / "metrics.json").read_text())["settings"]["sampling_defaults"] == used
+    result = eval_script.main(eval_script.build_parser().parse_args(
+        [*small, "--cfg", "2.0", "--output_dir", str(tmp_path / "b")]))
+    assert (result["identity"]["cfg"], result["identity"]["temperature"]) == (2.0, 0.4)
+    assert result["settings"]["sampling_defaults"]["used"] == {"cfg_schedule": "linear", "temperature": 0.4}
+
+    from util.generate import sampling_flags
+    released = eval_script.build_parser().parse_args(["--model", "mar_huge"])
+    assert sampling_flags("mar_huge", released)[0] == dict(num_iter=64, cfg=3.25, cfg_schedule="linear",
+                                                           temperature=1.0)
+    assert "-it64-cfg3.25-linear-temp1-" in eval_run.run_name(released, torch.device("cpu"))
+
+
+def test_every_script_takes_the_same_defaults_per_model():
+    from util.generate import sampling_flags
+    from util.loading import model_choices
+    for model in model_choices():
+        sampled = sample_script._settings(sample_script.build_parser().parse_args(["--model", model]))
+        evaluated = sampling_flags(model, eval_script.build_parser().parse_args(["--model", model]))[0]
+        assert sampled == evaluated, model
+
+
 @pytest.mark.parametrize("model", ["demo", "tiny-random"])
 def test_no_ema_is_refused_where_there_are_only_one_kind_of_weights(model):
     """The demo export holds EMA weights only and tiny-random has random ones: --no_ema would be recorded
