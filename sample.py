@@ -1,7 +1,7 @@
 """Write a grid of class-conditional samples (rows = classes).
 
-    python sample.py                                   # demo model, its 12 classes, CPU, < 1 minute
-    python sample.py --model mar_huge --classes 207 360 387 974 88 979 417 279 --cfg 3.2 --device cuda
+    python sample.py                                   # demo model, its 12 classes, < 1 minute on a CPU
+    python sample.py --model mar_huge --classes 207 360 387 974 88 979 417 279 --cfg 3.2
     python sample.py --compare                         # plain | LazyMAR from the same seeds
 
 ``--compare`` samples the same batch twice from the same seed (same orders, same noise), without and
@@ -29,6 +29,7 @@ from demo.registry import DEMO_MODEL  # also registers the demo models (and thei
 from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, check_draft_flags, describe, named_accel
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
+from util.device import best_device
 from util.generate import SamplingSettings, add_sampling_args, generate_batches, sampling_flags
 from util.loading import TINY_MODEL, Generator, load_draft, load_generator, model_choices
 from util.precision import PRECISIONS
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
     p.add_argument("--compare", action="store_true", help="plain and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=str(best_device()), help="this machine's best (util.device.best_device)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="autocast sampling and decoding (weights stay float32)")
     add_compile_args(p)

@@ -195,6 +195,35 @@ def test_every_script_takes_the_same_defaults_per_model():
         assert sampled == evaluated, model
 
 
+def test_the_scripts_pick_the_best_device_the_same_way(monkeypatch, tmp_path):
+    """sample.py and eval.py without --device: a CUDA machine samples on CUDA in both (util.device), a
+    machine without one on the CPU."""
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def spy(script):
+        def load(model, *, device, **kwargs):
+            seen[script] = torch.device(device).type
+            raise Loaded
+        return load
+
+    monkeypatch.setattr(sample_script, "load_generator", spy("sample.py"))
+    monkeypatch.setattr(eval_script, "load_generator", spy("eval.py"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # no GPU here to select
+    for cuda, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        seen.clear()
+        with pytest.raises(Loaded):
+            sample_script.main(sample_script.build_parser().parse_args(
+                ["--model", "tiny-random", "--out", str(tmp_path / "grid.png")]))
+        with pytest.raises(Loaded):
+            eval_script.main(eval_script.build_parser().parse_args(
+                ["--model", "tiny-random", "--no_metrics", "--output_dir", str(tmp_path / "out")]))
+        assert seen == {"sample.py": expected, "eval.py": expected}
+
+
 @pytest.mark.parametrize("model", ["demo", "tiny-random"])
 def test_no_ema_is_refused_where_there_are_only_one_kind_of_weights(model):
     """The demo export holds EMA weights only and tiny-random has random ones: --no_ema would be recorded

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from util.device import best_device
+
 TIMEOUT_MIN = 30  # a collective waits this long for the slowest rank (e.g. rank 0 writing metrics)
 
 
@@ -27,7 +29,7 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        dev = best_device(local_rank)
     else:
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
