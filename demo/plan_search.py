@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from demo.dataset import NUM_CLASSES
-from demo.evaluate import Row, Summary, evaluate, summarize
+from demo.evaluate import Row, Summary, evaluate, row_from_json, row_to_json, summarize
 from lazymar.planned import config_to_dict
 from lazymar.search_space import Candidate, SearchSpace, candidates, price
 from util.hashing import source_sha256
@@ -210,17 +210,17 @@ class ResultsFile:
                 self.path.write_text("\n".join(good) + "\n")
                 break
             good.append(line)
-            row = Row(**entry["row"])
+            row = row_from_json(entry["row"])
             self.rows[row.policy, entry["per_class"], row.seed] = row
 
     def get(self, key: str, per_class: int, seed: int) -> Row | None:
         return self.rows.get((key, per_class, seed))
 
     def add(self, cand: Candidate, per_class: int, row: Row) -> None:
-        entry = {"config": cand.key, "label": cand.label, "per_class": per_class, "row": asdict(row),
+        entry = {"config": cand.key, "label": cand.label, "per_class": per_class, "row": row_to_json(row),
                  "accel": None if cand.accel is None else config_to_dict(cand.accel)}
         with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps(entry, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.rows[cand.key, per_class, row.seed] = row
