@@ -44,6 +44,8 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   or its released path). Its weights' digest is part of the run's identity, each batch's acceptance
   statistics are kept in ``cspd_stats/`` of the run folder, and ``metrics.json`` gets their sum over the run
   (``cspd``: accepted / verified drafts overall and per verification step); FLOPs count both models.
+* If a rank fails while sampling, every rank stops after its current batch with that error (they check
+  after each batch), rather than sampling on and waiting at the final gather for a rank that is gone.
 * The progress bar counts images (rate and ETA); the last line and ``timing.images_per_second`` give each
   process's rate: images it generated / wall seconds of its generation loop (warm-up and PNG writing included).
 """
@@ -70,7 +72,7 @@ from evaluation.run import (accel_definition, accel_name, claim_run_dir, class_l
 from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, named_accel
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
-from util.distributed import gather, init_distributed, raise_everywhere, shutdown
+from util.distributed import gather, init_distributed, raise_everywhere, raise_if_any, shutdown
 from util.generate import SamplingSettings, add_sampling_args, generate_batches, sampling_flags
 from util.generate import num_batches as batch_count
 from util.loading import load_draft, load_generator, model_choices
@@ -220,19 +222,30 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     # Counted in images, so that the bar's rate and ETA read in images whatever the batch size.
     bar = tqdm(total=sum(len(paths(b)) for b in now), unit="img", desc="sampling", bar_format=PROGRESS_FORMAT,
                disable=rank != 0)
+    # Every rank checks, after each of its batches, whether any rank failed (a rank with fewer batches left
+    # checks as many times): a failure stops all ranks within a batch, with its error.
+    rounds = max(gather(len(now), world))
+    batches = generate_batches(gen, labels_all, sampling_settings(args, accel_config), seed=args.seed,
+                               batch_size=args.eval_bsz, batches=now)
     start = time.perf_counter()
-    for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel_config),
-                                               seed=args.seed, batch_size=args.eval_bsz, batches=now)):
-        if draft is not None:  # before the images: a batch with images has its statistics
-            save_batch_stats(run_dir, batch.index, stats.runs[k].as_dict())
-        if k > 0:  # the first batch of each process is warm-up
-            timed_images += len(batch.images)
-            sample_s += batch.sample_s
-            total_s += batch.total_s
-        for img, p in zip(batch.images, paths(batch.index)):
-            save_png(img, p)
-        generated += len(batch.images)
-        bar.update(len(batch.images))
+    for k in range(rounds):
+        problem = None
+        try:
+            if k < len(now):
+                batch = next(batches)
+                if draft is not None:  # before the images: a batch with images has its statistics
+                    save_batch_stats(run_dir, batch.index, stats.runs[k].as_dict())
+                if k > 0:  # the first batch of each process is warm-up
+                    timed_images += len(batch.images)
+                    sample_s += batch.sample_s
+                    total_s += batch.total_s
+                for img, p in zip(batch.images, paths(batch.index)):
+                    save_png(img, p)
+                generated += len(batch.images)
+                bar.update(len(batch.images))
+        except Exception as e:  # the other ranks must stop too, not sample on and wait at the gather below
+            problem = e
+        raise_if_any(problem, world, device)
     wall_s = time.perf_counter() - start
     bar.close()
     if len(now) < len(todo):

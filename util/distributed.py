@@ -63,6 +63,25 @@ def raise_everywhere(problem: BaseException | None, world: int) -> None:
         raise problem
 
 
+def raise_if_any(problem: BaseException | None, world: int, device: torch.device) -> None:
+    """A collective that every rank calls at the same point (e.g. after each batch): if any rank's
+    ``problem`` is set, raise on every rank, its own problem on a rank that has one, elsewhere a
+    ``RuntimeError`` naming the first failing rank and its error. So the ranks stop together instead of
+    sampling on and then waiting :data:`TIMEOUT_MIN` minutes at a collective for a rank that stopped.
+    One all-reduce of a flag (on ``device``: NCCL reduces CUDA tensors), and a gather of the messages
+    only when a rank failed."""
+    if world > 1:
+        failed = torch.tensor([0.0 if problem is None else 1.0], device=device)
+        dist.all_reduce(failed)
+        if failed.item() > 0:
+            messages = gather(None if problem is None else f"{type(problem).__name__}: {problem}", world)
+            if problem is None:
+                first = next(r for r, m in enumerate(messages) if m is not None)
+                raise RuntimeError(f"rank {first} of {world} failed, so this one stops too: {messages[first]}")
+    if problem is not None:
+        raise problem
+
+
 def gather(obj: Any, world: int) -> list[Any]:
     """Every rank's ``obj``, in rank order."""
     if world == 1:
