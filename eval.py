@@ -16,6 +16,10 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   zero-padded to 6 digits (more when ``--num_images`` exceeds 10^6), via a temporary file and
   ``os.replace``. A rerun skips the batches whose PNGs all exist, so a killed run resumes and ends with
   exactly the files of an uninterrupted one; stale temporary files are removed at start.
+* ``--num_iter``, ``--cfg``, ``--cfg_schedule`` and ``--temperature`` default to the model's own settings
+  (:func:`util.loading.sampling_defaults`, the ones sample.py uses): the released models the LazyMAR
+  evaluation's (64 steps, cfg 3.25 linear, temperature 1.0), the demo model its tuned ones (cfg 3.0,
+  temperature 0.4). ``metrics.json`` records which were taken from the defaults (``settings.sampling_defaults``).
 * The run folder's name encodes every setting that changes the images (:func:`evaluation.run.run_name`): a
   changed sampler setting, seed, batch size, precision or preset definition gets a NEW folder.
 * A resume is the same run or nothing: a new run folder gets ``run.json`` (:func:`evaluation.run.run_identity`:
@@ -40,6 +44,8 @@ What it does (see docs/REPRODUCING.md for the paper commands):
   or its released path). Its weights' digest is part of the run's identity, each batch's acceptance
   statistics are kept in ``cspd_stats/`` of the run folder, and ``metrics.json`` gets their sum over the run
   (``cspd``: accepted / verified drafts overall and per verification step); FLOPs count both models.
+* If a rank fails while sampling, every rank stops after its current batch with that error (they check
+  after each batch), rather than sampling on and waiting at the final gather for a rank that is gone.
 * The progress bar counts images (rate and ETA); the last line and ``timing.images_per_second`` give each
   process's rate: images it generated / wall seconds of its generation loop (warm-up and PNG writing included).
 """
@@ -66,8 +72,8 @@ from evaluation.run import (accel_definition, accel_name, claim_run_dir, class_l
 from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, named_accel
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
-from util.distributed import gather, init_distributed, raise_everywhere, shutdown
-from util.generate import SamplingSettings, generate_batches
+from util.distributed import gather, init_distributed, raise_everywhere, raise_if_any, shutdown
+from util.generate import SamplingSettings, add_sampling_args, generate_batches, sampling_flags
 from util.generate import num_batches as batch_count
 from util.loading import load_draft, load_generator, model_choices
 from util.precision import PRECISIONS
@@ -83,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mar_huge", choices=model_choices())
     p.add_argument("--num_images", type=int, default=50000)
     p.add_argument("--eval_bsz", type=int, default=64, help="images per global batch (per process)")
-    p.add_argument("--num_iter", type=int, default=64, help="MAR steps")
-    p.add_argument("--cfg", type=float, default=3.25)
-    p.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
-    p.add_argument("--temperature", type=float, default=1.0)
+    add_sampling_args(p)  # each left out: the model's default (the demo's own; the LazyMAR evaluation's else)
     p.add_argument("--num_sampling_steps", type=int, default=100, help="diffusion steps of the head")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="autocast sampling and decoding (weights stay float32; see docs/REPRODUCING.md on "
@@ -125,6 +128,9 @@ def sampling_settings(args: argparse.Namespace, accel: Any) -> SamplingSettings:
 
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    # The sampler settings the flags leave out are the model's defaults: filled in here, once, and recorded.
+    settings, defaults_used = sampling_flags(args.model, args)
+    vars(args).update(settings)
     accel = accel_name(args)
     if args.num_images < 1 or args.eval_bsz < 1:
         raise SystemExit("--num_images and --eval_bsz must be >= 1")
@@ -133,13 +139,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("give --fid_stats or --fid_ref_dir, not both")
     rank, world, device = init_distributed(args.device)
     try:
-        return _run(args, accel, rank, world, device)
+        return _run(args, accel, rank, world, device, defaults_used)
     finally:
         shutdown()
 
 
 def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
-         device: torch.device) -> dict[str, Any]:
+         device: torch.device, defaults_used: dict[str, Any]) -> dict[str, Any]:
     sampling_compile = compile_mode(args, device)  # a bad --cuda_graph fails before anything loads
     # Metric files first, before the weights and the run folder: fail before hours of sampling, not after.
     metric_inputs: MetricInputs | None = None
@@ -203,6 +209,9 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
 
     todo = [b for b in mine if not all(p.name in existing for p in paths(b))]
     if rank == 0:
+        if defaults_used:
+            print(f"{args.model}'s default sampling settings: "
+                  + ", ".join(f"{k} {v}" for k, v in defaults_used.items()))
         print(f"{run_dir}: {num_batches} batches of {args.eval_bsz}, {world} process(es); "
               f"{len(mine) - len(todo)} of rank 0's {len(mine)} batches already done")
     if device.type == "cuda":
@@ -213,19 +222,30 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
     # Counted in images, so that the bar's rate and ETA read in images whatever the batch size.
     bar = tqdm(total=sum(len(paths(b)) for b in now), unit="img", desc="sampling", bar_format=PROGRESS_FORMAT,
                disable=rank != 0)
+    # Every rank checks, after each of its batches, whether any rank failed (a rank with fewer batches left
+    # checks as many times): a failure stops all ranks within a batch, with its error.
+    rounds = max(gather(len(now), world))
+    batches = generate_batches(gen, labels_all, sampling_settings(args, accel_config), seed=args.seed,
+                               batch_size=args.eval_bsz, batches=now)
     start = time.perf_counter()
-    for k, batch in enumerate(generate_batches(gen, labels_all, sampling_settings(args, accel_config),
-                                               seed=args.seed, batch_size=args.eval_bsz, batches=now)):
-        if draft is not None:  # before the images: a batch with images has its statistics
-            save_batch_stats(run_dir, batch.index, stats.runs[k].as_dict())
-        if k > 0:  # the first batch of each process is warm-up
-            timed_images += len(batch.images)
-            sample_s += batch.sample_s
-            total_s += batch.total_s
-        for img, p in zip(batch.images, paths(batch.index)):
-            save_png(img, p)
-        generated += len(batch.images)
-        bar.update(len(batch.images))
+    for k in range(rounds):
+        problem = None
+        try:
+            if k < len(now):
+                batch = next(batches)
+                if draft is not None:  # before the images: a batch with images has its statistics
+                    save_batch_stats(run_dir, batch.index, stats.runs[k].as_dict())
+                if k > 0:  # the first batch of each process is warm-up
+                    timed_images += len(batch.images)
+                    sample_s += batch.sample_s
+                    total_s += batch.total_s
+                for img, p in zip(batch.images, paths(batch.index)):
+                    save_png(img, p)
+                generated += len(batch.images)
+                bar.update(len(batch.images))
+        except Exception as e:  # the other ranks must stop too, not sample on and wait at the gather below
+            problem = e
+        raise_if_any(problem, world, device)
     wall_s = time.perf_counter() - start
     bar.close()
     if len(now) < len(todo):
@@ -250,7 +270,8 @@ def _run(args: argparse.Namespace, accel: str | None, rank: int, world: int,
                      "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                           if device.type == "cuda" else "cpu"),
                      "run_dir": str(run_dir), "image_name": f"<index zero-padded to {width}>.png",
-                     "labels": "image i has class i % num_classes", "num_classes": num_classes},
+                     "labels": "image i has class i % num_classes", "num_classes": num_classes,
+                     "sampling_defaults": {"model": args.model, "used": defaults_used}},
         "identity": identity,
         "timing": summarize_timing(gathered, args.eval_bsz),
         "flops": flops_summary(gen, args, accel_config),

@@ -1,7 +1,7 @@
 """Write a grid of class-conditional samples (rows = classes).
 
-    python sample.py                                   # demo model, its 12 classes, CPU, < 1 minute
-    python sample.py --model mar_huge --classes 207 360 387 974 88 979 417 279 --cfg 3.2 --device cuda
+    python sample.py                                   # demo model, its 12 classes, < 1 minute on a CPU
+    python sample.py --model mar_huge --classes 207 360 387 974 88 979 417 279 --cfg 3.2
     python sample.py --compare                         # plain | LazyMAR from the same seeds
 
 ``--compare`` samples the same batch twice from the same seed (same orders, same noise), without and
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from demo.registry import DEMO_DEFAULTS, DEMO_MODEL, DEMO_MODELS  # also registers the demo models with util.loading
+from demo.registry import DEMO_MODEL  # also registers the demo models (and their sampling defaults) with util.loading
 from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, check_draft_flags, describe, named_accel
 from models.schedules import check_sampling_settings
-from util.generate import SamplingSettings, generate_batches
 from util.compile import add_compile_args, apply_compile, compile_mode
+from util.device import best_device
+from util.generate import SamplingSettings, add_sampling_args, generate_batches, sampling_flags
 from util.loading import TINY_MODEL, Generator, load_draft, load_generator, model_choices
 from util.precision import PRECISIONS
 
@@ -45,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class ids, one row each (default: all classes of the demo / tiny model, "
                         f"{IMAGENET_EXAMPLE} for ImageNet models)")
     p.add_argument("--num_per_class", type=int, default=4)
-    p.add_argument("--num_iter", type=int, default=None, help="MAR steps (default: demo defaults / 64)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance (default: demo defaults / 3.0)")
-    p.add_argument("--cfg_schedule", default=None, choices=["linear", "constant"])
-    p.add_argument("--temperature", type=float, default=None)
+    add_sampling_args(p)
     p.add_argument("--num_sampling_steps", type=int, default=None,
                    help="diffusion steps of the head (default: the model's own: 100, the demo's from its "
                         "checkpoint; 20 for the untrained tiny-random fallback)")
@@ -61,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
     p.add_argument("--compare", action="store_true", help="plain and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=str(best_device()), help="this machine's best (util.device.best_device)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="autocast sampling and decoding (weights stay float32)")
     add_compile_args(p)
@@ -70,21 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _defaults(model: str) -> dict[str, Any]:
-    if model in DEMO_MODELS:  # the draft samples with the demo's settings too
-        return dict(DEMO_DEFAULTS)
-    if model == TINY_MODEL:
-        return dict(num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=1.0)
-    return dict(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
-
-
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The model's default sampling settings, overridden by the flags given."""
-    settings = _defaults(args.model)
-    for k in ("num_iter", "cfg", "cfg_schedule", "temperature"):
-        if getattr(args, k) is not None:
-            settings[k] = getattr(args, k)
-    return settings
+    """The model's default sampling settings, overridden by the flags given (:func:`util.generate.sampling_flags`)."""
+    return sampling_flags(args.model, args)[0]
 
 
 def _load(args: argparse.Namespace) -> Generator:

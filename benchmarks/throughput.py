@@ -40,6 +40,7 @@ from models.mar import MAR, MAR_FACTORIES
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.deadline import DeadlineExceeded, deadline
+from util.device import best_device
 from util.loading import TINY_MODEL, check_sampling_steps
 from util.precision import PRECISIONS, autocast
 from util.timing import build_random_model, synchronize, time_call
@@ -263,7 +264,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="untimed generations identical to each cell's timed one, run before it (0: none)")
     p.add_argument("--seed", type=int, default=Settings.seed)
     add_compile_args(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=str(best_device()))
     p.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S,
                    help="seconds from the start (model building included) after which the cell in progress "
                         "is interrupted and the rest are recorded as skipped")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +85,42 @@ class Summary:
     demo_fid_range: tuple[float, float]
     num_images: int
     acceptance_rate: float | None = None  # mean over seeds (speculative decoding only)
+
+
+FLOAT_FIELDS = ("tflops_per_image", "seconds_per_image", "class_accuracy", "demo_fid")  # of Row, never None
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` (nested dicts, lists, tuples) with every float that is not finite as None, so that
+    ``json.dumps(..., allow_nan=False)`` writes JSON (bare ``NaN`` is not JSON: strict readers refuse it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def row_to_json(row: Row) -> dict[str, Any]:
+    """``row`` as JSON values: a number that is not finite as null (NaN seconds: a row saved before rows of
+    one batch were timed)."""
+    return strict_json(asdict(row))
+
+
+def row_from_json(data: dict[str, Any]) -> Row:
+    """The :class:`Row` of :func:`row_to_json`'s output: null in a number field reads as NaN (files written
+    before that held bare ``NaN``, which Python's json reads too)."""
+    return Row(**{k: float("nan") if v is None and k in FLOAT_FIELDS else v for k, v in data.items()})
+
+
+def save_rows(path: Path, identity: dict, settings: dict, floor: dict | None, rows: list[Row]) -> None:
+    """Write a table's rows file (read back by :func:`load_done_rows`) atomically, as strict JSON."""
+    from util.checkpoint import atomic_path
+    payload = strict_json({"identity": identity, "settings": settings, "floor": floor})
+    payload["rows"] = [row_to_json(r) for r in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str, allow_nan=False))
 
 
 def _mean_timed(seconds: list[float]) -> float:
@@ -348,7 +385,7 @@ def load_done_rows(path: Path, identity: dict) -> tuple[list[Row], dict[str, str
             f"preset {p}" for p in changed]
         raise ValueError(f"--out {path} holds rows of another demo model or settings (differs in {diff}); "
                          f"use another --out, or delete it to start over")
-    return [Row(**r) for r in saved["rows"]], saved["identity"].get("presets", {})
+    return [row_from_json(r) for r in saved["rows"]], saved["identity"].get("presets", {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,10 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     finished = {r.key: r for r in done}  # saved rows of other steps, policies and seeds stay saved
 
     def save() -> None:
-        with atomic_path(args.out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps({"identity": identity, "settings": vars(args) | {"out": str(args.out)},
-                                       "floor": floor, "rows": [asdict(r) for r in finished.values()]},
-                                      indent=2, default=str))
+        save_rows(args.out.with_suffix(".json"), identity, vars(args) | {"out": str(args.out)}, floor,
+                  list(finished.values()))
 
     def on_row(row: Row) -> None:
         finished[row.key] = row

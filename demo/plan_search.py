@@ -22,8 +22,8 @@ configuration qualifies by its worst plausible loss, not its mean. It is written
 ``lazymar/planned_presets.json`` with its held-out measurements and their intervals.
 
 ``--out`` holds ``results.jsonl`` (the run identity, then one line per measurement, appended as it
-finishes: the same command run again reuses them and continues, other settings are refused, naming
-what differs), ``front.md`` (the table), ``front.png`` (the plot), ``presets.json`` (the export) and
+finishes: the same command run again reuses them and continues; other settings, weights or measurement
+code (:data:`MEASUREMENT_CODE`) are refused, naming what differs), ``front.md`` (the table), ``front.png`` (the plot), ``presets.json`` (the export) and
 ``fidelity_cache/`` (the reference images' classifier features, computed once).
 ``--budget_s`` bounds the wall time of the search (loading the model and the reference come before it):
 no measurement starts that its predicted time (from its FLOPs and the seconds per FLOP so far) would
@@ -48,14 +48,25 @@ import numpy as np
 
 from demo.dataset import NUM_CLASSES
 from demo.compare import RowSample
-from demo.evaluate import Row, Summary, evaluate, plain_sample_path, summarize
+from demo.evaluate import Row, Summary, evaluate, plain_sample_path, row_from_json, row_to_json, summarize
 from lazymar.planned import config_to_dict
 from lazymar.search_space import Candidate, SearchSpace, candidates, price
+from util.hashing import source_sha256
 from util.stats import BOOTSTRAP_RESAMPLES
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+# The sources whose edits can change a measurement (a line of results.jsonl), so their digest is part of the
+# results' identity: the sampler and every technique with its FLOPs count and search space (a line is found
+# by its candidate's key), how weights are read and images generated and timed, and the demo's measure (data,
+# classifier, metrics, demo.evaluate). This module's selection and report are not: they decide which
+# configurations to measure and how to show them, and a measurement reused under their edit is still right.
+MEASUREMENT_CODE = ("models", "lazymar", "util/generate.py", "util/loading.py", "util/checkpoint.py",
+                    "util/precision.py", "util/timing.py", "util/stats.py", "util/set_metrics.py", "util/paired.py",
+                    "demo/registry.py", "demo/tokenizer.py", "demo/dataset.py", "demo/classifier.py",
+                    "demo/fidelity.py", "demo/evaluate.py", "demo/compare.py")
 # The named presets measured beside the search by default: the paper techniques the README compares.
 DEFAULT_ANCHORS = ("lazymar", "gtr+lazymar", "gtr+disa+lazymar")
 
@@ -215,20 +226,25 @@ class ResultsFile:
                 self.path.write_text("\n".join(good) + "\n")
                 break
             good.append(line)
-            row = Row(**entry["row"])
+            row = row_from_json(entry["row"])
             self.rows[row.policy, entry["per_class"], row.seed] = row
 
     def get(self, key: str, per_class: int, seed: int) -> Row | None:
         return self.rows.get((key, per_class, seed))
 
     def add(self, cand: Candidate, per_class: int, row: Row) -> None:
-        entry = {"config": cand.key, "label": cand.label, "per_class": per_class, "row": asdict(row),
+        entry = {"config": cand.key, "label": cand.label, "per_class": per_class, "row": row_to_json(row),
                  "accel": None if cand.accel is None else config_to_dict(cand.accel)}
         with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps(entry, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.rows[cand.key, per_class, row.seed] = row
+
+
+def measurement_code_sha256(root: Path = ROOT) -> str:
+    """Digest of :data:`MEASUREMENT_CODE` under ``root`` (:func:`util.hashing.source_sha256`)."""
+    return source_sha256(root, MEASUREMENT_CODE)
 
 
 # ------------------------------------------------------------------------------------------ time box
@@ -646,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
                     **{f"{role}_sha256": file_sha256(path) for role, path in sorted(gen.files.items())},
                     reference=dict(data, per_class=len(reference) // NUM_CLASSES),
                     cfg_schedule=DEMO_DEFAULTS["cfg_schedule"], temperature=DEMO_DEFAULTS["temperature"],
-                    seed_rule=SEED_RULE, device="cpu", threads=torch.get_num_threads(), resamples=args.resamples)
+                    seed_rule=SEED_RULE, device="cpu", threads=torch.get_num_threads(), resamples=args.resamples,
+                    code_sha256=measurement_code_sha256())
     # The reference's classifier features are computed once; the cache is named by the images themselves.
     reference_name = f"demo-reference-{hashlib.sha256(reference.tobytes()).hexdigest()[:16]}"
     measure = DemoMeasure(gen, classifier_path=str(classifier), reference=reference,

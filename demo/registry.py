@@ -8,7 +8,9 @@ files are made. ``vae.decode(tokens / latent_scale)`` gives images in [-1, 1] of
 
 Importing this module registers two models with :func:`util.loading.load_generator`: ``demo``
 (``mar.pt``) and ``demo_draft`` (``draft.pt``: the same recipe at half the width, the draft of
-speculative decoding, ``--accel cspd --draft_model demo_draft``). Both decode with the demo tokenizer.
+speculative decoding, ``--accel cspd --draft_model demo_draft``). Both decode with the demo tokenizer,
+and both sample at :data:`DEMO_DEFAULTS` where the scripts' flags leave a setting out
+(:func:`util.loading.sampling_defaults`).
 """
 from __future__ import annotations
 
@@ -123,8 +125,8 @@ def _loader(name: str):
     return load
 
 
-register_generator(DEMO_MODEL, _loader("mar"))
-register_generator(DEMO_DRAFT_MODEL, _loader("draft"))
+register_generator(DEMO_MODEL, _loader("mar"), sampling=DEMO_DEFAULTS)
+register_generator(DEMO_DRAFT_MODEL, _loader("draft"), sampling=DEMO_DEFAULTS)  # sampled alone, as the demo is
 
 
 def to_classifier_size(images: torch.Tensor, size: int = 64) -> torch.Tensor:

@@ -21,8 +21,8 @@ from PIL import Image
 from lazymar.cspd import CSPD_PRESETS, check_draft_flags, definition
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
-from util.generate import SEED_RULE
-from util.hashing import cached_file_sha256, state_dict_sha256
+from util.generate import SEED_RULE, sampling_flags
+from util.hashing import cached_file_sha256, source_sha256, state_dict_sha256
 from util.loading import Generator
 
 TMP_MARK = ".tmp-"
@@ -74,14 +74,15 @@ def run_name(args: argparse.Namespace, device: torch.device) -> str:
     ``--draft_ckpt`` path) and the hash of :func:`accel_definition`.
     """
     accel = accel_name(args)
+    sampling, _ = sampling_flags(args.model, args)  # flags left out: the model's defaults, as eval.py fills them
     parts = [args.model]
     if args.ckpt is not None or args.vae_path is not None:
         parts.append("ckpt" + _short_hash(f"{Path(args.ckpt).resolve() if args.ckpt else ''}|"
                                           f"{Path(args.vae_path).resolve() if args.vae_path else ''}", 6))
     if args.no_ema:
         parts.append("raw")
-    parts += [f"it{args.num_iter}", f"cfg{_fmt(args.cfg)}", args.cfg_schedule, f"temp{_fmt(args.temperature)}",
-              f"ds{args.num_sampling_steps}"]
+    parts += [f"it{sampling['num_iter']}", f"cfg{_fmt(sampling['cfg'])}", sampling["cfg_schedule"],
+              f"temp{_fmt(sampling['temperature'])}", f"ds{args.num_sampling_steps}"]
     if args.precision != "fp32":  # fp32 is the default and gets no name part
         parts.append(args.precision)
     if args.compile or args.cuda_graph:  # compiled arithmetic rounds differently: another run
@@ -108,15 +109,8 @@ def class_labels(num_images: int, num_classes: int) -> np.ndarray:
 
 def code_sha256(root: Path = ROOT, sources: tuple[str, ...] = IMAGE_CODE,
                 exclude: frozenset[str] = NOT_IMAGE_CODE) -> str:
-    """Digest of the Python files under ``sources`` but not in ``exclude`` (relative paths and contents)."""
-    h = hashlib.sha256()
-    for source in sources:
-        files = sorted((root / source).rglob("*.py")) if (root / source).is_dir() else [root / source]
-        for f in files:
-            name = f.relative_to(root).as_posix()
-            if name not in exclude:
-                h.update(f"{name}\0".encode() + f.read_bytes() + b"\0")
-    return h.hexdigest()
+    """Digest of the sampling code (:func:`util.hashing.source_sha256` of ``sources`` less ``exclude``)."""
+    return source_sha256(root, sources, exclude)
 
 
 def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, device: torch.device,

@@ -43,6 +43,35 @@ def test_bench_rows_pair_latency_with_flops(monkeypatch):
     assert "    4.00x" in table.splitlines()[3] and "lazymar-off" in table.splitlines()[4]
 
 
+def test_sampling_prints_each_row_as_its_preset_finishes(monkeypatch, capsys):
+    """A run over many presets is long: the table's header comes first and each row when its preset is
+    timed, not all at the end (what was printed is read at each timing call), and a bar counts presets."""
+    model = build_tiny_mar(img_size=128, buffer_size=4, num_sampling_steps="20")
+    monkeypatch.setattr(benchmarks.sampling, "build_timed_model", lambda args: (model, torch.device("cpu")))
+    scripted = iter([6.0, 1.5, 3.0])
+    printed, bars = [], []
+
+    def fake_median_time(fn, device, repeats, warmup=None):
+        out = capsys.readouterr()
+        printed.append(out.out)
+        bars.append(out.err)
+        return next(scripted)
+
+    monkeypatch.setattr(benchmarks.sampling, "median_time", fake_median_time)
+    assert benchmarks.sampling.main(["--model", "mar_base", "--device", "cpu", "--num_iter", "4", "--bsz", "2",
+                                     "--presets", "lazymar", "lazymar-off", "--repeats", "1"]) == 0
+    out = capsys.readouterr()
+    printed.append(out.out)
+    bars.append(out.err)
+    lines = ["".join(printed[:k + 1]).splitlines() for k in range(len(printed))]
+    assert lines[0][1:] == benchmarks.sampling.format_rows([]).splitlines()  # the title, the header, no row yet
+    assert [line.split()[0] for line in lines[1][3:]] == ["plain"]  # before lazymar is timed
+    assert [line.split()[0] for line in lines[2][3:]] == ["plain", "lazymar"]
+    assert [line.split()[0] for line in lines[3][3:]] == ["plain", "lazymar", "lazymar-off"]
+    assert "4.00x" in lines[3][4]  # the speedups are against plain's row, printed before them
+    assert "3/3" in "".join(bars) and "preset" in "".join(bars)
+
+
 @contextmanager
 def _costs(obj, attr: str, seconds: float, now: list[float], calls: dict, name: str):
     """For the block: ``obj.attr`` advances the scripted clock by ``seconds`` per call (and counts calls);

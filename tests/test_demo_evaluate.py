@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
-from demo.evaluate import Row, evaluate, format_markdown, load_done_rows, summarize
+from demo.evaluate import Row, evaluate, format_markdown, load_done_rows, save_rows, summarize
 from demo.plot import plot_quality_vs_flops
 from models.mar import MAR
 from models.vae import AutoencoderKL
@@ -219,3 +219,29 @@ def test_rows_are_compared_with_plain_on_common_random_numbers(conditioned_gener
     again = evaluate(conditioned_generator, policies=[None, "gtr"], done=[plain], **kwargs)
     assert sampled == ["gtr"]  # plain's images came from samples_dir, not from sampling them again
     assert again[1].vs_plain == gtr.vs_plain and again[1].intervals == gtr.intervals
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses what is not JSON (``NaN``, ``Infinity``), as strict readers do."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_saved_rows_are_strict_json_and_read_back(tmp_path):
+    """A row without a time (NaN seconds) is written as null and read back as NaN; the shipped table too."""
+    rows = [Row("plain", 64, 0.04, float("nan"), 0.9, 10.5, 120, 0), Row("lazymar", 64, 0.02, 0.2, 0.9, 11.0, 120, 1),
+            Row("cspd", 64, 0.03, 0.4, 0.95, 9.4, 120, 0, acceptance_rate=0.32)]
+    identity = dict(mar_sha256="abc", cfg=3.0, presets={"lazymar": "LazyMAR()"})
+    path = tmp_path / "table.json"
+    save_rows(path, identity, {"cfg": None}, {"demo_fid": 0.4, "class_accuracy": 1.0}, rows)
+    saved = strict_json(path.read_text())
+    assert saved["rows"][0]["seconds_per_image"] is None and saved["rows"][0]["acceptance_rate"] is None
+    back, presets = load_done_rows(path, identity)
+    assert np.isnan(back[0].seconds_per_image) and back[1:] == rows[1:] and presets == identity["presets"]
+    assert [asdict(r) for r in back][0] | {"seconds_per_image": 0} == asdict(rows[0]) | {"seconds_per_image": 0}
+
+    shipped = Path(__file__).resolve().parents[1] / "docs" / "demo_quality.json"
+    table = strict_json(shipped.read_text())
+    rows, _ = load_done_rows(shipped, table["identity"])
+    assert len(rows) == len(table["rows"]) and sum(np.isnan(r.seconds_per_image) for r in rows) == 24

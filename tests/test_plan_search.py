@@ -345,3 +345,37 @@ def test_the_command_line_writes_table_plot_and_presets(generator, tmp_path, mon
     assert main(argv) == 0 and len((out / "results.jsonl").read_text().splitlines()) == lines  # all reused
     with pytest.raises(ValueError, match=r"differs in \['settings.max_configs'\]"):
         main([*argv[:6], "--max_configs", "4", *argv[8:]])
+    # A fix of the measurement code: the same command measures again instead of reusing the old lines.
+    import demo.plan_search
+    identity = json.loads((out / "results.jsonl").read_text().splitlines()[0])["identity"]
+    assert identity["code_sha256"] == demo.plan_search.measurement_code_sha256()
+    monkeypatch.setattr(demo.plan_search, "measurement_code_sha256", lambda root=None: "0" * 64)
+    with pytest.raises(ValueError, match=r"differs in \['code_sha256'\]"):
+        main(argv)
+    assert len((out / "results.jsonl").read_text().splitlines()) == lines  # nothing appended
+
+
+def test_the_measurement_code_digest_covers_what_makes_a_measurement(tmp_path):
+    """Editing the sampler, a technique, its FLOPs count, the search space or the demo's measure changes
+    the digest in the results' identity; the planner's own selection and report (demo/plan_search.py) do not
+    change a measurement and are not part of it."""
+    from demo.plan_search import MEASUREMENT_CODE, measurement_code_sha256
+    root = tmp_path / "tree"
+    for source in (*MEASUREMENT_CODE, "demo/plan_search.py"):
+        src = ROOT / source
+        for f in sorted(src.rglob("*.py")) if src.is_dir() else [src]:
+            dst = root / f.relative_to(ROOT)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    base = measurement_code_sha256(root)
+    assert base == measurement_code_sha256()  # the copy is the tree
+    for name in ("models/mar.py", "models/runner.py", "lazymar/flops.py", "lazymar/search_space.py",
+                 "lazymar/token_cache.py", "util/generate.py", "demo/evaluate.py", "demo/fidelity.py",
+                 "demo/dataset.py", "demo/classifier.py"):
+        path = root / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        assert measurement_code_sha256(root) != base, name
+        path.write_bytes(original)
+    (root / "demo/plan_search.py").write_bytes(b"# edited\n")
+    assert measurement_code_sha256(root) == base

@@ -23,6 +23,13 @@ Three kinds of preset, three kinds of band, each from the value measured here (i
   fails every comparison) or scales the tokens (a lost DiSA clamp moves them by alpha_bar ratios).
 - equal to plain by construction: ``lazymar-off``, and ``lazymar-cond`` without guidance (the condition
   cache reuses the guidance residual; at cfg 1 there is none): exactly.
+- combinations (``disa+lazymar``, ...): a band of the first two kinds would hold the combination's parts
+  too (``disa`` measures 1.137309 against ``disa+lazymar``'s 1.137441), so a combination that silently
+  dropped a technique would pass. Band: the measured error +- half its distance to the nearest part's
+  (the presets, or configs, made of a subset of its techniques: :data:`DROPPED`), rounded down to one
+  digit, so every part's error lies outside it. Where a part's error is within ``SEPARATION`` (3e-5,
+  ~40x the float floor; one thread against two moves these errors by <= 2e-7) of the combination's, no
+  band on this error can tell them apart: those pairs (:data:`UNSEPARATED`) are held apart directly.
 The FLOPs of every preset are held to a real count of its run in test_flops.py (parametrized over
 PRESETS, so a new preset is counted there without an edit).
 """
@@ -41,8 +48,14 @@ from test_reference import rel_err
 NUM_ITER = 32
 CFGS = (1.0, 3.0)
 EXACT = (0.0, 0.0)
+SEPARATION = 3e-5
 
-# preset: (band at cfg 1, band at cfg 3)  # measured at cfg 1 / cfg 3
+
+def around(measured: float, half_width: float) -> tuple[float, float]:
+    return measured - half_width, measured + half_width
+
+
+# preset: (band at cfg 1, band at cfg 3)  # measured at cfg 1 / cfg 3 (combinations: their parts' errors)
 BANDS = {
     "lazymar": ((8e-4, 2e-2), (2e-3, 5e-2)),  # 4.02e-3 / 1.15e-2
     "lazymar-token": ((7e-4, 2e-2), (1e-3, 3e-2)),  # 3.53e-3 / 5.75e-3
@@ -51,19 +64,22 @@ BANDS = {
     "lazymar-scaled": ((5e-4, 2e-2), (1e-3, 3e-2)),  # 2.56e-3 / 6.05e-3
     "lazymar-off": (EXACT, EXACT),  # 0 / 0
     "marche": ((8e-4, 2e-2), (7e-4, 2e-2)),  # 4.44e-3 / 3.80e-3
-    "marche+lazymar": ((8e-4, 2e-2), (9e-4, 2e-2)),  # 4.30e-3 / 4.51e-3
+    # marche 4.443034e-3 / 3.798796e-3, lazymar 4.022378e-3 / 1.149336e-2
+    "marche+lazymar": (around(4.295467e-3, 7e-5), around(4.505020e-3, 3e-4)),
     "gtr": ((0.6, 2.0), (0.7, 2.2)),  # 1.30 / 1.46
     "gtr-transformer": ((0.7, 2.1), (0.7, 2.3)),  # 1.40 / 1.51
     "gtr-diffusion": ((0.6, 1.9), (0.6, 2.1)),  # 1.23 / 1.38
     "gtr-nofts": ((0.7, 2.4), (0.7, 2.2)),  # 1.58 / 1.46
     "gtr-paper-rates": ((0.7, 2.3), (0.7, 2.3)),  # 1.49 / 1.51
-    "gtr+lazymar": ((0.6, 2.0), (0.7, 2.3)),  # 1.29 / 1.48
-    "gtr+marche+lazymar": ((0.6, 2.0), (0.7, 2.2)),  # 1.29 / 1.46
+    "gtr+lazymar": (around(1.294983, 2e-4), around(1.479350, 7e-3)),  # gtr 1.295444 / 1.463677
+    # gtr+lazymar 1.294983 / 1.479350, gtr+marche 1.294421 / 1.464657, gtr 1.295444 / 1.463677
+    "gtr+marche+lazymar": (around(1.294421, 2e-4), around(1.463688, 4e-4)),
     "disa": ((0.5, 1.8), (0.6, 1.8)),  # 1.14 / 1.20
-    "disa+lazymar": ((0.5, 1.8), (0.6, 1.8)),  # 1.14 / 1.20
-    "gtr+disa+lazymar": ((0.6, 2.0), (0.6, 1.8)),  # 1.32 / 1.20
+    "disa+lazymar": (around(1.137441, 6e-5), around(1.197644, 2e-5)),  # disa 1.137309 / 1.197595
+    # gtr+disa 1.324211 / 1.200646, disa+lazymar 1.137441 / 1.197644, gtr+lazymar 1.294983 / 1.479350
+    "gtr+disa+lazymar": (around(1.324065, 7e-5), around(1.200579, 3e-5)),
     "recap": ((0.6, 2.0), (0.8, 2.6)),  # 1.27 / 1.69
-    "recap+lazymar": ((0.6, 2.0), (0.8, 2.6)),  # 1.27 / 1.69
+    "recap+lazymar": (around(1.270059, 5e-5), around(1.690931, 9e-5)),  # recap 1.270166 / 1.691122
 }
 
 
@@ -105,8 +121,9 @@ ON_TOP = {
     # GtR + DiSA without LazyMAR's caches is no preset: the same config with the caches off.
     ("gtr+disa+lazymar", "gtr+disa"): ((4e-4, 9e-3), (5e-4, 2e-2)),  # 2.09e-3 / 2.55e-3
 }
-PARTS = {"gtr+disa": replace(PRESETS["gtr+disa+lazymar"], token_cache=None, condition_cache=None,
-                             head_cache=None)}
+NO_CACHES = dict(token_cache=None, condition_cache=None, head_cache=None)
+PARTS = {"gtr+disa": replace(PRESETS["gtr+disa+lazymar"], **NO_CACHES),
+         "gtr+marche": replace(PRESETS["gtr+marche+lazymar"], **NO_CACHES)}
 
 
 @pytest.mark.parametrize("cfg", CFGS)
@@ -128,3 +145,37 @@ def test_gtr_combinations_change_what_gtr_runs(combo, part, cfg):
     seed's distance (1.52 / 1.35) x 1.3."""
     err = rel_err(tokens(combo, cfg), tokens(part, cfg))
     assert 1e-4 < err < 2.0, (combo, part, cfg, err)
+
+
+# combination: what it runs if a technique is silently dropped (the presets, or PARTS' configs, made of a
+# subset of its techniques)
+DROPPED = {
+    "gtr+lazymar": ("gtr", "lazymar"),
+    "marche+lazymar": ("marche", "lazymar"),
+    "gtr+marche+lazymar": ("gtr+marche", "gtr+lazymar", "marche+lazymar", "gtr", "marche", "lazymar"),
+    "disa+lazymar": ("disa", "lazymar"),
+    "recap+lazymar": ("recap", "lazymar"),
+    "gtr+disa+lazymar": ("gtr+disa", "gtr+lazymar", "disa+lazymar", "gtr", "disa", "lazymar"),
+}
+# (combination, part, cfg) whose errors against plain MAR differ by less than SEPARATION (measured: 5e-7,
+# the same token's error, and 1.1e-5).
+UNSEPARATED = {("gtr+marche+lazymar", "gtr+marche", 1.0), ("gtr+marche+lazymar", "gtr", 3.0)}
+
+
+def test_every_combination_names_its_parts():
+    assert set(DROPPED) == {name for name in PRESETS if "+" in name}
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("combo, part", [(c, p) for c, parts in sorted(DROPPED.items()) for p in parts])
+def test_a_combination_that_drops_a_technique_fails_its_band(combo, part, cfg):
+    """The part's error against plain MAR (what the combination would measure with a technique dropped)
+    lies outside the combination's band; the pairs no band can separate differ directly (by 3.2e-3 and
+    1.07, against a float floor of 8e-7)."""
+    out = tokens(PARTS.get(part, part), cfg)
+    if (combo, part, cfg) in UNSEPARATED:
+        assert rel_err(tokens(combo, cfg), out) > 1e-4, (combo, part, cfg)
+        return
+    lo, hi = BANDS[combo][CFGS.index(cfg)]
+    err = rel_err(out, tokens(None, cfg))
+    assert not lo < err < hi, f"{part} (error {err:.7g}) passes {combo}'s band ({lo:.7g}, {hi:.7g}) at cfg {cfg}"

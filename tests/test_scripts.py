@@ -79,6 +79,68 @@ def test_torchrun_two_processes_match_single(reference_run, tmp_path):
     assert folder_bytes(out / "images") == folder_bytes(reference_run / "images")
 
 
+FAILING_RANK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import eval as eval_script
+from util import cli
+
+real = eval_script.generate_batches
+
+
+def failing(*args, **kwargs):  # rank 1 fails in its first batch, as a GPU out of memory would
+    for batch in real(*args, **kwargs):
+        if os.environ["RANK"] == "1":
+            raise MemoryError("rank 1 ran out of memory in its first batch")
+        yield batch
+
+
+def stuck():  # a failed rank whose shutdown never returns, as NCCL's can with work in flight
+    time.sleep(3600)
+
+
+eval_script.generate_batches = failing
+if os.environ["RANK"] == "1" and {hang!r}:
+    eval_script.shutdown = stuck
+cli.run(eval_script.main, eval_script.build_parser().parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["failed rank exits", "failed rank hangs"])
+def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, hang):
+    """Two processes (gloo, CPU), launched as two nodes' workers are (no launcher to kill the other): rank 1
+    fails in its first batch; rank 0 stops after its own first batch with rank 1's error, rather than
+    sampling its other batches and then failing at the final gather (on a closed connection), or, when
+    the failed rank does not exit, waiting there for the collective timeout of 30 minutes."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK.format(root=str(ROOT), hang=hang))
+    out = tmp_path / "out"
+    flags = [*BASE, "--num_images", "40", "--eval_bsz", "4", "--no_metrics", "--output_dir", str(out)]  # 5 each
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *flags], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        stdout, stderr = procs[0].communicate(timeout=300)  # a hang, not a time: the collective waits 30 min
+        if not hang:
+            _, failed = procs[1].communicate(timeout=60)
+            assert procs[1].returncode != 0 and "MemoryError: rank 1 ran out of memory in its first batch" in failed
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode != 0, stdout[-2000:] + stderr[-2000:]
+    assert "rank 1 of 2 failed" in stderr and "rank 1 ran out of memory" in stderr, stderr[-2000:]
+    written = sorted(int(p.stem) for p in (run_dir(out) / "images").glob("*.png"))
+    assert written == list(range(4))  # rank 0's first batch (batch 0), none of its four others
+
+
 def test_killed_run_resumes_to_identical_files(reference_run, tmp_path):
     with pytest.raises(SystemExit):
         run_eval("--output_dir", str(tmp_path), "--stop_after_batches", "1")
@@ -159,6 +221,69 @@ def test_code_identity_covers_what_makes_images_and_nothing_else(tmp_path):
         assert path.is_file(), name  # the exclusions name real files
         path.write_bytes(path.read_bytes() + b"\n# edited\n")
     assert eval_run.code_sha256(root) == base
+
+
+def test_eval_samples_each_model_at_its_own_defaults(tmp_path):
+    """eval.py --model demo without --cfg / --temperature samples at the demo's defaults (those sample.py,
+    demo.evaluate and the README's accuracy use: cfg 3, temperature 0.4) and records that it took them; a
+    flag still overrides; the released models keep the LazyMAR evaluation's (64 steps, cfg 3.25, T 1)."""
+    small = ["--model", "demo", "--num_images", "12", "--eval_bsz", "12", "--num_iter", "2",
+             "--num_sampling_steps", "5", "--device", "cpu", "--no_metrics"]
+    result = eval_script.main(eval_script.build_parser().parse_args([*small, "--output_dir", str(tmp_path / "a")]))
+    identity = result["identity"]
+    assert (identity["num_iter"], identity["cfg"], identity["cfg_schedule"], identity["temperature"]) == (
+        2, 3.0, "linear", 0.4)
+    used = {"model": "demo", "used": {"cfg": 3.0, "cfg_schedule": "linear", "temperature": 0.4}}
+    assert result["settings"]["sampling_defaults"] == used
+    assert json.loads((run_dir(tmp_path / "a") / "metrics.json").read_text())["settings"]["sampling_defaults"] == used
+    result = eval_script.main(eval_script.build_parser().parse_args(
+        [*small, "--cfg", "2.0", "--output_dir", str(tmp_path / "b")]))
+    assert (result["identity"]["cfg"], result["identity"]["temperature"]) == (2.0, 0.4)
+    assert result["settings"]["sampling_defaults"]["used"] == {"cfg_schedule": "linear", "temperature": 0.4}
+
+    from util.generate import sampling_flags
+    released = eval_script.build_parser().parse_args(["--model", "mar_huge"])
+    assert sampling_flags("mar_huge", released)[0] == dict(num_iter=64, cfg=3.25, cfg_schedule="linear",
+                                                           temperature=1.0)
+    assert "-it64-cfg3.25-linear-temp1-" in eval_run.run_name(released, torch.device("cpu"))
+
+
+def test_every_script_takes_the_same_defaults_per_model():
+    from util.generate import sampling_flags
+    from util.loading import model_choices
+    for model in model_choices():
+        sampled = sample_script._settings(sample_script.build_parser().parse_args(["--model", model]))
+        evaluated = sampling_flags(model, eval_script.build_parser().parse_args(["--model", model]))[0]
+        assert sampled == evaluated, model
+
+
+def test_the_scripts_pick_the_best_device_the_same_way(monkeypatch, tmp_path):
+    """sample.py and eval.py without --device: a CUDA machine samples on CUDA in both (util.device), a
+    machine without one on the CPU."""
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def spy(script):
+        def load(model, *, device, **kwargs):
+            seen[script] = torch.device(device).type
+            raise Loaded
+        return load
+
+    monkeypatch.setattr(sample_script, "load_generator", spy("sample.py"))
+    monkeypatch.setattr(eval_script, "load_generator", spy("eval.py"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # no GPU here to select
+    for cuda, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        seen.clear()
+        with pytest.raises(Loaded):
+            sample_script.main(sample_script.build_parser().parse_args(
+                ["--model", "tiny-random", "--out", str(tmp_path / "grid.png")]))
+        with pytest.raises(Loaded):
+            eval_script.main(eval_script.build_parser().parse_args(
+                ["--model", "tiny-random", "--no_metrics", "--output_dir", str(tmp_path / "out")]))
+        assert seen == {"sample.py": expected, "eval.py": expected}
 
 
 @pytest.mark.parametrize("model", ["demo", "tiny-random"])

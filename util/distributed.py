@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from util.device import best_device
+
 TIMEOUT_MIN = 30  # a collective waits this long for the slowest rank (e.g. rank 0 writing metrics)
 
 
@@ -27,7 +29,7 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        dev = best_device(local_rank)
     else:
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
@@ -57,6 +59,25 @@ def raise_everywhere(problem: BaseException | None, world: int) -> None:
         shared = [problem]
         dist.broadcast_object_list(shared, src=0)
         problem = shared[0]
+    if problem is not None:
+        raise problem
+
+
+def raise_if_any(problem: BaseException | None, world: int, device: torch.device) -> None:
+    """A collective that every rank calls at the same point (e.g. after each batch): if any rank's
+    ``problem`` is set, raise on every rank, its own problem on a rank that has one, elsewhere a
+    ``RuntimeError`` naming the first failing rank and its error. So the ranks stop together instead of
+    sampling on and then waiting :data:`TIMEOUT_MIN` minutes at a collective for a rank that stopped.
+    One all-reduce of a flag (on ``device``: NCCL reduces CUDA tensors), and a gather of the messages
+    only when a rank failed."""
+    if world > 1:
+        failed = torch.tensor([0.0 if problem is None else 1.0], device=device)
+        dist.all_reduce(failed)
+        if failed.item() > 0:
+            messages = gather(None if problem is None else f"{type(problem).__name__}: {problem}", world)
+            if problem is None:
+                first = next(r for r, m in enumerate(messages) if m is not None)
+                raise RuntimeError(f"rank {first} of {world} failed, so this one stops too: {messages[first]}")
     if problem is not None:
         raise problem
 

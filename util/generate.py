@@ -7,6 +7,7 @@ in which order or in which process: a run can be split over processes or resumed
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from util.loading import Generator
+from util.loading import SAMPLING_KEYS, Generator, model_choices, sampling_defaults
 from util.precision import autocast
 from util.timing import synchronize
 
@@ -43,6 +44,30 @@ class SamplingSettings:
     temperature: float = 1.0
     accel: Any = None
     precision: str = "fp32"
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """``--num_iter``, ``--cfg``, ``--cfg_schedule``, ``--temperature``; a flag left out takes the model's
+    default (:func:`sampling_flags`), which the help lists per model."""
+    def by_model(key: str) -> str:
+        groups: dict[Any, list[str]] = {}
+        for model in model_choices():
+            groups.setdefault(sampling_defaults(model)[key], []).append(model)
+        return "None: the --model's default: " + ", ".join(f"{v} ({', '.join(ms)})" for v, ms in groups.items())
+
+    parser.add_argument("--num_iter", type=int, default=None, help=f"MAR steps; {by_model('num_iter')}")
+    parser.add_argument("--cfg", type=float, default=None, help=f"guidance scale; {by_model('cfg')}")
+    parser.add_argument("--cfg_schedule", default=None, choices=["linear", "constant"], help=by_model("cfg_schedule"))
+    parser.add_argument("--temperature", type=float, default=None, help=by_model("temperature"))
+
+
+def sampling_flags(model: str, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sampling settings of :func:`add_sampling_args`' flags: ``model``'s defaults
+    (:func:`util.loading.sampling_defaults`) overridden by the flags given; and the defaults it used (the
+    settings no flag gave), to be recorded beside the results."""
+    settings = sampling_defaults(model)
+    given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
+    return settings | given, {k: v for k, v in settings.items() if k not in given}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ untouched file reads the digest back, and a file replaced at the same path is ha
 copied over with its size and modification time preserved (``cp -p``, ``rsync -t``, ``os.replace`` of a
 file whose mtime was set back): a new file has a new inode, and writing or renaming sets the ctime, which
 no user call can set back.
+
+:func:`source_sha256` digests source files, so that a saved result records the code that produced it
+(eval.py's run identity, the planner's results file).
 """
 from __future__ import annotations
 
@@ -16,6 +19,20 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+
+def source_sha256(root: str | os.PathLike, sources: tuple[str, ...], exclude: frozenset[str] = frozenset()) -> str:
+    """Digest of the Python files under ``sources`` (files or folders, relative to ``root``) but not in
+    ``exclude`` (relative paths): their relative paths and contents, in sorted order per source."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for source in sources:
+        files = sorted((root / source).rglob("*.py")) if (root / source).is_dir() else [root / source]
+        for f in files:
+            name = f.relative_to(root).as_posix()
+            if name not in exclude:
+                h.update(f"{name}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -11,13 +11,16 @@
   documented fallback of ``sample.py`` when the demo files are missing. Its images are noise.
 * any name a higher layer registered with :func:`register_generator`: importing :mod:`demo.registry`
   registers ``demo``, the small model trained on the demo data set. ``util`` never imports ``demo``.
+
+:func:`sampling_defaults` gives each model's default sampling settings, the one source every script
+(eval.py, sample.py) takes the settings its flags leave out from.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +38,12 @@ TINY_MAR = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, class
                 decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
                 mlp_ratio=2.0, buffer_size=4, diffloss_d=2, diffloss_w=32)
 TINY_VAE = dict(embed_dim=16, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, resolution=32)
+# Default sampling settings of the released models: the LazyMAR evaluation's (MAR-H, 64 steps, cfg 3.25
+# linear, temperature 1; docs/REPRODUCING.md gives MAR's guidance per size for its own tables). The
+# untrained tiny model takes them at 16 steps: its images are noise at any setting, so it samples fast.
+RELEASED_SAMPLING = dict(num_iter=64, cfg=3.25, cfg_schedule="linear", temperature=1.0)
+TINY_SAMPLING = dict(RELEASED_SAMPLING, num_iter=16)
+SAMPLING_KEYS = tuple(RELEASED_SAMPLING)
 
 
 @dataclass(frozen=True)
@@ -70,17 +79,35 @@ class LoadedModel(NamedTuple):
 
 # name -> loader(ckpt=..., vae_path=..., use_ema=...) -> LoadedModel; filled by higher layers.
 _REGISTERED: dict[str, Callable[..., LoadedModel]] = {}
+# name -> its default sampling settings, for the registered models that have their own.
+_SAMPLING: dict[str, dict[str, Any]] = {}
 
 
-def register_generator(name: str, loader: Callable[..., LoadedModel]) -> None:
+def register_generator(name: str, loader: Callable[..., LoadedModel], *,
+                       sampling: dict[str, Any] | None = None) -> None:
     """Make ``load_generator(name)`` call ``loader(ckpt=..., vae_path=..., use_ema=...)``.
 
     How a higher layer (the demo) adds a model without this module importing it. The loader raises
     ``FileNotFoundError`` when its files are missing and ``ValueError`` for flags it cannot honour.
+    ``sampling``: the model's default sampling settings (the keys of :data:`RELEASED_SAMPLING`), read by
+    :func:`sampling_defaults` when called (not copied); None: the released models'.
     """
     if name in RELEASED_MODELS or name == TINY_MODEL:
         raise ValueError(f"{name!r} is a built-in model name")
+    if sampling is not None and set(sampling) != set(SAMPLING_KEYS):
+        raise ValueError(f"sampling defaults of {name!r} must give exactly {list(SAMPLING_KEYS)}, got {sorted(sampling)}")
     _REGISTERED[name] = loader
+    if sampling is not None:
+        _SAMPLING[name] = sampling
+
+
+def sampling_defaults(model: str) -> dict[str, Any]:
+    """The sampling settings (``num_iter``, ``cfg``, ``cfg_schedule``, ``temperature``) a script uses for
+    ``model`` where no flag gives them: a registered model's own, :data:`TINY_SAMPLING` for the tiny model,
+    else :data:`RELEASED_SAMPLING`. A new dict."""
+    if model == TINY_MODEL:
+        return dict(TINY_SAMPLING)
+    return dict(_SAMPLING.get(model, RELEASED_SAMPLING))
 
 
 def model_choices() -> tuple[str, ...]:

@@ -79,7 +79,8 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bsz", type=int, default=1)
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--num_sampling_steps", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from util.device import best_device
+    parser.add_argument("--device", default=str(best_device()))
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="autocast the sampling (weights stay float32; see util.precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
