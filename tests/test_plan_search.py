@@ -195,8 +195,10 @@ def test_the_time_box_is_respected_and_a_rerun_continues(generator, measure, tmp
     second = run(generator, slow, path, clock=clock, budget_s=250.0)
     assert not second.complete and second.reused == len(done)
     assert not set(slow.calls[len(done):]) & set(done) and len(slow.calls) > len(done)
-    # Cheapest FLOPs first: the measurements so far are the cheapest of the first rung.
-    tflops = [json.loads(line)["row"]["tflops_per_image"] for line in path.read_text().splitlines()[1:]]
+    # Plain MAR first (every other point is compared with it), then the cheapest FLOPs first.
+    lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert lines[0]["label"].startswith("plain")
+    tflops = [line["row"]["tflops_per_image"] for line in lines[1:]]
     assert tflops == sorted(tflops)
 
 
