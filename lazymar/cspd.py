@@ -63,8 +63,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.config import AccelConfig, preset, preset_names
+from lazymar.config import AccelConfig
 from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
+from lazymar.names import CSPD_PRESETS, RELEASE_OPTIONS, preset, preset_names
 from lazymar.plan import FIELD_MEANING
 from lazymar.steps import decide
 from lazymar.technique import PlainMAR, Technique
@@ -74,11 +75,6 @@ from models.schedules import guidance_on, guidance_scale, plain_mask_lens
 
 DRAFT_TOKENS = ("mean", "sample")
 STEP_MISMATCH = ("error", "prefix")
-# The released defects' behaviour (``released_config("cspd", ...)`` and the ``cspd-release`` preset).
-RELEASE_OPTIONS = dict(draft_token="mean", residual_inner_temperature=False, unaccepted="zero",
-                       residual_stop="all", residual_rounds=100, step_mismatch="prefix")
-# Named option sets: ``cspd_preset(name, draft, ...)``.
-CSPD_PRESETS: dict[str, dict[str, Any]] = {"cspd": {}, "cspd-release": RELEASE_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -281,24 +277,6 @@ def cspd_preset(name: str, draft: Any, **settings: Any) -> CSpDConfig:
 
 
 # ------------------------------------------------------------------------------------------ scripts
-# What the scripts' ``--accel`` takes: a preset, or a CSpD preset with ``--draft_model``.
-ACCEL_NAMES = (*preset_names(), *sorted(CSPD_PRESETS))
-
-
-def check_draft_flags(accel: str | None, draft_model: str | None) -> None:
-    """The scripts' rule for ``--accel`` and ``--draft_model``, checked before anything loads: a CSpD
-    preset needs a draft model, a draft model needs a CSpD preset, and any other name must be a preset
-    whose config exists (a planned one the planner has not measured is refused, with how to measure it)."""
-    if accel in CSPD_PRESETS and draft_model is None:
-        raise ValueError(f"--accel {accel} needs --draft_model MODEL: the small MAR that drafts for --model "
-                         f"(same token grid and channels, e.g. --model mar_huge --draft_model mar_base)")
-    if draft_model is not None and accel not in CSPD_PRESETS:
-        raise ValueError(f"--draft_model {draft_model} is only used by speculative decoding: add --accel "
-                         f"{' or '.join(sorted(CSPD_PRESETS))} (got --accel {accel})")
-    if accel is not None and accel not in CSPD_PRESETS:
-        preset(accel)  # a planned name the planner has not measured yet is refused here, with how to measure it
-
-
 def named_accel(accel: str | None, draft=None, *, on_stats: Callable[["CSpDStats"], None] | None = None):
     """The config a script's ``--accel NAME`` asks for: None (plain MAR), a preset's
     :class:`~lazymar.config.AccelConfig`, or for a CSpD preset a :class:`CSpDConfig` with ``draft``

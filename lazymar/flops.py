@@ -77,7 +77,8 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
         vae: optional VAE whose decode of one latent is counted (on the meta device).
     """
     from lazymar.config import OFF
-    from lazymar.steps import AccelSteps, resolve_accel
+    from lazymar.names import resolve_accel
+    from lazymar.steps import AccelSteps
     from models.schedules import guidance_on
     if callable(getattr(accel, "estimate_flops", None)):  # runs more than this model: its own plan
         report = accel.estimate_flops(model, num_iter=num_iter, cfg=cfg, bsz=bsz)
@@ -193,7 +194,8 @@ def format_table(rows: list[tuple[str, FlopReport]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from lazymar.config import PRESETS
-    from lazymar.cspd import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags, named_accel
+    from lazymar.cspd import named_accel
+    from lazymar.names import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags
     from models.mar import MAR_FACTORIES, build_released
     from models.schedules import check_sampling_settings
     from models.vae import KL16_CONFIG, AutoencoderKL

@@ -16,7 +16,8 @@ from demo.dataset import HELDOUT_SEED, NUM_CLASSES, make_split
 from demo.plan_search import (DemoMeasure, PlanSettings, Point, ResultsFile, dominates, format_report,
                               main, nearest_front, pareto_front, plot_front, preset_entries, sample_space, search)
 from demo.evaluate import Row
-from lazymar.config import PRESETS, preset
+from lazymar.config import PRESETS
+from lazymar.names import preset
 from lazymar.flops import estimate
 from lazymar.planned import write_planned
 from lazymar.search_space import (Candidate, DiSASpace, GtRSpace, LazyMARSpace, MARcheSpace, ReCAPSpace,
