@@ -63,8 +63,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lazymar import cspd_flops
 from lazymar.config import AccelConfig
 from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
+from lazymar.cspd_schedule import CSpDStepPlan, is_prefill, is_verification
 from lazymar.names import CSPD_PRESETS, RELEASE_OPTIONS, preset, preset_names
 from lazymar.plan import FIELD_MEANING
 from lazymar.steps import decide
@@ -176,14 +178,12 @@ class CSpDConfig:
     def estimate_flops(self, target, *, num_iter: int, cfg: float, bsz: int = 1):
         """FLOPs per image of ``target.sample_tokens(accel=self)``, both models' components summed (the
         hook :func:`lazymar.flops.estimate` asks; per model: :func:`lazymar.cspd_flops.estimate`)."""
-        from lazymar.cspd_flops import estimate  # cspd_flops builds on this module
-        return estimate(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz).combined()
+        return cspd_flops.estimate(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz).combined()
 
     def measure_flops(self, target, *, num_iter: int, cfg: float, bsz: int = 1, **sample_kwargs):
         """FLOPs per image counted in a real run, both models' components summed (the hook
         :func:`lazymar.flops.measure` asks; per model: :func:`lazymar.cspd_flops.measure`)."""
-        from lazymar.cspd_flops import measure
-        return measure(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz, **sample_kwargs).combined()
+        return cspd_flops.measure(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz, **sample_kwargs).combined()
 
     def sampler(self, model, *, num_iter: int, guided: bool) -> "CSpD":
         """The sampler of one ``model.sample_tokens(accel=self)`` call, ``model`` verifying the draft (the
@@ -379,34 +379,6 @@ class StatsLog:
     @property
     def last(self) -> CSpDStats:
         return self.runs[-1]
-
-
-# ------------------------------------------------------------------------------------------ schedule
-def is_prefill(step: int, num_iter: int, ratio: float) -> bool:
-    """Step ``step`` (0-based) is made by the target alone: ``step <= num_iter * ratio`` as released."""
-    return step <= num_iter * ratio
-
-
-def is_verification(step: int, num_iter: int, num_draft: int) -> bool:
-    """A verification follows draft step ``step`` when ``step % num_draft == 0 and step != 0`` or it is the
-    last: blocks end at multiples of ``num_draft``, not counted from the end of pre-fill."""
-    return (step % num_draft == 0 and step != 0) or step == num_iter - 1
-
-
-@dataclass(frozen=True)
-class CSpDStepPlan:
-    """The layout of a generation: which steps pre-fill, which draft, which are followed by a verification."""
-
-    num_iter: int
-    prefill: tuple[int, ...]
-    drafts: tuple[int, ...]
-    verifications: tuple[int, ...]
-
-    @classmethod
-    def of(cls, num_iter: int, ratio: float, num_draft: int) -> "CSpDStepPlan":
-        prefill = tuple(s for s in range(num_iter) if is_prefill(s, num_iter, ratio))
-        drafts = tuple(s for s in range(num_iter) if not is_prefill(s, num_iter, ratio))
-        return cls(num_iter, prefill, drafts, tuple(s for s in drafts if is_verification(s, num_iter, num_draft)))
 
 
 # ------------------------------------------------------------------------------------------ sampler
