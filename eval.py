@@ -69,7 +69,8 @@ from evaluation.report import (acceptance_summary, flops_summary, format_table, 
                                save_batch_stats, summarize_timing)
 from evaluation.run import (accel_definition, accel_name, claim_run_dir, class_labels, index_width, remove_stale_tmp,
                             run_identity, run_name, save_png)
-from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, named_accel
+from lazymar.cspd import CSpDConfig, StatsLog, named_accel
+from lazymar.names import ACCEL_NAMES
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.distributed import gather, init_distributed, raise_everywhere, raise_if_any, shutdown

@@ -26,7 +26,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from demo.registry import DEMO_MODEL  # also registers the demo models (and their sampling defaults) with util.loading
-from lazymar.cspd import ACCEL_NAMES, CSpDConfig, StatsLog, check_draft_flags, describe, named_accel
+from lazymar.cspd import CSpDConfig, StatsLog, describe, named_accel
+from lazymar.names import ACCEL_NAMES, check_draft_flags
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.device import best_device

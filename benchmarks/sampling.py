@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.cspd import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags, named_accel
+from lazymar.cspd import named_accel
 from lazymar.flops import estimate
+from lazymar.names import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags
 from models.mar import MAR_FACTORIES
 from util.cli import check_positive
 from util.precision import autocast

@@ -179,7 +179,7 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class
     """
     from tqdm.auto import tqdm
 
-    from lazymar.config import pairs_with_plain
+    from lazymar.names import pairs_with_plain
     from lazymar.cspd import summarize as summarize_cspd
     from lazymar.flops import estimate
     labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES

@@ -613,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from demo.evaluate import reference_images
     from demo.registry import DEMO_DEFAULTS, DEMO_DIR, DEMO_FILES, DEMO_MODEL
-    from lazymar.config import PRESETS, preset
+    from lazymar.config import PRESETS
+    from lazymar.names import preset
     from lazymar.planned import DEFAULT_TARGETS, PLANNED_FILE, write_planned
     from lazymar.search_space import SPACES
     from util.hashing import file_sha256

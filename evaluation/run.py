@@ -18,7 +18,8 @@ import PIL
 import torch
 from PIL import Image
 
-from lazymar.cspd import CSPD_PRESETS, check_draft_flags, definition
+from lazymar.cspd import definition
+from lazymar.names import CSPD_PRESETS, check_draft_flags
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
 from util.generate import SEED_RULE, sampling_flags

@@ -7,12 +7,13 @@ names (``accel="lazymar"``) also work once this package is imported; the config 
 Continuous speculative decoding takes a second model: ``accel=CSpDConfig(draft=...)`` (:mod:`lazymar.cspd`).
 """
 from lazymar.condition_cache import ConditionCacheConfig
-from lazymar.config import PRESETS, AccelConfig, preset
+from lazymar.config import PRESETS, AccelConfig
 from lazymar.cspd import CSPD_PRESETS, CSpDConfig, CSpDStats, StatsLog, cspd_preset
 from lazymar.disa import DiSAConfig
 from lazymar.gtr import GtRConfig
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.marche import MARcheConfig
+from lazymar.names import preset
 from lazymar.recap import ReCAPConfig
 from lazymar.released import released_config
 from lazymar.token_cache import TokenCacheConfig

@@ -15,7 +15,7 @@ ablations; ``lazymar-off`` has everything disabled and is plain MAR by construct
 to that). ``gtr*`` and ``marche*`` are GtR, MARche and their ablations, ``disa`` the DiSA release's
 README setting, ``recap`` the ReCAP release's MAR-H setting at any step count, and ``+`` names
 combinations. The names the acceleration planner chose by measurement (``fast``, ``balanced``) are not
-code: :func:`preset` reads them from :mod:`lazymar.planned`.
+code (:mod:`lazymar.planned`); :func:`lazymar.names.preset` looks up every kind of name.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from lazymar.head_cache import HeadCache, HeadCacheConfig
 from lazymar.marche import MARche, MARcheConfig
 from lazymar.recap import ReCAP, ReCAPConfig
 from lazymar.schedules import is_refresh_step
+from lazymar.steps import AccelSteps
 from lazymar.technique import Technique, check_composition
 from lazymar.token_cache import TokenCache, TokenCacheConfig
 
@@ -96,7 +97,6 @@ class AccelConfig:
 
     def sampler(self, model, *, num_iter: int, guided: bool):
         """The step strategy of this config for one ``sample_tokens`` call (``models.mar.StepStrategy``)."""
-        from lazymar.steps import AccelSteps  # steps.py builds on this module
         return AccelSteps(model, self, num_iter=num_iter, guided=guided)
 
     def schedule_length(self, num_iter: int) -> int:
@@ -145,39 +145,3 @@ PRESETS: dict[str, AccelConfig] = {
     "recap": replace(OFF, recap=ReCAPConfig()),
     "recap+lazymar": replace(LAZYMAR, token_cache=None, recap=ReCAPConfig(), schedule_steps=None),
 }
-
-
-def preset(name: str) -> AccelConfig:
-    """The config of preset ``name``: a paper preset (:data:`PRESETS`) or one the planner measured
-    (:mod:`lazymar.planned`), with the list of names when it is unknown. Speculative decoding's names
-    (:data:`lazymar.cspd.CSPD_PRESETS`) are refused here: they need a draft model."""
-    if name in PRESETS:
-        return PRESETS[name]
-    from lazymar.cspd import CSPD_PRESETS  # cspd.py builds on this module
-    if name in CSPD_PRESETS:
-        raise ValueError(f"{name!r} is speculative decoding, which needs a draft model: "
-                         f"lazymar.cspd_preset({name!r}, draft=<the draft MAR>)")
-    from lazymar.planned import planned_preset  # it builds configs of this module
-    return planned_preset(name)
-
-
-def preset_names() -> list[str]:
-    """Every name :func:`preset` may accept, for ``choices=``: the paper presets, then the planned ones
-    (a planned name the planner has not measured yet is refused by :func:`preset` with the command that
-    measures it)."""
-    from lazymar.planned import planned_names
-    return sorted(PRESETS) + planned_names()
-
-
-def pairs_with_plain(accel: Any) -> bool:
-    """Whether images sampled with ``accel`` (None, a preset name or a config) have plain-MAR twins: the
-    same labels, seed and batch give the same random draws (:attr:`AccelConfig.pairs_with_plain`). Plain
-    MAR pairs with itself; speculative decoding draws its own noise for the draft and the verification."""
-    if accel is None:
-        return True
-    if isinstance(accel, str):
-        from lazymar.cspd import CSPD_PRESETS  # cspd.py builds on this module
-        if accel in CSPD_PRESETS:
-            return False
-        accel = preset(accel)
-    return isinstance(accel, AccelConfig) and accel.pairs_with_plain

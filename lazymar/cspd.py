@@ -63,8 +63,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.config import AccelConfig, preset, preset_names
+from lazymar import cspd_flops
+from lazymar.config import AccelConfig
 from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
+from lazymar.cspd_schedule import CSpDStepPlan, is_prefill, is_verification
+from lazymar.names import CSPD_PRESETS, RELEASE_OPTIONS, preset, preset_names
 from lazymar.plan import FIELD_MEANING
 from lazymar.steps import decide
 from lazymar.technique import PlainMAR, Technique
@@ -74,11 +77,6 @@ from models.schedules import guidance_on, guidance_scale, plain_mask_lens
 
 DRAFT_TOKENS = ("mean", "sample")
 STEP_MISMATCH = ("error", "prefix")
-# The released defects' behaviour (``released_config("cspd", ...)`` and the ``cspd-release`` preset).
-RELEASE_OPTIONS = dict(draft_token="mean", residual_inner_temperature=False, unaccepted="zero",
-                       residual_stop="all", residual_rounds=100, step_mismatch="prefix")
-# Named option sets: ``cspd_preset(name, draft, ...)``.
-CSPD_PRESETS: dict[str, dict[str, Any]] = {"cspd": {}, "cspd-release": RELEASE_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -180,14 +178,12 @@ class CSpDConfig:
     def estimate_flops(self, target, *, num_iter: int, cfg: float, bsz: int = 1):
         """FLOPs per image of ``target.sample_tokens(accel=self)``, both models' components summed (the
         hook :func:`lazymar.flops.estimate` asks; per model: :func:`lazymar.cspd_flops.estimate`)."""
-        from lazymar.cspd_flops import estimate  # cspd_flops builds on this module
-        return estimate(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz).combined()
+        return cspd_flops.estimate(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz).combined()
 
     def measure_flops(self, target, *, num_iter: int, cfg: float, bsz: int = 1, **sample_kwargs):
         """FLOPs per image counted in a real run, both models' components summed (the hook
         :func:`lazymar.flops.measure` asks; per model: :func:`lazymar.cspd_flops.measure`)."""
-        from lazymar.cspd_flops import measure
-        return measure(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz, **sample_kwargs).combined()
+        return cspd_flops.measure(target, self, num_iter=num_iter, cfg=cfg, bsz=bsz, **sample_kwargs).combined()
 
     def sampler(self, model, *, num_iter: int, guided: bool) -> "CSpD":
         """The sampler of one ``model.sample_tokens(accel=self)`` call, ``model`` verifying the draft (the
@@ -281,24 +277,6 @@ def cspd_preset(name: str, draft: Any, **settings: Any) -> CSpDConfig:
 
 
 # ------------------------------------------------------------------------------------------ scripts
-# What the scripts' ``--accel`` takes: a preset, or a CSpD preset with ``--draft_model``.
-ACCEL_NAMES = (*preset_names(), *sorted(CSPD_PRESETS))
-
-
-def check_draft_flags(accel: str | None, draft_model: str | None) -> None:
-    """The scripts' rule for ``--accel`` and ``--draft_model``, checked before anything loads: a CSpD
-    preset needs a draft model, a draft model needs a CSpD preset, and any other name must be a preset
-    whose config exists (a planned one the planner has not measured is refused, with how to measure it)."""
-    if accel in CSPD_PRESETS and draft_model is None:
-        raise ValueError(f"--accel {accel} needs --draft_model MODEL: the small MAR that drafts for --model "
-                         f"(same token grid and channels, e.g. --model mar_huge --draft_model mar_base)")
-    if draft_model is not None and accel not in CSPD_PRESETS:
-        raise ValueError(f"--draft_model {draft_model} is only used by speculative decoding: add --accel "
-                         f"{' or '.join(sorted(CSPD_PRESETS))} (got --accel {accel})")
-    if accel is not None and accel not in CSPD_PRESETS:
-        preset(accel)  # a planned name the planner has not measured yet is refused here, with how to measure it
-
-
 def named_accel(accel: str | None, draft=None, *, on_stats: Callable[["CSpDStats"], None] | None = None):
     """The config a script's ``--accel NAME`` asks for: None (plain MAR), a preset's
     :class:`~lazymar.config.AccelConfig`, or for a CSpD preset a :class:`CSpDConfig` with ``draft``
@@ -401,34 +379,6 @@ class StatsLog:
     @property
     def last(self) -> CSpDStats:
         return self.runs[-1]
-
-
-# ------------------------------------------------------------------------------------------ schedule
-def is_prefill(step: int, num_iter: int, ratio: float) -> bool:
-    """Step ``step`` (0-based) is made by the target alone: ``step <= num_iter * ratio`` as released."""
-    return step <= num_iter * ratio
-
-
-def is_verification(step: int, num_iter: int, num_draft: int) -> bool:
-    """A verification follows draft step ``step`` when ``step % num_draft == 0 and step != 0`` or it is the
-    last: blocks end at multiples of ``num_draft``, not counted from the end of pre-fill."""
-    return (step % num_draft == 0 and step != 0) or step == num_iter - 1
-
-
-@dataclass(frozen=True)
-class CSpDStepPlan:
-    """The layout of a generation: which steps pre-fill, which draft, which are followed by a verification."""
-
-    num_iter: int
-    prefill: tuple[int, ...]
-    drafts: tuple[int, ...]
-    verifications: tuple[int, ...]
-
-    @classmethod
-    def of(cls, num_iter: int, ratio: float, num_draft: int) -> "CSpDStepPlan":
-        prefill = tuple(s for s in range(num_iter) if is_prefill(s, num_iter, ratio))
-        drafts = tuple(s for s in range(num_iter) if not is_prefill(s, num_iter, ratio))
-        return cls(num_iter, prefill, drafts, tuple(s for s in drafts if is_verification(s, num_iter, num_draft)))
 
 
 # ------------------------------------------------------------------------------------------ sampler

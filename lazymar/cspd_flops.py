@@ -10,22 +10,23 @@ function of ``num_iter``, ``ratio`` and ``num_draft`` alone; the acceptance rate
 output stays to the draft's or to the target's tokens. :func:`estimate` prices the plan,
 :func:`measure` counts a real run (the tests hold them equal, component by component).
 
-    python -m lazymar.cspd_flops --target mar_huge --draft mar_base --num_iter 256 --num_draft 4 --ratio 0.05
+    python -m benchmarks.cspd_flops --target mar_huge --draft mar_base --num_iter 256 --num_draft 4 --ratio 0.05
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lazymar.cspd import CSpDConfig, CSpDStepPlan, cspd_preset
-from lazymar.flops import COMPONENTS, FlopReport, _Counter, estimate as estimate_plain
+from lazymar.cspd_schedule import CSpDStepPlan
+from lazymar.flops import COMPONENTS, FlopReport, _Counter
 from lazymar.plan import HeadCall, ModelShape, StepPlan
 from lazymar.technique import PlainMAR, Technique
 from models.schedules import plain_mask_lens
+
+if TYPE_CHECKING:  # the config hands itself in (its estimate_flops / measure_flops hooks)
+    from lazymar.cspd import CSpDConfig
 
 
 @dataclass
@@ -120,46 +121,3 @@ def measure(target, config: CSpDConfig, *, num_iter: int, cfg: float, bsz: int =
         role, component = (key or "target/encoder").split("/")
         getattr(out, role).components[component] += flops / bsz
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from models.mar import MAR_FACTORIES, build_released
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="mar_huge", choices=sorted(MAR_FACTORIES))
-    parser.add_argument("--draft", default="mar_base", choices=sorted(MAR_FACTORIES))
-    parser.add_argument("--num_iter", type=int, default=256)
-    parser.add_argument("--num_draft", type=int, default=4)
-    parser.add_argument("--ratio", type=float, default=0.05)
-    parser.add_argument("--cfg", type=float, default=4.0)
-    parser.add_argument("--head_cache", choices=("none", "draft", "target", "both"), default="none",
-                        help="LazyMAR's head cache on these models")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    with torch.device("meta"):
-        target, draft = build_released(args.target), build_released(args.draft)
-    cache = {"draft": args.head_cache in ("draft", "both"), "target": args.head_cache in ("target", "both")}
-    config = cspd_preset("cspd", draft, ratio=args.ratio, num_draft=args.num_draft,
-                         draft_accel="lazymar-head" if cache["draft"] else None,
-                         target_accel="lazymar-head" if cache["target"] else None)
-    plain = estimate_plain(target, num_iter=args.num_iter, cfg=args.cfg)
-    cspd = estimate(target, config, num_iter=args.num_iter, cfg=args.cfg)
-    if args.json:
-        print(json.dumps({**cspd.as_dict(), "plain_target_tflops": plain.total / 1e12,
-                          "ratio": plain.total / cspd.total}, indent=2))
-        return 0
-    print(f"{args.draft} drafts for {args.target}: {args.num_iter} steps, num_draft {args.num_draft}, ratio "
-          f"{args.ratio}, cfg {args.cfg}, FLOPs per image (any acceptance rate), VAE decode excluded")
-    d = cspd.as_dict()
-    print(f"target passes {d['target_passes']} ({d['prefill_steps']} pre-fill + {d['verifications']} "
-          f"verifications), draft steps {d['draft_steps']}")
-    for name, report in (("plain target", plain), ("CSpD target", cspd.target), ("CSpD draft", cspd.draft)):
-        parts = "  ".join(f"{c} {report.components[c] / 1e12:.2f}T" for c in COMPONENTS[:3])
-        print(f"{name:<14}{report.total / 1e12:>8.2f}T   {parts}")
-    print(f"{'CSpD total':<14}{cspd.total / 1e12:>8.2f}T   ratio {plain.total / cspd.total:.2f}x")
-    return 0
-
-
-if __name__ == "__main__":
-    from util import cli
-    cli.run(main)

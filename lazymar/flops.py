@@ -14,15 +14,11 @@ What is counted: multiply-adds x 2 of linear layers, attention products (QK^T an
 convolutions. Not counted: normalisations, activations, softmax, elementwise guidance arithmetic,
 gathers (a few percent of the total; see the README for how this relates to the papers' counts).
 
-CLI: ``python -m lazymar.flops --model mar_huge --num_iter 64 --cfg 3.25 [--accel lazymar] [--json]``;
-``--accel cspd --draft_model mar_base`` counts both models of speculative decoding (per model:
-``python -m lazymar.cspd_flops``).
+The command line is :mod:`benchmarks.flops` (``python -m benchmarks.flops --model mar_huge --accel lazymar``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +27,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
+from lazymar.config import OFF
+from lazymar.names import resolve_accel
 from lazymar.plan import ModelShape
+from lazymar.steps import AccelSteps
+from models.schedules import guidance_on
 
 COMPONENTS = ("encoder", "decoder", "diffusion_head", "vae_decode")
 
@@ -76,9 +76,6 @@ def estimate(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 
             makes FLOPs per image depend on it.
         vae: optional VAE whose decode of one latent is counted (on the meta device).
     """
-    from lazymar.config import OFF
-    from lazymar.steps import AccelSteps, resolve_accel
-    from models.schedules import guidance_on
     if callable(getattr(accel, "estimate_flops", None)):  # runs more than this model: its own plan
         report = accel.estimate_flops(model, num_iter=num_iter, cfg=cfg, bsz=bsz)
         if vae is not None:
@@ -178,66 +175,3 @@ def measure(model, *, num_iter: int, cfg: float, accel: Any = None, bsz: int = 1
     if vae is not None:
         report.components["vae_decode"] = vae_decode_flops(vae, latent_hw=tokens.shape[-1])
     return report
-
-
-# --------------------------------------------------------------------------------------- CLI
-def format_table(rows: list[tuple[str, FlopReport]]) -> str:
-    head = f"{'preset':<20}" + "".join(f"{c:>16}" for c in COMPONENTS) + f"{'total':>12}{'ratio':>8}"
-    lines = [head, "-" * len(head)]
-    base = rows[0][1].total
-    for name, r in rows:
-        lines.append(f"{name:<20}" + "".join(f"{r.components[c] / 1e12:>15.3f}T" for c in COMPONENTS)
-                     + f"{r.total / 1e12:>11.2f}T{base / r.total:>7.2f}x")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from lazymar.config import PRESETS
-    from lazymar.cspd import ACCEL_NAMES, CSPD_PRESETS, check_draft_flags, named_accel
-    from models.mar import MAR_FACTORIES, build_released
-    from models.schedules import check_sampling_settings
-    from models.vae import KL16_CONFIG, AutoencoderKL
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mar_huge", choices=sorted(MAR_FACTORIES))
-    parser.add_argument("--num_iter", type=int, default=64)
-    parser.add_argument("--cfg", type=float, default=3.25)
-    parser.add_argument("--num_sampling_steps", type=int, default=100)
-    parser.add_argument("--accel", default=None, nargs="+", choices=[*ACCEL_NAMES, "all"],
-                        help="presets to count beside plain MAR (default: plain only; 'all': every preset but "
-                             "CSpD's, which need --draft_model)")
-    parser.add_argument("--draft_model", default=None, choices=sorted(MAR_FACTORIES),
-                        help="the draft of --accel cspd / cspd-release (both models are counted)")
-    parser.add_argument("--json", action="store_true", help="print the last preset's (or plain MAR's) report as JSON")
-    args = parser.parse_args(argv)
-    check_sampling_settings(num_iter=args.num_iter, cfg=args.cfg)
-    names = sorted(PRESETS) if args.accel == ["all"] else (args.accel or [])
-    cspd = [n for n in names if n in CSPD_PRESETS]
-    check_draft_flags(cspd[0] if cspd else (names[-1] if names else None), args.draft_model)
-    with torch.device("meta"):
-        model = build_released(args.model, num_sampling_steps=args.num_sampling_steps)
-        draft = build_released(args.draft_model, num_sampling_steps=args.num_sampling_steps) if cspd else None
-        vae = AutoencoderKL(**KL16_CONFIG)
-    rows = [("plain", estimate(model, num_iter=args.num_iter, cfg=args.cfg, vae=vae))]
-    for name in names:
-        accel = named_accel(name, draft if name in CSPD_PRESETS else None)
-        label = f"{name} ({args.draft_model})" if name in CSPD_PRESETS else name
-        rows.append((label, estimate(model, num_iter=args.num_iter, cfg=args.cfg, accel=accel, vae=vae)))
-    if args.json:
-        out = rows[-1][1].as_dict()
-        out.update(model=args.model, num_iter=args.num_iter, cfg=args.cfg, accel=names[-1] if names else None,
-                   plain_total_tflops=rows[0][1].total / 1e12)
-        if names and names[-1] in CSPD_PRESETS:
-            out.update(draft_model=args.draft_model)
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{args.model}, {args.num_iter} steps, cfg {args.cfg}, {args.num_sampling_steps} diffusion steps, "
-              f"FLOPs per image (total excludes the VAE decode)")
-        print(format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    from util import cli
-    cli.run(main)

@@ -19,6 +19,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from lazymar.config import PRESETS, AccelConfig
+from util.checkpoint import atomic_path
+
 PLANNED_FILE = Path(__file__).resolve().with_name("planned_presets.json")
 # The names the planner exports by default, with their bound: demo FID at most (1 + bound) x plain MAR's.
 DEFAULT_TARGETS: dict[str, float] = {"balanced": 0.05, "fast": 0.25}
@@ -66,13 +69,12 @@ def planned_names(path: Path | None = None) -> list[str]:
     return sorted(set(DEFAULT_TARGETS) | set(read_planned(path)))
 
 
-def planned_preset(name: str, path: Path | None = None):
+def planned_preset(name: str, path: Path | None = None) -> AccelConfig:
     """The :class:`lazymar.AccelConfig` of planned preset ``name``.
 
     Raises ``ValueError``: for a planned name the file has no entry for, with the command that measures
     it; for any other name, as an unknown preset.
     """
-    from lazymar.config import PRESETS, AccelConfig  # config.preset() calls this module lazily
     path = PLANNED_FILE if path is None else Path(path)
     entries = read_planned(path)
     if name in entries:
@@ -91,8 +93,6 @@ def planned_preset(name: str, path: Path | None = None):
 def write_planned(path: Path, entries: dict[str, dict[str, Any]], about: dict[str, Any]) -> Path:
     """Write ``entries`` (name -> entry with an ``accel`` config object) to ``path``, atomically, and check
     that every entry reads back as the config it was written from."""
-    from lazymar.config import PRESETS, AccelConfig
-    from util.checkpoint import atomic_path
     clash = sorted(set(entries) & set(PRESETS))
     if clash:
         raise ValueError(f"planned preset names {clash} are paper presets; choose other names")

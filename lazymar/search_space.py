@@ -27,9 +27,12 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from lazymar.condition_cache import ConditionCacheConfig
 from lazymar.config import AccelConfig
 from lazymar.disa import ANNEALING, DiSAConfig
+from lazymar.flops import estimate
 from lazymar.gtr import DEFAULT_STAGE_STEPS, PAPER_STAGE_STEPS, GtRConfig
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.marche import MARcheConfig
@@ -293,9 +296,6 @@ def price(cands: list[Candidate], model, *, bsz: int, progress: bool = False) ->
                                                                                         Counter]:
     """``(candidate, TFLOPs per image)`` of each candidate whose steps plan, and the number rejected at
     plan time, by reason. FLOPs are those of the executed plan (:func:`lazymar.flops.estimate`)."""
-    from tqdm.auto import tqdm
-
-    from lazymar.flops import estimate
     priced, pruned = [], Counter()
     for c in tqdm(cands, desc="pricing", unit="config", disable=not progress):
         try:

@@ -14,24 +14,16 @@ every technique's ``complete`` on the decoder output, and the head calls through
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lazymar.config import PRESETS, AccelConfig, preset
 from lazymar.plan import STEP_PHASES, HeadCall, Schedule, StepPlan
 from lazymar.technique import Hidden, PlainMAR, StepInputs, Technique, resolve, splits_head
 from models.indexing import gather_rows, positions
 
-
-def resolve_accel(accel: Any) -> AccelConfig:
-    """A preset name or a config object -> config; raises a clear error for anything else."""
-    if isinstance(accel, str):
-        return preset(accel)
-    if isinstance(accel, AccelConfig):
-        return accel
-    raise TypeError(f"accel must be None, a preset name ({sorted(PRESETS)}) or an AccelConfig, "
-                    f"got {type(accel).__name__}")
+if TYPE_CHECKING:  # the config hands itself in (AccelConfig.sampler)
+    from lazymar.config import AccelConfig
 
 
 def decide(field: str, techniques: list[Technique], ask) -> tuple[Technique, Any] | None:

@@ -42,8 +42,8 @@ def test_check_positive_names_the_flag():
 
 
 @pytest.mark.parametrize("module,argv,match", [
-    ("lazymar.flops", ["--num_iter", "0"], "num_iter"),
-    ("lazymar.flops", ["--cfg", "-1"], "cfg"),
+    ("benchmarks.flops", ["--num_iter", "0"], "num_iter"),
+    ("benchmarks.flops", ["--cfg", "-1"], "cfg"),
     ("benchmarks.sampling", ["--repeats", "0"], "--repeats"),
     ("benchmarks.sampling", ["--bsz", "0"], "--bsz"),
     ("benchmarks.sampling", ["--num_iter", "0"], "num_iter"),
@@ -76,7 +76,7 @@ def test_bad_flags_raise_before_work(module, argv, match, monkeypatch):
 
 
 def test_script_exit_status_and_message():
-    out = subprocess.run([sys.executable, "-m", "lazymar.flops", "--num_iter", "0"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.flops", "--num_iter", "0"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip() == "error: num_iter must be >= 1, got 0"
     assert "Traceback" not in out.stderr

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 
 import lazymar.cspd as cspd_module
+from benchmarks.cspd_flops import main as flops_main
 from conftest import build_tiny_mar, load_reference
 from lazymar import CSpDConfig, StatsLog, cspd_preset, released_config
 from lazymar.cspd import RELEASE_OPTIONS, CSpDStepPlan, check_composition
 from lazymar.cspd_accept import HeadGaussian, acceptance_prob, residual_alpha, trajectory_ratio, verify
-from lazymar.cspd_flops import estimate, main as flops_main, measure
+from lazymar.cspd_flops import estimate, measure
 from models.mar import MAR
 from models.schedules import plain_mask_lens
 

@@ -22,11 +22,13 @@ import evaluation.report as eval_report  # noqa: E402
 import evaluation.run as eval_run  # noqa: E402
 import lazymar  # noqa: E402
 import sample as sample_script  # noqa: E402
+from benchmarks.flops import main as flops_main  # noqa: E402
 from conftest import build_tiny_mar  # noqa: E402
 from lazymar import cspd_flops  # noqa: E402
-from lazymar.cspd import (CSPD_PRESETS, CSpDConfig, StatsLog, check_draft_flags, cspd_preset, describe,  # noqa: E402
-                          named_accel, preset_settings, summarize)
-from lazymar.flops import estimate, main as flops_main, measure  # noqa: E402
+from lazymar.cspd import (CSPD_PRESETS, CSpDConfig, StatsLog, cspd_preset, describe, named_accel,  # noqa: E402
+                          preset_settings, summarize)
+from lazymar.flops import estimate, measure  # noqa: E402
+from lazymar.names import check_draft_flags  # noqa: E402
 from models.mar import build_released, mar_from_config  # noqa: E402
 from models.schedules import plain_mask_lens  # noqa: E402
 from util.hashing import file_sha256  # noqa: E402

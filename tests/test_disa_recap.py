@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from benchmarks.flops import main as flops_main
 from conftest import build_tiny_mar, load_reference
 from lazymar import PRESETS, AccelConfig, DiSAConfig, GtRConfig, MARcheConfig, ReCAPConfig, released_config
 from lazymar.config import OFF
 from lazymar.disa import disa_head_steps
-from lazymar.flops import estimate, main as flops_main, measure
+from lazymar.flops import estimate, measure
 from lazymar.steps import AccelSteps
 from lazymar.recap import recap_groups
 from models.diffloss import respaced_diffusion

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from benchmarks.flops import main
 from conftest import build_tiny_mar
 from lazymar.config import PRESETS
-from lazymar.flops import estimate, main, measure
+from lazymar.flops import estimate, measure
 from models.mar import build_released
 from models.vae import AutoencoderKL
 

@@ -12,7 +12,8 @@ from conftest import build_tiny_mar, load_reference
 from lazymar.condition_cache import ConditionCache
 from lazymar.config import PRESETS, AccelConfig
 from lazymar.head_cache import HeadCacheConfig
-from lazymar.steps import AccelSteps, resolve_accel
+from lazymar.names import resolve_accel
+from lazymar.steps import AccelSteps
 from lazymar.schedules import head_mlp_recompute, is_head_refresh_step, is_refresh_step
 from lazymar.token_cache import EncoderCache, TokenCache, TokenCacheConfig, encode
 from test_reference import TOL, reference_mar, rel_err, sample_run

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from lazymar.config import OFF, PRESETS, AccelConfig, pairs_with_plain
-from lazymar.cspd import CSPD_PRESETS
+from lazymar.config import OFF, PRESETS, AccelConfig
+from lazymar.names import CSPD_PRESETS, pairs_with_plain
 from lazymar.head_cache import HeadCacheConfig
 from lazymar.marche import MARcheConfig
 from lazymar.technique import DRAW_FIELDS

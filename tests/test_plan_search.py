@@ -17,7 +17,8 @@ from demo.plan_search import (DemoMeasure, PlanSettings, Point, ResultsFile, cho
                               main, nearest_front, pareto_front, plot_front, preset_entries, qualifies, sample_space,
                               search)
 from demo.evaluate import Row
-from lazymar.config import PRESETS, preset
+from lazymar.config import PRESETS
+from lazymar.names import preset
 from lazymar.flops import estimate
 from lazymar.planned import write_planned
 from lazymar.search_space import (Candidate, DiSASpace, GtRSpace, LazyMARSpace, MARcheSpace, ReCAPSpace,
