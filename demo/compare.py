@@ -4,7 +4,7 @@ Every row of a table samples the same class-balanced labels with the same seeds 
 (:func:`util.generate.batch_seed`), so image ``i`` of any row and image ``i`` of plain MAR come from the
 same random stream: common random numbers. The difference of a set metric (demo FID, KID, class accuracy)
 is then measured on the pairs by a bootstrap stratified by class (:mod:`util.stats`), not read off two
-noisy absolutes. For presets that draw plain MAR's random numbers (``lazymar.config.pairs_with_plain``),
+noisy absolutes. For presets that draw plain MAR's random numbers (``lazymar.names.pairs_with_plain``),
 image ``i`` is moreover a twin of plain's, and the per-image distances to it (token relative error,
 PSNR, SSIM, feature distance: :mod:`util.paired`) measure the approximation directly.
 

@@ -1,4 +1,4 @@
-"""Which presets have plain-MAR twins (``lazymar.config.pairs_with_plain``), checked by sampling.
+"""Which presets have plain-MAR twins (``lazymar.names.pairs_with_plain``), checked by sampling.
 
 A technique claims pairing when it decides none of the plan fields that change the random draws
 (``lazymar.technique.DRAW_FIELDS``). Two checks that the claim is true, on test_preset_bands' model
