@@ -8,7 +8,8 @@ step's mean and standard deviation, and the summed log-standard-deviations of it
 
 Random draws, in the release's order, from ``generator`` where given, else from the device's global
 generator: one uniform per token; then, if a draft was rejected, per residual round a normal (n, C)
-followed by a uniform (n).
+followed by a uniform (n) (with ``residual_exit="fixed"``: every round's, whether or not a draft was
+rejected, so that no decision is read on the host).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 UNACCEPTED = ("zero", "target")  # what a token gets when no residual proposal was accepted in time
 RESIDUAL_STOP = ("all", "rejected")  # which tokens the residual rounds wait for
+RESIDUAL_EXIT = ("early", "fixed")  # stop the rounds by a host read (release) or run them all, masked
 
 
 @dataclass
@@ -45,14 +47,15 @@ class Verdict:
         out: (n, C) the committed tokens.
         log_prob: (n,) the log of the acceptance test's ratio (accepted where ``log_prob > log u``).
         accepted: (n,) bool, the draft was kept.
-        residual_rounds: residual rounds run (0 when every draft was kept).
+        residual_rounds: (0-dim long tensor, on the device) residual rounds the release runs (0 when every
+            draft was kept), whether or not more ran masked (``residual_exit="fixed"``).
         unaccepted: (n,) bool, rejected tokens for which no residual proposal was accepted.
     """
 
     out: torch.Tensor
     log_prob: torch.Tensor
     accepted: torch.Tensor
-    residual_rounds: int
+    residual_rounds: torch.Tensor
     unaccepted: torch.Tensor
 
     @property
@@ -104,7 +107,8 @@ def residual_alpha(y: torch.Tensor, q: HeadGaussian, p: HeadGaussian, inner_temp
 
 def verify(x: torch.Tensor, q: HeadGaussian, p: HeadGaussian, *, inner_temperature: float,
            max_rounds: int = 100, residual_inner_temperature: bool = False, residual_stop: str = "all",
-           unaccepted: str = "zero", generator: torch.Generator | None = None) -> Verdict:
+           unaccepted: str = "zero", residual_exit: str = "early",
+           generator: torch.Generator | None = None) -> Verdict:
     """Verify drafted tokens ``x`` (n, C) drawn by the draft (``q``) against the target (``p``).
 
     Every token is decided on its own (no prefix truncation). A draft is kept where
@@ -114,6 +118,13 @@ def verify(x: torch.Tensor, q: HeadGaussian, p: HeadGaussian, *, inner_temperatu
     accepted proposal overwrites an earlier one), until every token waited for has had one accepted
     or ``max_rounds`` ran. A rejected draft takes its residual sample.
 
+    Where the release stops is a device value; reading it (``residual_exit="early"``, the release) makes
+    the host wait for the device once per round. ``"fixed"`` runs all ``max_rounds`` rounds instead, each
+    round's updates masked from the release's stopping round on: the same verdict from the same draws and
+    no host read, but every round's draws are made, so the generator moves on by ``max_rounds`` rounds.
+    A token's residual is then the last proposal accepted before the stop, which depends on acceptances
+    only, so it follows ``max(0, F p - q)`` either way.
+
     Args:
         inner_temperature: ``Ti`` of the test.
         max_rounds: residual rounds at most (release: 100).
@@ -122,29 +133,36 @@ def verify(x: torch.Tensor, q: HeadGaussian, p: HeadGaussian, *, inner_temperatu
             are thrown away (release); ``"rejected"`` waits only for the rejected ones.
         unaccepted: a rejected token with no accepted residual proposal becomes ``"zero"`` (release) or
             the target's own sample ``mu_p`` (``"target"``).
+        residual_exit: ``"early"`` (release: stop after the round that satisfied ``residual_stop``, one host
+            read per round) or ``"fixed"`` (all rounds, masked; no host read).
         generator: source of the draws (None: the device's global generator, as released).
     """
     if residual_stop not in RESIDUAL_STOP:
         raise ValueError(f"residual_stop must be one of {RESIDUAL_STOP}, got {residual_stop!r}")
     if unaccepted not in UNACCEPTED:
         raise ValueError(f"unaccepted must be one of {UNACCEPTED}, got {unaccepted!r}")
+    if residual_exit not in RESIDUAL_EXIT:
+        raise ValueError(f"residual_exit must be one of {RESIDUAL_EXIT}, got {residual_exit!r}")
     n = x.shape[0]
     log_prob = log_density_ratio(x, q, p, inner_temperature)
     accepted = log_prob > torch.log(_rand((n,), generator, x.device))
+    ti = inner_temperature if residual_inner_temperature else 1.0
+    waits = torch.ones_like(accepted) if residual_stop == "all" else ~accepted
     residual = torch.zeros_like(x)
     done = torch.zeros_like(accepted)  # a residual proposal was accepted
-    rounds = 0
-    if not bool(accepted.all()):
-        ti = inner_temperature if residual_inner_temperature else 1.0
-        waits = torch.ones_like(accepted) if residual_stop == "all" else ~accepted
-        for rounds in range(1, max_rounds + 1):
-            y = p.mean + p.std * ti * _randn(tuple(x.shape), generator, x.device)
-            alpha = residual_alpha(y, q, p, ti)
-            ok = _rand((n,), generator, x.device) < alpha
-            residual = torch.where(ok[:, None], y, residual)
-            done = done | ok
-            if bool(done[waits].all()):
-                break
+    # The release runs no round when every draft was kept, and stops after the round in which every token
+    # it waits for has had a proposal accepted: from there on nothing changes.
+    stopped = accepted.all()
+    rounds = torch.zeros((), dtype=torch.long, device=x.device)
+    for _ in range(max_rounds):
+        if residual_exit == "early" and bool(stopped):
+            break
+        y = p.mean + p.std * ti * _randn(tuple(x.shape), generator, x.device)
+        ok = (_rand((n,), generator, x.device) < residual_alpha(y, q, p, ti)) & ~stopped
+        residual = torch.where(ok[:, None], y, residual)
+        done = done | ok
+        rounds = rounds + (~stopped).long()
+        stopped = stopped | (done | ~waits).all()
     never = ~accepted & ~done
     if unaccepted == "target":
         residual = torch.where(never[:, None], p.mean, residual)
