@@ -175,12 +175,19 @@ class CSpDConfig:
 
     def check_target(self, target) -> None:
         """Raise ``ValueError`` when ``target`` cannot verify this draft (another token grid or channel count,
-        or, with ``step_mismatch="error"``, another diffusion step count): what a script checks right after
-        loading both models, before it samples anything."""
+        another noise schedule, or, with ``step_mismatch="error"``, another diffusion step count): what a
+        script checks right after loading both models, before it samples anything."""
         draft = self.draft
         if (draft.seq_len, draft.token_embed_dim) != (target.seq_len, target.token_embed_dim):
             raise ValueError(f"draft and target must share the token grid: draft has {draft.seq_len} tokens of "
                              f"{draft.token_embed_dim} channels, target {target.seq_len} of {target.token_embed_dim}")
+        # The test compares the heads' Gaussians of one trajectory, step by step: on two schedules the same
+        # step index is another noise level, and F's per-step ratios compare unlike variances.
+        schedule_d, schedule_t = (m.diffloss.noise_schedule for m in (draft, target))
+        if schedule_d != schedule_t:
+            raise ValueError(f"draft head samples on the {schedule_d!r} noise schedule, target head on "
+                             f"{schedule_t!r}: trajectory alignment needs one schedule (a draft trained with "
+                             f"the target's --noise_schedule)")
         steps_d, steps_t = (m.diffloss.gen_diffusion.num_timesteps for m in (draft, target))
         if steps_d != steps_t and self.step_mismatch == "error":
             raise ValueError(f"draft head runs {steps_d} diffusion steps, target head {steps_t}: trajectory "

@@ -296,6 +296,22 @@ def test_mismatched_diffusion_steps():
     assert torch.isfinite(_tiny_sample(target, released_config("cspd", draft=draft))).all()
 
 
+def test_mismatched_noise_schedules_are_refused():
+    """A cosine draft verified by a linear target passed: the same step index is another noise level on the
+    other schedule, so the aligned Gaussians are not comparable. Refused whatever ``step_mismatch`` says
+    (the release never met it: every released MAR is cosine), naming both schedules."""
+    target = build_tiny_mar(seed=0, noise_schedule="linear")
+    draft = build_tiny_mar(seed=1, encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=32, noise_schedule="cosine")
+    for config in (CSpDConfig(draft=draft), released_config("cspd", draft=draft)):
+        with pytest.raises(ValueError, match="draft head samples on the 'cosine' noise schedule, target head on "
+                                             "'linear'"):
+            config.check_target(target)
+        with pytest.raises(ValueError, match="'cosine' noise schedule"):
+            _tiny_sample(target, config)
+    same = build_tiny_mar(seed=1, encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=32, noise_schedule="linear")
+    CSpDConfig(draft=same).check_target(target)  # one schedule: accepted
+
+
 def test_labels_none_is_unconditional_for_both_models():
     draft, target = _tiny_pair()
     config = CSpDConfig(draft=draft, ratio=0.2, num_draft=2)
