@@ -2,6 +2,7 @@
 test and residual sampler alone, every defect option, determinism, validation, compositions and FLOPs."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -479,14 +480,75 @@ def test_flops_estimate_equals_a_real_count(cfg, head_cache):
                 (role, component)
 
 
-def test_flops_do_not_depend_on_acceptance():
-    draft, target = _tiny_pair()
-    log = StatsLog()
-    never = measure(target, CSpDConfig(draft=draft, inner_temperature=1e-3, on_stats=log), num_iter=6, cfg=2.0)
-    assert log.last.accepted == 0
-    always = measure(target, CSpDConfig(draft=draft, inner_temperature=1e30, on_stats=log), num_iter=6, cfg=2.0)
-    assert log.last.accepted > 0
-    assert always.total == never.total
+def _spy_on_work(monkeypatch, models):
+    """Count what each model executes, at the code that executes it: transformer passes (calls, rows, known
+    tokens), head calls (calls, tokens) and head network evaluations (calls, rows); and the residual
+    rounds run (one normal draw each)."""
+    import lazymar.cspd_accept as accept
+    counts = {}
+
+    def spy(obj, name, key, sizes):
+        original = getattr(obj, name)
+
+        def counting(*args, **kwargs):
+            row = counts.setdefault(key, [0] * (1 + len(sizes)))
+            row[0] += 1
+            for i, size in enumerate(sizes):
+                row[1 + i] += size(*args)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, counting)
+
+    for role, model in models.items():
+        spy(model, "transformer", f"{role} transformer", (lambda t, m, c, n: t.shape[0], lambda t, m, c, n: n))
+        spy(model.diffloss, "sample", f"{role} head", (lambda z, *a: z.shape[0],))
+        spy(model.diffloss.net, "forward_modulated", f"{role} head net", (lambda x, *a: x.shape[0],))
+    spy(accept, "_randn", "residual rounds", ())
+    return counts
+
+
+@pytest.mark.parametrize("residual_exit", ["fixed", "early"])
+def test_executed_work_does_not_depend_on_acceptance(monkeypatch, residual_exit):
+    """One target, a draft of its architecture, a verification after every step: every draft rejected (a
+    draft whose head's eps is shifted, Ti 1e-3) and every draft kept (the target's own weights: equal
+    Gaussians). Counted where it runs (not by the FLOPs counter, which prices the same decisions): each
+    model's transformer passes, rows and known tokens, head calls and tokens, head network evaluations.
+    They are equal, and what the plan says; so are the counted FLOPs. The residual rounds, elementwise
+    and uncounted in FLOPs, are equal too with ``residual_exit="fixed"`` (all ``residual_rounds`` run per
+    verification); the release's early exit runs none when every draft is kept."""
+    target = build_tiny_mar(seed=0)
+    kept, rejected = copy.deepcopy(target), copy.deepcopy(target)
+    C = target.token_embed_dim
+    with torch.no_grad():
+        rejected.diffloss.net.final_layer.linear.bias[:C] += 1.0  # eps, not the variance: another mean
+    runs = {}
+    for name, draft, ti in (("rejected", rejected, 1e-3), ("kept", kept, 1.0)):
+        log = StatsLog()
+        config = CSpDConfig(draft=draft, ratio=0.2, num_draft=1, inner_temperature=ti, residual_rounds=7,
+                            residual_exit=residual_exit, on_stats=log)
+        with monkeypatch.context() as m:
+            counts = _spy_on_work(m, {"target": target, "draft": draft})
+            flops = measure(target, config, num_iter=6, cfg=2.0, bsz=2)
+        runs[name] = (counts, flops, log.last)
+    (counts_r, flops_r, stats_r), (counts_k, flops_k, stats_k) = runs["rejected"], runs["kept"]
+    assert stats_r.accepted == 0 and stats_k.accepted == stats_k.verified == stats_r.verified > 0
+    rounds_r, rounds_k = counts_r.pop("residual rounds", [0])[0], counts_k.pop("residual rounds", [0])[0]
+    assert counts_r == counts_k
+    assert flops_r.target.components == flops_k.target.components
+    assert flops_r.draft.components == flops_k.draft.components
+    layout = CSpDStepPlan.of(6, 0.2, 1)
+    target_passes, draft_passes = len(layout.prefill) + len(layout.verifications), len(layout.drafts)
+    steps = target.diffloss.gen_diffusion.num_timesteps
+    assert counts_k["target transformer"][:2] == [target_passes, 2 * 2 * target_passes]  # guided: 2 rows per image
+    assert counts_k["draft transformer"][:2] == [draft_passes, 2 * 2 * draft_passes]
+    assert counts_k["target head"][0] == target_passes and counts_k["draft head"][0] == draft_passes
+    for role in ("target", "draft"):
+        assert counts_k[f"{role} head net"] == [steps * counts_k[f"{role} head"][0], steps * counts_k[f"{role} head"][1]]
+    verifications = len(layout.verifications)
+    if residual_exit == "fixed":
+        assert rounds_r == rounds_k == 7 * verifications
+    else:
+        assert rounds_k == 0 and verifications <= rounds_r <= 7 * verifications
 
 
 def test_flops_cli(capsys):
