@@ -122,8 +122,8 @@ def verify(x: torch.Tensor, q: HeadGaussian, p: HeadGaussian, *, inner_temperatu
     the host wait for the device once per round. ``"fixed"`` runs all ``max_rounds`` rounds instead, each
     round's updates masked from the release's stopping round on: the same verdict from the same draws and
     no host read, but every round's draws are made, so the generator moves on by ``max_rounds`` rounds.
-    A token's residual is then the last proposal accepted before the stop, which depends on acceptances
-    only, so it follows ``max(0, F p - q)`` either way.
+    Either way a token's residual is the last proposal accepted before the stop; which round that is
+    depends on acceptances only, so the proposal follows ``max(0, F p - q)``.
 
     Args:
         inner_temperature: ``Ti`` of the test.
