@@ -32,6 +32,9 @@ What the released rule does to the output distribution, and the options (:class:
 - ``residual_stop``: the release's rounds wait until every verified token, kept drafts included (whose
   proposals are thrown away), has had a proposal accepted; ``"rejected"`` waits for the rejected ones
   only (fewer rounds, same distribution of what is kept).
+- ``residual_exit``: the release reads on the host after every residual round whether to stop (a GPU
+  waits for the host each round); ``"fixed"`` runs all ``residual_rounds`` rounds with the updates past
+  the release's stop masked: the same verdict from the same draws, no host read, more draws.
 - ``step_mismatch``: the release sizes the step noise by the draft's step count; a target with fewer
   steps reads its first entries (no alignment), one with more indexes past the end. ``"error"`` refuses
   such a pair; ``"prefix"`` draws for the larger count and each head reads the first entries of its own.
@@ -65,7 +68,7 @@ from tqdm.auto import tqdm
 
 from lazymar import cspd_flops
 from lazymar.config import AccelConfig
-from lazymar.cspd_accept import RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
+from lazymar.cspd_accept import RESIDUAL_EXIT, RESIDUAL_STOP, UNACCEPTED, HeadGaussian, Verdict, verify
 from lazymar.cspd_schedule import CSpDStepPlan, is_prefill, is_verification
 from lazymar.names import CSPD_PRESETS, RELEASE_OPTIONS, preset, preset_names
 from lazymar.plan import FIELD_MEANING
@@ -109,6 +112,10 @@ class CSpDConfig:
         residual_stop: ``"rejected"`` (default) or ``"all"`` (release): which tokens the residual rounds
             wait for. Same output distribution, fewer rounds (75 -> 39, 3.6 -> 1.2 in the study).
         residual_rounds: residual rounds at most. Release: 100.
+        residual_exit: ``"fixed"`` (default) or ``"early"`` (release): run every residual round with masked
+            updates, or stop by reading a device flag on the host after each round. Same verdict from the
+            same draws; ``"fixed"`` makes no host read (a GPU never waits) but draws every round's noise,
+            so the generator's later draws, and with them the images, differ from ``"early"``'s.
         step_mismatch: ``"error"`` (default: alignment is the premise of the test) or ``"prefix"``
             (release): draft and target heads with different diffusion step counts.
         draft_accel / target_accel: techniques on either model (a preset name or an
@@ -126,6 +133,7 @@ class CSpDConfig:
     unaccepted: str = "target"
     residual_stop: str = "rejected"
     residual_rounds: int = 100
+    residual_exit: str = "fixed"
     step_mismatch: str = "error"
     draft_accel: AccelConfig | str | None = None
     target_accel: AccelConfig | str | None = None
@@ -152,6 +160,8 @@ class CSpDConfig:
             raise ValueError(f"residual_stop must be one of {RESIDUAL_STOP}, got {self.residual_stop!r}")
         if not isinstance(self.residual_rounds, int) or self.residual_rounds < 1:
             raise ValueError(f"residual_rounds must be an integer >= 1, got {self.residual_rounds!r}")
+        if self.residual_exit not in RESIDUAL_EXIT:
+            raise ValueError(f"residual_exit must be one of {RESIDUAL_EXIT}, got {self.residual_exit!r}")
         if self.step_mismatch not in STEP_MISMATCH:
             raise ValueError(f"step_mismatch must be one of {STEP_MISMATCH}, got {self.step_mismatch!r}")
         check_composition(self.draft_accel, "draft")
@@ -163,12 +173,19 @@ class CSpDConfig:
 
     def check_target(self, target) -> None:
         """Raise ``ValueError`` when ``target`` cannot verify this draft (another token grid or channel count,
-        or, with ``step_mismatch="error"``, another diffusion step count): what a script checks right after
-        loading both models, before it samples anything."""
+        another noise schedule, or, with ``step_mismatch="error"``, another diffusion step count): what a
+        script checks right after loading both models, before it samples anything."""
         draft = self.draft
         if (draft.seq_len, draft.token_embed_dim) != (target.seq_len, target.token_embed_dim):
             raise ValueError(f"draft and target must share the token grid: draft has {draft.seq_len} tokens of "
                              f"{draft.token_embed_dim} channels, target {target.seq_len} of {target.token_embed_dim}")
+        # The test compares the heads' Gaussians of one trajectory, step by step: on two schedules the same
+        # step index is another noise level, and F's per-step ratios compare unlike variances.
+        schedule_d, schedule_t = (m.diffloss.noise_schedule for m in (draft, target))
+        if schedule_d != schedule_t:
+            raise ValueError(f"draft head samples on the {schedule_d!r} noise schedule, target head on "
+                             f"{schedule_t!r}: trajectory alignment needs one schedule (a draft trained with "
+                             f"the target's --noise_schedule)")
         steps_d, steps_t = (m.diffloss.gen_diffusion.num_timesteps for m in (draft, target))
         if steps_d != steps_t and self.step_mismatch == "error":
             raise ValueError(f"draft head runs {steps_d} diffusion steps, target head {steps_t}: trajectory "
@@ -306,12 +323,37 @@ class Verification:
 
 @dataclass
 class CSpDStats:
-    """What one CSpD generation did: its pre-fill steps, draft steps and verifications."""
+    """What one CSpD generation did: its pre-fill steps, draft steps and verifications.
+
+    The sampler records each verification's counts as device tensors (:meth:`record`) and reads them all
+    on the host when ``verifications`` is first asked for, after the generation: reading them during it
+    would make a GPU wait for the host at every verification.
+    """
 
     num_iter: int = 0
     prefill_steps: list[int] = field(default_factory=list)
     draft_steps: list[int] = field(default_factory=list)
-    verifications: list[Verification] = field(default_factory=list)
+    verification_steps: list[int] = field(default_factory=list)
+    _verified: list[int] = field(default_factory=list, init=False, repr=False)
+    # Per verification, (3,) on the device: accepted, residual rounds, unaccepted.
+    _counts: list[torch.Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
+    _read: list[Verification] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def record(self, step: int, verified: int, verdict: Verdict) -> None:
+        """A verification after draft ``step`` of ``verified`` tokens (a count the plan knows), decided by
+        ``verdict``; nothing is read from the device."""
+        self.verification_steps.append(step)
+        self._verified.append(verified)
+        self._counts.append(torch.stack([verdict.accepted.sum(), verdict.residual_rounds, verdict.unaccepted.sum()]))
+
+    @property
+    def verifications(self) -> list[Verification]:
+        """Every verification, in order (the device counts read in one copy on first access)."""
+        if len(self._read) < len(self._counts):
+            counts = torch.stack(self._counts).tolist()
+            self._read = [Verification(step, n, *c)
+                          for step, n, c in zip(self.verification_steps, self._verified, counts, strict=True)]
+        return self._read
 
     @property
     def verified(self) -> int:
@@ -329,7 +371,7 @@ class CSpDStats:
     @property
     def target_passes(self) -> int:
         """Transformer passes of the target: pre-fill steps and verifications."""
-        return len(self.prefill_steps) + len(self.verifications)
+        return len(self.prefill_steps) + len(self.verification_steps)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (for metrics files)."""
@@ -476,8 +518,7 @@ class CSpD:
                     tokens, verdict, n = self._verify(tokens, committed, committed_masked, mask_after, masked_after,
                                                       drafts, embeddings["target"], temperature, scale, start,
                                                       step_noise, generator)
-                    stats.verifications.append(Verification(step, n, int(verdict.accepted.sum()),
-                                                            verdict.residual_rounds, int(verdict.unaccepted.sum())))
+                    stats.record(step, n, verdict)
                     committed, committed_masked = mask_after, masked_after
             mask, masked = mask_after, masked_after
         if config.on_stats is not None:
@@ -497,7 +538,8 @@ class CSpD:
         verdict: Verdict = verify(gather_rows(tokens, idx), drafts.at(idx), p, inner_temperature=config.inner_temperature,
                                   max_rounds=config.residual_rounds,
                                   residual_inner_temperature=config.residual_inner_temperature,
-                                  residual_stop=config.residual_stop, unaccepted=config.unaccepted, generator=generator)
+                                  residual_stop=config.residual_stop, unaccepted=config.unaccepted,
+                                  residual_exit=config.residual_exit, generator=generator)
         tokens = scattered_tokens(tokens, idx, verdict.out.reshape(bsz, idx.shape[1], C))
         return tokens, verdict, idx.numel()
 

@@ -4,11 +4,13 @@ A CSpD generation runs the target's plain MAR step at every pre-fill step, the d
 later step, and one target pass per verification (its transformer over the committed tokens, its head over
 the tokens drafted since). What it executes does not depend on how many drafts are accepted: there is no
 prefix truncation and no draft is redone, every verified token is committed, and the residual rounds are
-elementwise arithmetic on 16-channel Gaussians (about 350 FLOPs per token and round, at most 100 rounds: a
-few MFLOPs per image, ~1e-6 of the total, not counted, as no elementwise work is here). So the cost is a
+elementwise arithmetic on 16-channel Gaussians (about 350 FLOPs per token and round, ``residual_rounds``
+rounds (100) with the default ``residual_exit="fixed"``, at most that many with the release's early exit:
+a few MFLOPs per image, ~1e-6 of the total, not counted, as no elementwise work is here). So the cost is a
 function of ``num_iter``, ``ratio`` and ``num_draft`` alone; the acceptance rate only decides how close the
 output stays to the draft's or to the target's tokens. :func:`estimate` prices the plan,
-:func:`measure` counts a real run (the tests hold them equal, component by component).
+:func:`measure` counts a real run (the tests hold them equal, component by component, and count each
+model's passes and head calls where they run, with every draft rejected and with every draft kept).
 
     python -m benchmarks.cspd_flops --target mar_huge --draft mar_base --num_iter 256 --num_draft 4 --ratio 0.05
 """

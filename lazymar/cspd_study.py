@@ -60,7 +60,7 @@ def measure(options: dict, delta: float, log_f: float, inner_temperature: float,
                    residual_stop=options["residual_stop"], unaccepted=options["unaccepted"], generator=gen)
         kept += int(v.accepted.sum())
         zero += int(v.unaccepted.sum()) if options["unaccepted"] == "zero" else 0
-        rounds += v.residual_rounds
+        rounds += int(v.residual_rounds)
         err.append((((v.out - p.mean[sl]) / p.std[sl]) ** 2).mean(-1))
     err = torch.cat(err)
     return {"kept": kept / n, "zero": zero / n, "rounds": rounds / math.ceil(n / 64),

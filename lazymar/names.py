@@ -15,7 +15,7 @@ from lazymar.planned import planned_names, planned_preset
 
 # The released defects' behaviour (``released_config("cspd", ...)`` and the ``cspd-release`` preset).
 RELEASE_OPTIONS = dict(draft_token="mean", residual_inner_temperature=False, unaccepted="zero",
-                       residual_stop="all", residual_rounds=100, step_mismatch="prefix")
+                       residual_stop="all", residual_rounds=100, residual_exit="early", step_mismatch="prefix")
 # Named option sets: ``cspd_preset(name, draft, ...)``.
 CSPD_PRESETS: dict[str, dict[str, Any]] = {"cspd": {}, "cspd-release": RELEASE_OPTIONS}
 

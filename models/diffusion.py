@@ -204,6 +204,10 @@ class GaussianDiffusion:
         x = noise
         for i in reversed(range(self.num_timesteps)):
             eps, var_values = model_fn(x, i)
+            # Under autocast the head returns bf16/fp16, and a Python-float coefficient keeps that dtype:
+            # the log-variance, and what a trace sums of it over 100 steps, would follow it. They are
+            # diffusion state, so they take the state's dtype (float32, as the tokens).
+            eps, var_values = eps.to(x.dtype), var_values.to(x.dtype)
             mean, log_variance = self.p_mean_log_variance(x, i, eps, var_values)
             if trace is not None:
                 trace.record(i, mean, log_variance)
@@ -248,6 +252,9 @@ class TrajectoryTrace:
         last_log_variance: (n, C) log-variance of the last step (temperature not included).
         logstd_sum: (n, C) sum over the steps t index >= 1 of ``0.5 * log_variance``, accumulated in loop
             order: the log of the product of those steps' standard deviations (temperature not included).
+
+    All three are in the diffusion state's dtype (float32 under autocast too): ``logstd_sum`` is ~-174 per
+    channel at 100 steps, where bf16 resolves only whole units.
     """
 
     last_mean: torch.Tensor | None = None

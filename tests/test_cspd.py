@@ -2,6 +2,7 @@
 test and residual sampler alone, every defect option, determinism, validation, compositions and FLOPs."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -16,7 +17,7 @@ from benchmarks.cspd_flops import main as flops_main
 from conftest import build_tiny_mar, load_reference
 from lazymar import CSpDConfig, StatsLog, cspd_preset, released_config
 from lazymar.cspd import RELEASE_OPTIONS, CSpDStepPlan, check_composition
-from lazymar.cspd_accept import HeadGaussian, acceptance_prob, residual_alpha, trajectory_ratio, verify
+from lazymar.cspd_accept import HeadGaussian, acceptance_prob, residual_alpha, verify
 from lazymar.cspd_flops import estimate, measure
 from models.mar import MAR
 from models.schedules import plain_mask_lens
@@ -81,7 +82,7 @@ def test_released_vectors(vectors, index, monkeypatch):
                            (verdict.out, "out")):
             assert _rel_err(ours, ref[name]) < TOLERANCE, name
         assert torch.equal(verdict.accepted, ref["accepted"])
-        assert verdict.residual_rounds == ref["residual_rounds"]
+        assert int(verdict.residual_rounds) == ref["residual_rounds"]
         assert int(verdict.unaccepted.sum()) == ref["zero_tokens"]
         # prob is an exponential of (x - mu_p)^2 / (sigma Ti)^2 with x ~ 1e4 and sigma ~ 6e-3: 1e-6 in the
         # tokens is up to 8e-5 of it here (measured), far from any of the recorded decisions.
@@ -113,22 +114,35 @@ def _case_heads(case):
 
 @pytest.mark.parametrize("name", ["overlap_inner42", "overlap_inner1", "identical_F_below_1"])
 def test_processor_cases(vectors, name):
+    """The release's test ratio and residual alpha, and its decisions from the same draws. Both are float32
+    evaluations of one formula, ours in log space, the release's of products: against the formula in
+    float64, the release's ratios are off by up to 1.8e-6 (relative) and its alphas by 9.8e-7, ours by
+    6.7e-7 and 3.6e-7 (measured); they differ from each other by up to 1.8e-6 and 1.1e-6."""
     case = next(c for c in vectors[0]["processor_cases"] if c["name"] == name)
     q, p = _case_heads(case)
     x, ti = case["x"], case["inner_temperature"]
-    torch.testing.assert_close(acceptance_prob(x, q, p, ti), case["prob"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(residual_alpha(x, q, p, trajectory_ratio(q, p)), case["alpha_at_x"], rtol=0, atol=1e-6)
-    torch.manual_seed(case["torch_seed"])
-    verdict = verify(x, q, p, inner_temperature=ti, **_verify_options(RELEASE_OPTIONS))
-    assert torch.equal(verdict.accepted, case["accepted"])
-    assert verdict.residual_rounds == case["residual_rounds"]
-    assert int(verdict.unaccepted.sum()) == case["zero_tokens"]
-    torch.testing.assert_close(verdict.out, case["out"], rtol=1e-6, atol=0)
+    q64, p64 = (HeadGaussian(*(t.double() for t in (g.mean, g.std, g.logstd_sum))) for g in (q, p))
+    torch.testing.assert_close(acceptance_prob(x, q, p, ti).double(), acceptance_prob(x.double(), q64, p64, ti),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(residual_alpha(x, q, p).double(), residual_alpha(x.double(), q64, p64), rtol=0, atol=5e-7)
+    torch.testing.assert_close(acceptance_prob(x, q, p, ti), case["prob"], rtol=3e-6, atol=0)
+    torch.testing.assert_close(residual_alpha(x, q, p), case["alpha_at_x"], rtol=0, atol=2e-6)
+    # The release's early exit, and every round run with the updates past its stop masked (no host read):
+    # the same verdict from the same draws.
+    for residual_exit in ("early", "fixed"):
+        torch.manual_seed(case["torch_seed"])
+        verdict = verify(x, q, p, inner_temperature=ti, **_verify_options({**RELEASE_OPTIONS,
+                                                                           "residual_exit": residual_exit}))
+        assert torch.equal(verdict.accepted, case["accepted"])
+        assert int(verdict.residual_rounds) == case["residual_rounds"]
+        assert int(verdict.unaccepted.sum()) == case["zero_tokens"]
+        torch.testing.assert_close(verdict.out, case["out"], rtol=1e-6, atol=0)
 
 
 def _verify_options(options):
     return dict(max_rounds=options["residual_rounds"], residual_inner_temperature=options["residual_inner_temperature"],
-                residual_stop=options["residual_stop"], unaccepted=options["unaccepted"])
+                residual_stop=options["residual_stop"], unaccepted=options["unaccepted"],
+                residual_exit=options["residual_exit"])
 
 
 # ------------------------------------------------------------------------------------------ defect options
@@ -152,7 +166,7 @@ def test_residual_stop_waits_only_for_rejected_tokens(vectors):
     torch.manual_seed(case["torch_seed"])
     fixed = verify(case["x"], q, p, inner_temperature=1.0, residual_stop="rejected")
     assert torch.equal(fixed.accepted, case["accepted"])  # same test draws
-    assert fixed.residual_rounds <= case["residual_rounds"] and not fixed.unaccepted.any()
+    assert int(fixed.residual_rounds) <= case["residual_rounds"] and not fixed.unaccepted.any()
     assert torch.equal(fixed.out[fixed.accepted], case["x"][fixed.accepted])
 
 
@@ -165,9 +179,63 @@ def test_residual_inner_temperature_widens_the_residual(with_ti):
     p = HeadGaussian(torch.zeros(n, C), std, logstd)
     q = HeadGaussian(torch.full((n, C), 1e3), std, logstd)  # far away: every draft rejected, alpha ~ 1
     verdict = verify(q.mean, q, p, inner_temperature=ti, residual_inner_temperature=with_ti, generator=gen)
-    assert not verdict.accepted.any() and verdict.residual_rounds == 1
+    assert not verdict.accepted.any() and int(verdict.residual_rounds) == 1
     spread = float(verdict.out.std() / 0.0063)
     assert spread == pytest.approx(ti if with_ti else 1.0, rel=0.05)
+
+
+def _low_temperature_heads(n, delta, gen):
+    """Heads like MAR's at temperature 0.15: last-step sd ~1e-3 per channel, so a product over 16 channels
+    is ~1e-48, below float32's range; ``F = 1``; the draft's mean ``delta`` target sd from the target's."""
+    C, sd = 16, 1e-3
+    std_p, std_q = (sd * (1 + 0.01 * torch.randn(n, C, generator=gen)) for _ in range(2))
+    direction = torch.nn.functional.normalize(torch.randn(n, C, generator=gen), dim=-1)
+    mu_p = torch.randn(n, C, generator=gen)
+    logstd = torch.full((n, C), -174.0)
+    return HeadGaussian(mu_p + delta * std_p * direction, std_q, logstd), HeadGaussian(mu_p, std_p, logstd)
+
+
+def test_low_temperature_accepts_as_the_math_says():
+    """The release multiplies 16 standard deviations: at temperature 0.15 both products are 0 in float32,
+    the ratio 0 / 0, and no draft is kept (the residual's densities are inf / inf: nothing accepted in
+    100 rounds, zero tokens). In log space the share kept is E[min(1, r)] of the ratios ``r`` (computed
+    in float64) within binomial noise, and the residual accepts as ``max(0, F p - q)`` says: here, at
+    1.2 sd apart, each round keeps ~45%, so no token waits 100 rounds."""
+    n, gen = 4096, torch.Generator().manual_seed(0)
+    q, p = _low_temperature_heads(n, 1.2, gen)
+    assert float(q.std.prod(-1).max()) == 0.0  # what the release multiplied
+    x = q.mean
+    q64, p64 = (HeadGaussian(*(t.double() for t in (g.mean, g.std, g.logstd_sum))) for g in (q, p))
+    expected = acceptance_prob(x.double(), q64, p64, 1.0).clamp(max=1).mean().item()
+    assert 0.4 < expected < 0.6  # a test that decides: neither all kept nor all rejected
+    verdict = verify(x, q, p, inner_temperature=1.0, residual_stop="rejected", unaccepted="zero", generator=gen)
+    kept = verdict.accepted.float().mean().item()
+    assert abs(kept - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    assert not verdict.unaccepted.any() and 1 <= int(verdict.residual_rounds) <= 30
+    rejected = ~verdict.accepted
+    assert (verdict.out[rejected] != 0).all()
+    # The residual moves away from the draft: its tokens lie on the target's side of the midpoint.
+    toward_q = ((verdict.out - p.mean) * (q.mean - p.mean)).sum(-1) / ((q.mean - p.mean) ** 2).sum(-1)
+    assert float(toward_q[rejected].mean()) < 0.0
+
+
+def test_low_temperature_on_the_demo_pair():
+    """The shipped demo pair at temperature 0.15 (2 images, 16 steps, the release's rules): with the
+    release's products 0 of 122 drafts were kept, every verification ran 100 residual rounds and every
+    drafted token came back zero; in log space 35 of 122 (29%; 43 of 122 at the demo's 0.4), one
+    residual round per verification, no zero token."""
+    from demo.registry import load_demo
+    target, _, _ = load_demo(name="mar")
+    draft, _, _ = load_demo(name="draft")
+    log = StatsLog()
+    with torch.no_grad():
+        tokens = target.sample_tokens(2, num_iter=16, cfg=3.0, temperature=0.15, labels=torch.tensor([0, 1]),
+                                      accel=cspd_preset("cspd-release", draft, on_stats=log),
+                                      generator=torch.Generator().manual_seed(0))
+    stats = log.last
+    assert stats.verified == 122 and 0.15 < stats.acceptance_rate < 0.45
+    assert all(v.unaccepted == 0 and v.residual_rounds <= 3 for v in stats.verifications)
+    assert (tokens.flatten(2) != 0).any(dim=1).all()  # every latent position has a non-zero channel
 
 
 def _tiny_pair(draft_steps="10", target_steps="10"):
@@ -230,6 +298,22 @@ def test_mismatched_diffusion_steps():
     assert torch.isfinite(_tiny_sample(target, released_config("cspd", draft=draft))).all()
 
 
+def test_mismatched_noise_schedules_are_refused():
+    """A cosine draft verified by a linear target passed: the same step index is another noise level on the
+    other schedule, so the aligned Gaussians are not comparable. Refused whatever ``step_mismatch`` says
+    (the release never met it: every released MAR is cosine), naming both schedules."""
+    target = build_tiny_mar(seed=0, noise_schedule="linear")
+    draft = build_tiny_mar(seed=1, encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=32, noise_schedule="cosine")
+    for config in (CSpDConfig(draft=draft), released_config("cspd", draft=draft)):
+        with pytest.raises(ValueError, match="draft head samples on the 'cosine' noise schedule, target head on "
+                                             "'linear'"):
+            config.check_target(target)
+        with pytest.raises(ValueError, match="'cosine' noise schedule"):
+            _tiny_sample(target, config)
+    same = build_tiny_mar(seed=1, encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=32, noise_schedule="linear")
+    CSpDConfig(draft=same).check_target(target)  # one schedule: accepted
+
+
 def test_labels_none_is_unconditional_for_both_models():
     draft, target = _tiny_pair()
     config = CSpDConfig(draft=draft, ratio=0.2, num_draft=2)
@@ -239,6 +323,40 @@ def test_labels_none_is_unconditional_for_both_models():
     small = build_tiny_mar(seed=1, encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=32, class_num=2)
     with pytest.raises(ValueError, match="for the draft too"):
         _tiny_sample(target, CSpDConfig(draft=small), labels=(1, 5))
+
+
+def _first_verification(target, config, monkeypatch, *, seed=0, **kwargs):
+    """The draft's and the target's Gaussians at the first verification of one tiny CSpD run."""
+    seen = []
+
+    def recording_verify(x, q, p, **options):
+        seen.append((q, p))
+        return verify(x, q, p, **options)
+
+    monkeypatch.setattr(cspd_module, "verify", recording_verify)
+    with torch.no_grad():
+        target.sample_tokens(2, num_iter=6, cfg=2.0, labels=torch.tensor([1, 2]), accel=config,
+                             generator=torch.Generator().manual_seed(seed), **kwargs)
+    return seen[0]
+
+
+def test_statistics_stay_float32_under_bf16_autocast(monkeypatch):
+    """The test's statistics are sums of 99 steps' log-standard-deviations, ~-174 per channel, where bf16
+    resolves only whole units: under ``--precision bf16`` they must stay float32 (the head's products may
+    run in bf16). Same draws in float32 and under bf16 autocast, 100 head steps as MAR's: measured max
+    |log F difference| 0.013-0.019 over 5 seeds with float32 statistics, 7.6-12.9 with bf16 ones (std:
+    relative 3-4e-5 against 0.8-2.8e-2)."""
+    draft, target = _tiny_pair("100", "100")
+    config = CSpDConfig(draft=draft, ratio=0.2, num_draft=8)
+    q32, p32 = _first_verification(target, config, monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q16, p16 = _first_verification(target, config, monkeypatch)
+    for ours in (q16.mean, q16.std, q16.logstd_sum, p16.mean, p16.std, p16.logstd_sum):
+        assert ours.dtype == torch.float32
+    log_f16, log_f32 = ((p.logstd_sum - q.logstd_sum).sum(-1) for q, p in ((q16, p16), (q32, p32)))
+    assert float((log_f16 - log_f32).abs().max()) < 0.1
+    for bf, fp in ((q16, q32), (p16, p32)):
+        assert float(((bf.std - fp.std) / fp.std).abs().max()) < 5e-4
 
 
 # ------------------------------------------------------------------------------------------ determinism, stats
@@ -287,6 +405,7 @@ def test_step_layout_as_released():
     (dict(num_draft=2.5), "num_draft must be an integer"), (dict(draft_token="x"), "draft_token must be one of"),
     (dict(unaccepted="nan"), "unaccepted must be one of"), (dict(residual_stop="x"), "residual_stop must be"),
     (dict(residual_rounds=0), "residual_rounds must be"), (dict(step_mismatch="x"), "step_mismatch must be"),
+    (dict(residual_exit="late"), "residual_exit must be one of"),
     (dict(draft_accel="nope"), "preset name"),
 ])
 def test_config_validation(kwargs, message):
@@ -319,6 +438,7 @@ def test_released_config_defaults_and_presets():
     assert {k: getattr(config, k) for k in RELEASE_OPTIONS} == RELEASE_OPTIONS
     fixed = cspd_preset("cspd", draft, ratio=0.05)
     assert (fixed.unaccepted, fixed.residual_stop, fixed.step_mismatch) == ("target", "rejected", "error")
+    assert (fixed.residual_exit, config.residual_exit) == ("fixed", "early")
     assert (fixed.draft_token, fixed.residual_inner_temperature) == ("mean", False)  # measured: as released
 
 
@@ -361,14 +481,75 @@ def test_flops_estimate_equals_a_real_count(cfg, head_cache):
                 (role, component)
 
 
-def test_flops_do_not_depend_on_acceptance():
-    draft, target = _tiny_pair()
-    log = StatsLog()
-    never = measure(target, CSpDConfig(draft=draft, inner_temperature=1e-3, on_stats=log), num_iter=6, cfg=2.0)
-    assert log.last.accepted == 0
-    always = measure(target, CSpDConfig(draft=draft, inner_temperature=1e30, on_stats=log), num_iter=6, cfg=2.0)
-    assert log.last.accepted > 0
-    assert always.total == never.total
+def _spy_on_work(monkeypatch, models):
+    """Count what each model executes, at the code that executes it: transformer passes (calls, rows, known
+    tokens), head calls (calls, tokens) and head network evaluations (calls, rows); and the residual
+    rounds run (one normal draw each)."""
+    import lazymar.cspd_accept as accept
+    counts = {}
+
+    def spy(obj, name, key, sizes):
+        original = getattr(obj, name)
+
+        def counting(*args, **kwargs):
+            row = counts.setdefault(key, [0] * (1 + len(sizes)))
+            row[0] += 1
+            for i, size in enumerate(sizes):
+                row[1 + i] += size(*args)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, counting)
+
+    for role, model in models.items():
+        spy(model, "transformer", f"{role} transformer", (lambda t, m, c, n: t.shape[0], lambda t, m, c, n: n))
+        spy(model.diffloss, "sample", f"{role} head", (lambda z, *a: z.shape[0],))
+        spy(model.diffloss.net, "forward_modulated", f"{role} head net", (lambda x, *a: x.shape[0],))
+    spy(accept, "_randn", "residual rounds", ())
+    return counts
+
+
+@pytest.mark.parametrize("residual_exit", ["fixed", "early"])
+def test_executed_work_does_not_depend_on_acceptance(monkeypatch, residual_exit):
+    """One target, a draft of its architecture, a verification after every step: every draft rejected (a
+    draft whose head's eps is shifted, Ti 1e-3) and every draft kept (the target's own weights: equal
+    Gaussians). Counted where it runs (not by the FLOPs counter, which prices the same decisions): each
+    model's transformer passes, rows and known tokens, head calls and tokens, head network evaluations.
+    They are equal, and what the plan says; so are the counted FLOPs. The residual rounds, elementwise
+    and uncounted in FLOPs, are equal too with ``residual_exit="fixed"`` (all ``residual_rounds`` run per
+    verification); the release's early exit runs none when every draft is kept."""
+    target = build_tiny_mar(seed=0)
+    kept, rejected = copy.deepcopy(target), copy.deepcopy(target)
+    C = target.token_embed_dim
+    with torch.no_grad():
+        rejected.diffloss.net.final_layer.linear.bias[:C] += 1.0  # eps, not the variance: another mean
+    runs = {}
+    for name, draft, ti in (("rejected", rejected, 1e-3), ("kept", kept, 1.0)):
+        log = StatsLog()
+        config = CSpDConfig(draft=draft, ratio=0.2, num_draft=1, inner_temperature=ti, residual_rounds=7,
+                            residual_exit=residual_exit, on_stats=log)
+        with monkeypatch.context() as m:
+            counts = _spy_on_work(m, {"target": target, "draft": draft})
+            flops = measure(target, config, num_iter=6, cfg=2.0, bsz=2)
+        runs[name] = (counts, flops, log.last)
+    (counts_r, flops_r, stats_r), (counts_k, flops_k, stats_k) = runs["rejected"], runs["kept"]
+    assert stats_r.accepted == 0 and stats_k.accepted == stats_k.verified == stats_r.verified > 0
+    rounds_r, rounds_k = counts_r.pop("residual rounds", [0])[0], counts_k.pop("residual rounds", [0])[0]
+    assert counts_r == counts_k
+    assert flops_r.target.components == flops_k.target.components
+    assert flops_r.draft.components == flops_k.draft.components
+    layout = CSpDStepPlan.of(6, 0.2, 1)
+    target_passes, draft_passes = len(layout.prefill) + len(layout.verifications), len(layout.drafts)
+    steps = target.diffloss.gen_diffusion.num_timesteps
+    assert counts_k["target transformer"][:2] == [target_passes, 2 * 2 * target_passes]  # guided: 2 rows per image
+    assert counts_k["draft transformer"][:2] == [draft_passes, 2 * 2 * draft_passes]
+    assert counts_k["target head"][0] == target_passes and counts_k["draft head"][0] == draft_passes
+    for role in ("target", "draft"):
+        assert counts_k[f"{role} head net"] == [steps * counts_k[f"{role} head"][0], steps * counts_k[f"{role} head"][1]]
+    verifications = len(layout.verifications)
+    if residual_exit == "fixed":
+        assert rounds_r == rounds_k == 7 * verifications
+    else:
+        assert rounds_k == 0 and verifications <= rounds_r <= 7 * verifications
 
 
 def test_flops_cli(capsys):
