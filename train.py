@@ -28,14 +28,19 @@ dropout, diffusion noise/timesteps, dropout) comes from torch's global RNG re-se
 the step from ``(seed, step, rank)``, and the data order of an epoch is a ``DistributedSampler``
 permutation seeded by ``(seed, epoch)``. So a run stopped after any step and auto-resumed from
 ``<output_dir>/checkpoint-last.pth`` continues with exactly the losses and weights of an
-uninterrupted run (same thread count/hardware). The RNG state is also stored (``rng``) and restored.
+uninterrupted run, provided the kernels are the same: same ``--threads``, CPU capability and torch
+(``execution``). With another thread count (or CPU, or torch) the run goes on with the same settings
+and random draws, but float sums round differently from that step on (LayerNorm's and softmax's
+backward split their sums by thread): the losses then agree to float rounding, not bit for bit, and the
+resume says so and records it (``execution_changes``; demo/TRAINING.md, "Resume"). The RNG state is also
+stored (``rng``) and restored.
 
 Checkpoints (written atomically: tmp file + ``os.replace``) hold ``{'model', 'model_ema',
 'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'settings',
-'setting_changes', 'rng', 'ema_state' (EMA counters), 'latent_scale', 'tokenizer_sha'}``. Per-step
-losses go to ``<output_dir>/log.jsonl``; its ``time`` is seconds since the start when the step was
-queued (on GPU the device may still be running it; losses are read back every ``--log_every`` steps,
-and the times are exact at those points).
+'setting_changes', 'execution', 'execution_changes', 'rng', 'ema_state' (EMA counters), 'latent_scale',
+'tokenizer_sha'}``. Per-step losses go to ``<output_dir>/log.jsonl``; its ``time`` is seconds since the
+start when the step was queued (on GPU the device may still be running it; losses are read back every
+``--log_every`` steps, and the times are exact at those points).
 """
 from __future__ import annotations
 
@@ -74,7 +79,8 @@ RESUME_EXEMPT: dict[str, str] = {
     "save_every_minutes": "checkpoint frequency: bookkeeping",
     "log_every": "how often losses are read back; the log keeps every step either way",
     "no_progress": "progress bar",
-    "threads": "CPU threads of this machine",
+    "threads": "CPU threads of this machine; another count rounds float sums differently, so the run continues "
+               "to float rounding rather than bit for bit (said and recorded as an execution change)",
     "compile": "how the same step is executed: the compiled step draws the eager random stream "
                "(demo.train_step.eager_random_stream) and sums equal to float tolerance (tests/test_train_step.py)",
     "cuda_graph": "how the same step is executed (GPU only)",
@@ -245,6 +251,16 @@ def check_resume_settings(stored: dict[str, Any] | None, current: dict[str, Any]
                          f"pass --allow_changed {','.join(refused)} if the change is intended (the LR schedule "
                          f"and data order then change from the resumed step on), or use a fresh --output_dir")
     return changes
+
+
+def execution_info(threads: int, device: torch.device) -> dict[str, Any]:
+    """What decides the rounding of a step besides the run settings: the kernels (CPU capability, torch,
+    device) and how the CPU work is split (threads). Equal between windows = bit-for-bit resume."""
+    info: dict[str, Any] = dict(threads=threads, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                                torch=str(torch.__version__), device=device.type)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _flag(name: str) -> str:
@@ -429,6 +445,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     step = 0
     log_path = out_dir / "log.jsonl"
     setting_changes: list[dict[str, Any]] = []
+    execution = execution_info(args.threads, device)
+    execution_changes: list[dict[str, Any]] = []
     if ck is not None:
         if ck.get("tokenizer_sha") != data["tokenizer_sha"] or dict(ck["config"]) != config:
             raise CheckpointError(
@@ -443,6 +461,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         step = int(ck["step"])
         _set_rng_state(ck["rng"])
         setting_changes = list(ck.get("setting_changes", []))
+        execution_changes = list(ck.get("execution_changes", []))
+        before = ck.get("execution") or {}
+        moved = {k: [before.get(k), v] for k, v in execution.items() if before.get(k) != v}
+        if moved and before:  # same run, other kernels or split: bit-for-bit identity ends at this step
+            execution_changes.append(dict(step=step, changes=moved))
         if changes or ck.get("settings") is None:  # let through by --allow_changed: said and recorded
             setting_changes.append(dict(step=step, changes={k: list(v) for k, v in changes.items()},
                                         unrecorded_before=ck.get("settings") is None))
@@ -452,6 +475,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"changed by --allow_changed at step {step}: {_flag(k)} {old!r} -> {new!r}")
             if ck.get("settings") is None:
                 print(f"{ckpt_path} recorded no run settings (older train.py); resumed by --allow_changed all")
+            if moved and before:
+                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in moved.items())
+                print(f"resumed with other execution ({listed}): the same run, but float sums round differently "
+                      f"from step {step} on, so the losses match an uninterrupted run to float rounding, not bit "
+                      f"for bit (recorded in execution_changes)")
             _truncate_log(log_path, step)
         del ck  # its tensors are in the model and optimizer now
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +512,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ema_state = {k: v for k, v in ema.full_state().items() if k != "shadow"}  # shadow = model_ema
         atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema_state,
                          optimizer=opt.state_dict(), step=step, epoch=epoch, config=config, args=vars(args),
-                         settings=settings, setting_changes=setting_changes, rng=_rng_state(),
+                         settings=settings, setting_changes=setting_changes, execution=execution,
+                         execution_changes=execution_changes, rng=_rng_state(),
                          latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], data_style=args.data_style,
                          n_params=n_params), ckpt_path)
 
