@@ -4,7 +4,7 @@ The demo MAR recipe (2 CPU cores; demo/TRAINING.md has what it reaches, its wall
 
     python train.py --model demo --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 \
         --batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup \
-        --noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 \
+        --noise_schedule linear --pos_init sincos --precision auto --diffusion_batch_mul 1 --threads 2 \
         --output_dir output/demo_mar --save_every_minutes 10
 
 Several processes: ``torchrun --standalone --nproc_per_node=N train.py ...`` (``--batch_size`` is per
@@ -34,6 +34,11 @@ and random draws, but float sums round differently from that step on (LayerNorm'
 backward split their sums by thread): the losses then agree to float rounding, not bit for bit, and the
 resume says so and records it (``execution_changes``; demo/TRAINING.md, "Resume"). The RNG state is also
 stored (``rng``) and restored.
+
+``--precision auto`` (the default) is resolved once, when the run starts, to ``bf16`` on a CPU that
+multiplies bf16 natively (AVX-512 BF16 or AMX) and to ``fp32`` elsewhere (``util.precision``); the
+resolved name is what the checkpoint's ``args`` and ``settings`` hold, and a resume with ``auto``
+keeps the checkpoint's precision (another precision would be another run).
 
 Checkpoints (written atomically: tmp file + ``os.replace``) hold ``{'model', 'model_ema',
 'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'settings',
@@ -66,6 +71,7 @@ from util.distributed import barrier, init_distributed, shutdown
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
 from util.pos_embed import init_mar_pos_embed_sincos
+from util.precision import AUTO, autocast, resolve_precision
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 
@@ -153,8 +159,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the forward pass (CPU or GPU; weights and optimizer stay fp32)")
+    p.add_argument("--precision", default=AUTO, choices=[AUTO, "fp32", "bf16"],
+                   help="bf16: autocast the forward pass (CPU or GPU; weights and optimizer stay fp32). auto: bf16 "
+                        "on a CPU that multiplies bf16 natively (AVX-512 BF16 or AMX), else fp32 (on an AVX2 CPU "
+                        "bf16 is slower: demo/TRAINING.md); resolved once and recorded as the resolved name; a "
+                        "resume with auto keeps the checkpoint's precision")
     p.add_argument("--weight_decay", type=float, default=0.02)
     p.add_argument("--grad_clip", type=float, default=3.0, help="max grad norm (0 = off)")
     p.add_argument("--ema_rate", type=float, default=0.998)
@@ -251,6 +260,22 @@ def check_resume_settings(stored: dict[str, Any] | None, current: dict[str, Any]
                          f"pass --allow_changed {','.join(refused)} if the change is intended (the LR schedule "
                          f"and data order then change from the resumed step on), or use a fresh --output_dir")
     return changes
+
+
+def run_precision(requested: str, device: torch.device, ck: dict[str, Any] | None) -> tuple[str, str]:
+    """The precision this run trains in, and why: ``requested`` unless it is ``auto``; ``auto`` keeps a
+    resumed checkpoint's precision (another one would be another run) and otherwise asks
+    :func:`util.precision.resolve_precision` what this device multiplies fast."""
+    if requested != AUTO:
+        return requested, "asked"
+    stored = ((ck.get("settings") or ck.get("args") or {}).get("precision") if ck else None)
+    if stored in ("fp32", "bf16"):
+        return stored, "the checkpoint's precision"
+    resolved = resolve_precision(AUTO, device)
+    if device.type != "cpu":
+        return resolved, f"on {device.type} auto means fp32; ask for bf16 with --precision bf16"
+    native = "multiplies bf16 natively" if resolved == "bf16" else "has no native bf16"
+    return resolved, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) {native}"
 
 
 def execution_info(threads: int, device: torch.device) -> dict[str, Any]:
@@ -398,6 +423,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     main_proc = rank == 0
     # The settings check comes before any work: a refused resume must not encode data or build models.
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
+    requested_precision = args.precision
+    args.precision, why = run_precision(args.precision, device, ck)  # recorded resolved, never "auto"
     settings = run_settings(args, world)
     changes = check_resume_settings(ck.get("settings"), settings, args.allow_changed, ckpt_path) if ck else {}
 
@@ -447,6 +474,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setting_changes: list[dict[str, Any]] = []
     execution = execution_info(args.threads, device)
     execution_changes: list[dict[str, Any]] = []
+    if main_proc and requested_precision == AUTO:
+        print(f"--precision auto -> {args.precision} ({why})")
     if ck is not None:
         if ck.get("tokenizer_sha") != data["tokenizer_sha"] or dict(ck["config"]) != config:
             raise CheckpointError(
@@ -567,7 +596,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 g["lr"] = lr
             if args.cuda_graph:  # a new iteration: the graphs' output buffers of the last one may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            with autocast(device, args.precision):
                 if bucketed is None:
                     loss = train_model(x, y)
                 else:  # the draws of MAR.forward, in its order: token orders, then the mask ratio

@@ -1,4 +1,7 @@
-"""Demo training pipeline: tokenizer, latent cache, train.py (resume = uninterrupted run), export, EMA."""
+"""Demo training pipeline: tokenizer, latent cache, train.py (resume = uninterrupted run), export, EMA.
+
+The runs pin ``--precision fp32`` (train.py's default ``auto`` depends on the CPU) so a test trains the same
+way on every machine; the ``auto`` tests say which CPU they pretend to be."""
 from __future__ import annotations
 
 import json
@@ -41,7 +44,7 @@ def test_latent_cache_built_then_reused(tiny_tokenizer, tmp_path):
 def _args(tok: Path, tmp: Path, out: str, **kw):
     argv = ["--tokenizer", str(tok), "--num_per_class", "2", "--cache_dir", str(tmp / "cache"),
             "--model", "tiny", "--epochs", "3", "--batch_size", "8", "--output_dir", str(tmp / out),
-            "--no_progress", "--save_every", "2", "--warmup_steps", "2", "--dropout", "0.1"]
+            "--no_progress", "--save_every", "2", "--warmup_steps", "2", "--dropout", "0.1", "--precision", "fp32"]
     for k, v in kw.items():
         argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     return train_mod.get_args_parser().parse_args(argv)
@@ -191,6 +194,29 @@ def test_bf16_and_high_t_training_runs(tiny_tokenizer, tmp_path):
     assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
 
 
+def test_precision_auto_is_resolved_once_and_recorded(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    """--precision auto (the default) trains in bf16 on a CPU with native bf16 and fp32 elsewhere; the
+    checkpoint records the resolved name, and a resume with auto keeps the run's precision on any CPU."""
+    import util.precision as precision
+    assert train_mod.get_args_parser().parse_args([]).precision == "auto"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    train_mod.main(_args(tiny_tokenizer, tmp_path, "run", precision="auto", epochs=1, stop_after=1))
+    assert "--precision auto -> bf16 (this CPU" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
+    assert ck["args"]["precision"] == ck["settings"]["precision"] == "bf16"
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # the run moves to an AVX2 CPU
+    with pytest.raises(ValueError, match="--precision 'bf16' -> 'fp32'"):
+        train_mod.main(_args(tiny_tokenizer, tmp_path, "run", epochs=1))  # an explicit other precision
+    out = train_mod.main(_args(tiny_tokenizer, tmp_path, "run", precision="auto", epochs=1))
+    assert out["step"] == 3 and "--precision auto -> bf16 (the checkpoint's precision)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)["settings"]["precision"] == "bf16"
+    train_mod.main(_args(tiny_tokenizer, tmp_path, "new", precision="auto", epochs=1))  # a new run there
+    assert "--precision auto -> fp32 (this CPU" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "new" / "checkpoint-last.pth", weights_only=True)
+    assert ck["args"]["precision"] == ck["settings"]["precision"] == "fp32"
+
+
 def test_linear_schedule_and_sincos_positions_train_export_and_sample(tiny_tokenizer, tmp_path):
     out = train_mod.main(_args(tiny_tokenizer, tmp_path, "lin", noise_schedule="linear", pos_init="sincos",
                                epochs=1))
@@ -306,6 +332,7 @@ def _torchrun(tok: Path, tmp: Path, out: str, *extra: str) -> None:
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--tokenizer", str(tok), "--num_per_class", "4", "--cache_dir", str(tmp / "cache"), "--model", "tiny",
+           "--precision", "fp32",
            "--epochs", "2", "--batch_size", "4", "--no_progress", "--save_every", "2", "--log_every", "3",
            "--output_dir", str(tmp / out), *extra]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
@@ -398,7 +425,7 @@ AVX2_ENV = dict(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONED
 def test_resume_is_exact_on_avx2_kernels(tiny_tokenizer, tmp_path):
     """The resume checks of check_resume_exactness in a process limited to AVX2 kernels: the CPUs of the
     issue, where a resume on another thread count first changed a loss (at step 6), so an AVX-512 machine's
-    CI covers them."""
+    CI covers them. Also ``--precision auto`` resolves to fp32 there (no native bf16)."""
     import os
     import platform
     import subprocess
@@ -407,7 +434,9 @@ def test_resume_is_exact_on_avx2_kernels(tiny_tokenizer, tmp_path):
         pytest.skip("AVX2 kernels exist on x86-64 CPUs with AVX2 only")
     root = Path(__file__).resolve().parents[1]
     code = ("import sys, torch; from pathlib import Path; import test_train as t; "
+            "from util.precision import resolve_precision; "
             "assert torch.backends.cpu.get_cpu_capability() == 'AVX2', torch.backends.cpu.get_cpu_capability(); "
+            "assert resolve_precision('auto', 'cpu') == 'fp32'; "
             "t.check_resume_exactness(Path(sys.argv[1]), Path(sys.argv[2]))")
     env = dict(os.environ, **AVX2_ENV, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
     done = subprocess.run([sys.executable, "-c", code, str(tiny_tokenizer), str(tmp_path)], cwd=root, env=env,
