@@ -33,7 +33,7 @@ from util.compile import add_compile_args, apply_compile, compile_mode
 from util.device import best_device
 from util.generate import SamplingSettings, add_sampling_args, generate_batches, sampling_flags
 from util.loading import TINY_MODEL, Generator, load_draft, load_generator, model_choices
-from util.precision import PRECISIONS
+from util.precision import AUTO, PRECISION_CHOICES, resolve_precision
 
 LABEL_HEIGHT = 24
 IMAGENET_EXAMPLE = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="plain and accelerated grids side by side")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--device", default=str(best_device()), help="this machine's best (util.device.best_device)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="autocast sampling and decoding (weights stay float32)")
+    p.add_argument("--precision", default=AUTO, choices=PRECISION_CHOICES,
+                   help="autocast sampling and decoding (weights stay float32); auto: bf16 on a CPU with native "
+                        "bf16 (AVX-512 BF16 or AMX), else fp32 (util.precision.resolve_precision)")
     add_compile_args(p)
     p.add_argument("--ckpt", default=None, help="MAR checkpoint (released models)")
     p.add_argument("--vae_path", default=None, help="VAE checkpoint (released models)")
@@ -127,6 +128,8 @@ def main(args: argparse.Namespace) -> Image.Image:
     check_draft_flags(accel, args.draft_model)
     mode = compile_mode(args, args.device)
     gen = _load(args)
+    args.precision = resolve_precision(args.precision, next(gen.mar.parameters()).device)  # "auto" decided once
+    print(f"precision {args.precision}")
     apply_compile(gen.mar, mode)
     stats = StatsLog()  # speculative decoding's acceptance statistics, one entry per generation
     draft = None if args.draft_model is None else load_draft(args.draft_model, gen, ckpt=args.draft_ckpt,

@@ -4,7 +4,7 @@ The demo MAR recipe (2 CPU cores; demo/TRAINING.md has what it reaches, its wall
 
     python train.py --model demo --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 \
         --batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup \
-        --noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 \
+        --noise_schedule linear --pos_init sincos --precision auto --diffusion_batch_mul 1 --threads 2 \
         --output_dir output/demo_mar --save_every_minutes 10
 
 Several processes: ``torchrun --standalone --nproc_per_node=N train.py ...`` (``--batch_size`` is per
@@ -28,14 +28,24 @@ dropout, diffusion noise/timesteps, dropout) comes from torch's global RNG re-se
 the step from ``(seed, step, rank)``, and the data order of an epoch is a ``DistributedSampler``
 permutation seeded by ``(seed, epoch)``. So a run stopped after any step and auto-resumed from
 ``<output_dir>/checkpoint-last.pth`` continues with exactly the losses and weights of an
-uninterrupted run (same thread count/hardware). The RNG state is also stored (``rng``) and restored.
+uninterrupted run, provided the kernels are the same: same ``--threads``, CPU capability and torch
+(``execution``). With another thread count (or CPU, or torch) the run goes on with the same settings
+and random draws, but float sums round differently from that step on (LayerNorm's and softmax's
+backward split their sums by thread): the losses then agree to float rounding, not bit for bit, and the
+resume says so and records it (``execution_changes``; demo/TRAINING.md, "Resume"). The RNG state is also
+stored (``rng``) and restored.
+
+``--precision auto`` (the default) is resolved once, when the run starts, to ``bf16`` on a CPU that
+multiplies bf16 natively (AVX-512 BF16 or AMX) and to ``fp32`` elsewhere (``util.precision``); the
+resolved name is what the checkpoint's ``args`` and ``settings`` hold, and a resume with ``auto``
+keeps the checkpoint's precision (another precision would be another run).
 
 Checkpoints (written atomically: tmp file + ``os.replace``) hold ``{'model', 'model_ema',
 'optimizer', 'step', 'epoch', 'config' (MAR kwargs without norm_layer), 'args' (plain dict), 'settings',
-'setting_changes', 'rng', 'ema_state' (EMA counters), 'latent_scale', 'tokenizer_sha'}``. Per-step
-losses go to ``<output_dir>/log.jsonl``; its ``time`` is seconds since the start when the step was
-queued (on GPU the device may still be running it; losses are read back every ``--log_every`` steps,
-and the times are exact at those points).
+'setting_changes', 'execution', 'execution_changes', 'rng', 'ema_state' (EMA counters), 'latent_scale',
+'tokenizer_sha'}``. Per-step losses go to ``<output_dir>/log.jsonl``; its ``time`` is seconds since the
+start when the step was queued (on GPU the device may still be running it; losses are read back every
+``--log_every`` steps, and the times are exact at those points).
 """
 from __future__ import annotations
 
@@ -61,6 +71,7 @@ from util.distributed import barrier, init_distributed, shutdown
 from util.ema import ParamEMA
 from util.lr import warmup_cosine
 from util.pos_embed import init_mar_pos_embed_sincos
+from util.precision import AUTO, autocast, resolve_precision
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 
@@ -74,7 +85,8 @@ RESUME_EXEMPT: dict[str, str] = {
     "save_every_minutes": "checkpoint frequency: bookkeeping",
     "log_every": "how often losses are read back; the log keeps every step either way",
     "no_progress": "progress bar",
-    "threads": "CPU threads of this machine",
+    "threads": "CPU threads of this machine; another count rounds float sums differently, so the run continues "
+               "to float rounding rather than bit for bit (said and recorded as an execution change)",
     "compile": "how the same step is executed: the compiled step draws the eager random stream "
                "(demo.train_step.eager_random_stream) and sums equal to float tolerance (tests/test_train_step.py)",
     "cuda_graph": "how the same step is executed (GPU only)",
@@ -147,8 +159,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the forward pass (CPU or GPU; weights and optimizer stay fp32)")
+    p.add_argument("--precision", default=AUTO, choices=[AUTO, "fp32", "bf16"],
+                   help="bf16: autocast the forward pass (CPU or GPU; weights and optimizer stay fp32). auto: bf16 "
+                        "on a CPU that multiplies bf16 natively (AVX-512 BF16 or AMX), else fp32 (on an AVX2 CPU "
+                        "bf16 is slower: demo/TRAINING.md); resolved once and recorded as the resolved name; a "
+                        "resume with auto keeps the checkpoint's precision")
     p.add_argument("--weight_decay", type=float, default=0.02)
     p.add_argument("--grad_clip", type=float, default=3.0, help="max grad norm (0 = off)")
     p.add_argument("--ema_rate", type=float, default=0.998)
@@ -245,6 +260,32 @@ def check_resume_settings(stored: dict[str, Any] | None, current: dict[str, Any]
                          f"pass --allow_changed {','.join(refused)} if the change is intended (the LR schedule "
                          f"and data order then change from the resumed step on), or use a fresh --output_dir")
     return changes
+
+
+def run_precision(requested: str, device: torch.device, ck: dict[str, Any] | None) -> tuple[str, str]:
+    """The precision this run trains in, and why: ``requested`` unless it is ``auto``; ``auto`` keeps a
+    resumed checkpoint's precision (another one would be another run) and otherwise asks
+    :func:`util.precision.resolve_precision` what this device multiplies fast."""
+    if requested != AUTO:
+        return requested, "asked"
+    stored = ((ck.get("settings") or ck.get("args") or {}).get("precision") if ck else None)
+    if stored in ("fp32", "bf16"):
+        return stored, "the checkpoint's precision"
+    resolved = resolve_precision(AUTO, device)
+    if device.type != "cpu":
+        return resolved, f"on {device.type} auto means fp32; ask for bf16 with --precision bf16"
+    native = "multiplies bf16 natively" if resolved == "bf16" else "has no native bf16"
+    return resolved, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) {native}"
+
+
+def execution_info(threads: int, device: torch.device) -> dict[str, Any]:
+    """What decides the rounding of a step besides the run settings: the kernels (CPU capability, torch,
+    device) and how the CPU work is split (threads). Equal between windows = bit-for-bit resume."""
+    info: dict[str, Any] = dict(threads=threads, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                                torch=str(torch.__version__), device=device.type)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _flag(name: str) -> str:
@@ -382,6 +423,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     main_proc = rank == 0
     # The settings check comes before any work: a refused resume must not encode data or build models.
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
+    requested_precision = args.precision
+    args.precision, why = run_precision(args.precision, device, ck)  # recorded resolved, never "auto"
     settings = run_settings(args, world)
     changes = check_resume_settings(ck.get("settings"), settings, args.allow_changed, ckpt_path) if ck else {}
 
@@ -429,6 +472,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     step = 0
     log_path = out_dir / "log.jsonl"
     setting_changes: list[dict[str, Any]] = []
+    execution = execution_info(args.threads, device)
+    execution_changes: list[dict[str, Any]] = []
+    if main_proc and requested_precision == AUTO:
+        print(f"--precision auto -> {args.precision} ({why})")
     if ck is not None:
         if ck.get("tokenizer_sha") != data["tokenizer_sha"] or dict(ck["config"]) != config:
             raise CheckpointError(
@@ -443,6 +490,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         step = int(ck["step"])
         _set_rng_state(ck["rng"])
         setting_changes = list(ck.get("setting_changes", []))
+        execution_changes = list(ck.get("execution_changes", []))
+        before = ck.get("execution") or {}
+        moved = {k: [before.get(k), v] for k, v in execution.items() if before.get(k) != v}
+        if moved and before:  # same run, other kernels or split: bit-for-bit identity ends at this step
+            execution_changes.append(dict(step=step, changes=moved))
         if changes or ck.get("settings") is None:  # let through by --allow_changed: said and recorded
             setting_changes.append(dict(step=step, changes={k: list(v) for k, v in changes.items()},
                                         unrecorded_before=ck.get("settings") is None))
@@ -452,6 +504,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"changed by --allow_changed at step {step}: {_flag(k)} {old!r} -> {new!r}")
             if ck.get("settings") is None:
                 print(f"{ckpt_path} recorded no run settings (older train.py); resumed by --allow_changed all")
+            if moved and before:
+                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in moved.items())
+                print(f"resumed with other execution ({listed}): the same run, but float sums round differently "
+                      f"from step {step} on, so the losses match an uninterrupted run to float rounding, not bit "
+                      f"for bit (recorded in execution_changes)")
             _truncate_log(log_path, step)
         del ck  # its tensors are in the model and optimizer now
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +541,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ema_state = {k: v for k, v in ema.full_state().items() if k != "shadow"}  # shadow = model_ema
         atomic_save(dict(model=model.state_dict(), model_ema=ema.state_dict(), ema_state=ema_state,
                          optimizer=opt.state_dict(), step=step, epoch=epoch, config=config, args=vars(args),
-                         settings=settings, setting_changes=setting_changes, rng=_rng_state(),
+                         settings=settings, setting_changes=setting_changes, execution=execution,
+                         execution_changes=execution_changes, rng=_rng_state(),
                          latent_scale=scale, tokenizer_sha=data["tokenizer_sha"], data_style=args.data_style,
                          n_params=n_params), ckpt_path)
 
@@ -538,7 +596,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 g["lr"] = lr
             if args.cuda_graph:  # a new iteration: the graphs' output buffers of the last one may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            with autocast(device, args.precision):
                 if bucketed is None:
                     loss = train_model(x, y)
                 else:  # the draws of MAR.forward, in its order: token orders, then the mask ratio

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_mar
-from util.precision import autocast
+import util.precision as precision
+from util.precision import autocast, cpu_has_native_bf16, resolve_precision
 
 
 def test_autocast_context():
@@ -18,6 +19,67 @@ def test_autocast_context():
         assert (a @ b).dtype == torch.float16
     with pytest.raises(ValueError, match="precision"):
         autocast("cpu", "int8")
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        autocast("cpu", "auto")  # auto is decided once, by the script, and recorded: never per context
+
+
+@pytest.mark.parametrize("capability,avx512_bf16,amx,onednn,expected", [
+    ("AVX512", True, False, True, "bf16"),   # AVX-512 BF16 (Zen 4, Cooper Lake)
+    ("AVX512", False, True, True, "bf16"),   # AMX tiles (Sapphire Rapids)
+    ("AVX512", False, False, True, "fp32"),  # AVX-512 without bf16 (Skylake-SP): bf16 emulated
+    ("AVX2", True, False, True, "fp32"),     # ATEN_CPU_CAPABILITY=avx2 on a bf16 CPU: ATen's kernels are AVX2
+    ("AVX512", True, False, False, "fp32"),  # ONEDNN_MAX_CPU_ISA=AVX2: the bf16 matmuls are not native
+    ("AVX2", False, False, False, "fp32"),   # the issue's CPU
+    ("DEFAULT", False, False, False, "fp32"),
+])
+def test_auto_precision_follows_native_bf16(monkeypatch, capability, avx512_bf16, amx, onednn, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert cpu_has_native_bf16() == (expected == "bf16")
+    assert resolve_precision("auto", "cpu") == resolve_precision("auto", torch.device("cpu")) == expected
+    for name in precision.PRECISIONS:  # an explicit precision is never second-guessed
+        assert resolve_precision(name, "cpu") == name
+
+
+def test_auto_precision_elsewhere(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cuda") == "fp32"  # a GPU's bf16 is asked for, not assumed
+    assert resolve_precision("auto", "meta") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("bf32", "cpu")
+
+
+def test_auto_precision_of_this_process():
+    """Whatever this CPU is, auto names a precision that autocast runs, and agrees with what torch reports."""
+    chosen = resolve_precision("auto", "cpu")
+    native = (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+              and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert chosen == ("bf16" if native else "fp32")
+    with autocast("cpu", chosen):
+        assert (torch.randn(2, 4) @ torch.randn(4, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_sample_py_resolves_auto_once(monkeypatch, tmp_path):
+    """sample.py's default --precision auto reaches the sampler resolved (bf16 or fp32), never as 'auto'."""
+    import numpy as np
+    import sample
+    args = sample.build_parser().parse_args(["--model", "tiny-random", "--num_per_class", "1",
+                                             "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
+    assert args.precision == "auto"
+    seen = []
+
+    def fake_generate(gen, labels, settings, seed, accel, precision="fp32"):
+        seen.append(precision)
+        return np.zeros((len(labels), 32, 32, 3), dtype=np.uint8), 0.0
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        args.precision = "auto"
+        sample.main(args)
+        assert seen[-1] == expected and args.precision == expected
 
 
 @pytest.mark.parametrize("accel", [None, "lazymar", "gtr+lazymar", "marche+lazymar"])
