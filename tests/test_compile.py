@@ -150,3 +150,43 @@ def test_cuda_graph_sampling_equals_eager(accel):
         model.eager_sampling()
     assert relative(graphed, eager) < 1e-5
 
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_compile_lazymar_generates_every_batch_like_eager(backend, tmp_path, monkeypatch):
+    """``eval.py --compile --lazy_mar`` on the demo model, as the seed paper's users run it: three batches
+    (5, 5 and 2 images) in one process, every one through compiled frames, the second batch of 5 compiling
+    nothing, and every image the eager run's, byte for byte. The graphs run as captured (the counting
+    backend in place of inductor: what dynamo does is the same, without a C++ compiler)."""
+    import eval as eval_script
+    from models.mar import MAR
+
+    compile_for_sampling, sample_tokens = MAR.compile_for_sampling, MAR.sample_tokens
+    calls = []
+
+    def counted(self, bsz, *args, **kwargs):
+        graphs = sum(backend.graphs.values())
+        backend.runs.clear()
+        out = sample_tokens(self, bsz, *args, **kwargs)
+        new_graphs = sum(backend.graphs.values()) - graphs
+        calls.append((bsz, new_graphs, backend.runs["transformer"], backend.runs["head"]))
+        return out
+
+    monkeypatch.setattr(MAR, "compile_for_sampling",
+                        lambda self, mode="default", **_: compile_for_sampling(self, mode, backend=backend))
+    monkeypatch.setattr(MAR, "sample_tokens", counted)
+
+    def run(*flags: str) -> dict[str, bytes]:
+        out = tmp_path / ("compiled" if flags else "eager")
+        eval_script.main(eval_script.build_parser().parse_args(
+            ["--model", "demo", "--num_images", "12", "--eval_bsz", "5", "--num_iter", "8", "--num_sampling_steps",
+             "10", "--lazy_mar", "--no_metrics", "--device", "cpu", "--output_dir", str(out), *flags]))
+        (images,) = out.glob("*/images")
+        return {p.name: p.read_bytes() for p in sorted(images.iterdir())}
+
+    eager = run()
+    calls.clear()
+    compiled = run("--compile")
+    assert [c[0] for c in calls] == [5, 5, 2]
+    assert all(transformer > 0 and head > 0 for _, _, transformer, head in calls), calls
+    assert calls[1][1] == 0, calls  # the second batch of 5: nothing compiled
+    assert len(compiled) == 12 and compiled == eager
