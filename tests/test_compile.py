@@ -137,6 +137,7 @@ def test_flags_to_modes():
     assert "block_runner" not in vars(model)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("accel", ["lazymar", "gtr+disa+lazymar"])
 def test_cuda_graph_sampling_equals_eager(accel):
