@@ -61,7 +61,7 @@ def head_cache_factory(config: HeadCacheConfig):
         reuse_guidance = guided and config.guidance
         # Rows that run on cached steps: the conditional half when the guidance residual is reused.
         cached_rows = n if reuse_guidance else cond.shape[0]
-        cache = HeadStepCache(cached_rows, config.residual_blocks)
+        cache = HeadStepCache(net, cached_rows, config.residual_blocks, cond)
         eps_residual: list[torch.Tensor] = []  # cond - uncond eps of the last refresh step
         # Modulations as the steps need them: refresh steps for every row and block, cached steps for
         # their rows and the blocks that do not reuse their whole residual.

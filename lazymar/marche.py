@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from models.indexing import gather_tokens, positions
-from models.runner import KVCache, PositionBuffer
+from models.runner import AttentionStep, KVCache, PositionBuffer
 from lazymar.plan import ModelShape, StepPlan, block_macs, decoder_embed_macs
 from lazymar.schedules import scaled_count
 from lazymar.technique import StepInputs, Technique
@@ -147,7 +147,7 @@ def score_cached(scores: torch.Tensor, lse_total: torch.Tensor, query_rows: torc
     return probs.mean(dim=-1) if reduce == "mean" else probs.amax(dim=-1)
 
 
-class CacheAwareAttention:
+class CacheAwareAttention(AttentionStep):
     """MARche's attention step.
 
     On a refresh step (``active=None``) every position runs and attends to every other, and the cache
@@ -174,6 +174,11 @@ class CacheAwareAttention:
             R, N = active.shape[0], cache.out.num_positions
             self.is_active = torch.zeros(R, N, dtype=torch.bool, device=active.device).scatter_(1, active, True)
             self.cached = positions(~self.is_active, N - active.shape[1])
+
+    def prepare(self, blocks, x: torch.Tensor) -> None:
+        self.cache.kv.allocate(blocks, x)
+        for buf in self.cache.inputs.values():  # each block's input (R, N, D)
+            buf.allocate(x.shape, x.dtype, x.device)
 
     def __call__(self, layer: int, block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

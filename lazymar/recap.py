@@ -167,7 +167,7 @@ class ReCAP(Technique):
         self.context = ctx = ReCAPContext.of(model)  # the rows may differ from the last group's
         ctx.keep = inp.keep
         x = gather_tokens(model.encoder_input(inp.tokens, inp.class_embedding), inp.keep)  # (R, buf + known, D)
-        x = model.run_blocks(model.encoder_blocks, x, CachedAttention(ctx.encoder, inp.keep, inp.keep))
+        x = model.run_blocks(model.encoder_blocks, x, CachedAttention(ctx.encoder, inp.keep, write_only=True))
         return model.encoder_norm(x)
 
     def run_decoder(self, p: StepPlan, inp: StepInputs, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.indexing import gather_tokens, positions
-from models.runner import CachedAttention, KVCache, PositionBuffer
+from models.runner import AttentionStep, CachedAttention, KVCache, PositionBuffer, compute_dtype
 from lazymar.plan import ModelShape, StepPlan, block_macs, decoder_embed_macs, encoder_macs
 from lazymar.schedules import keep_count, piecewise_constant
 from lazymar.technique import StepInputs, Technique
@@ -118,7 +118,8 @@ def encode(model, tokens: torch.Tensor, known: torch.Tensor, class_embedding: to
     """
     write_at = known if compute is None else compute
     x = gather_tokens(model.encoder_input(tokens, class_embedding), write_at)
-    x = model.run_blocks(model.encoder_blocks, x, CachedAttention(cache.kv, write_at, known))
+    attention = CachedAttention(cache.kv, write_at, known, write_only=compute is None)
+    x = model.run_blocks(model.encoder_blocks, x, attention)
     cache.out.write(write_at, model.encoder_norm(x))
     return cache.out.read(known)
 
@@ -140,7 +141,7 @@ def select_tokens(v: torch.Tensor, prev_v: torch.Tensor, pinned: torch.Tensor, c
     return score.argsort(dim=1, stable=True)[:, :count].sort(dim=1).values
 
 
-class SimilarityAttention:
+class SimilarityAttention(AttentionStep):
     """The similarity layer's attention step: every position attends to every other, then only the
     positions ``choose`` picks from this step's values V go on (``kept``; None: all of them), and V is
     kept for the next step's comparison."""
@@ -148,6 +149,10 @@ class SimilarityAttention:
     def __init__(self, prev_v: PositionBuffer, choose: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         self.prev_v, self.choose = prev_v, choose
         self.kept: torch.Tensor | None = None
+
+    def prepare(self, blocks, x: torch.Tensor) -> None:
+        attn = blocks[0].attn
+        self.prev_v.allocate((x.shape[0], attn.num_heads, x.shape[1], attn.head_dim), compute_dtype(x), x.device)
 
     def __call__(self, layer: int, block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

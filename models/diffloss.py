@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -186,20 +186,17 @@ class SimpleMLPAdaLN(nn.Module):
                 recomputing them.
         """
         h = self.input_proj(x)
-        if fill:
-            cache.mlp.clear()
-            cache.residual.clear()
         for j, block in enumerate(self.res_blocks):
-            if cache is not None and not fill and j in cache.residual:
+            if cache is not None and not fill and j in cache.residual_blocks:
                 h = h + cache.residual[j]
                 continue
             shift, scale, gate = mod.blocks[j]
             m = cache.mlp[j] if reuse_mlp else block.branch(h, shift, scale)
             h_next = h + gate * m
             if fill:
-                cache.mlp.append(m[:cache.rows])
+                cache.mlp[j].copy_(m.narrow(0, 0, cache.rows))
                 if j in cache.residual_blocks:
-                    cache.residual[j] = (h_next - h)[:cache.rows]
+                    cache.residual[j].copy_((h_next - h).narrow(0, 0, cache.rows))
             h = h_next
         return self.final_layer.modulated(h, *mod.final)
 
@@ -217,21 +214,33 @@ class StepModulation:
     final: tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass
 class HeadStepCache:
     """What the diffusion steps of one head call share, filled by one step and read by the later ones
     (:meth:`SimpleMLPAdaLN.forward_modulated`; LazyMAR's head cache decides when, ``lazymar.head_cache``).
 
-    Attributes:
+    Its tensors are allocated here, before the first (possibly compiled) step: a step writes into them
+    rather than keeping its own outputs, which under CUDA graphs belong to the graph and are overwritten
+    by its next replay.
+
+    Args:
+        net: the denoiser.
         rows: how many rows (the first ones) are recorded: the rows the reading steps run.
         residual_blocks: blocks whose whole residual ``out - in`` is recorded and reused as is.
-        mlp: per block, its MLP output before gating; residual: per ``residual_blocks`` block, its residual.
+        like: a tensor of the head's features ((rows', W), e.g. the embedded conditions) for the dtype
+            and device.
+
+    Attributes:
+        mlp: (depth, rows, W) per block, its MLP output before gating.
+        residual: (depth, rows, W) per ``residual_blocks`` block, its residual (the others' rows unused).
     """
 
-    rows: int
-    residual_blocks: Collection[int]
-    mlp: list[torch.Tensor] = field(default_factory=list)
-    residual: dict[int, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, net: SimpleMLPAdaLN, rows: int, residual_blocks: Collection[int],
+                 like: torch.Tensor) -> None:
+        self.rows = rows
+        self.residual_blocks = tuple(j for j in range(net.num_res_blocks) if j in residual_blocks)
+        shape = (net.num_res_blocks, rows, net.model_channels)
+        self.mlp = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.residual = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 class Modulations:

@@ -16,13 +16,15 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import scipy.stats as stats
 import torch
+import torch.fx.experimental._config
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from tqdm.auto import tqdm
 
 from models.blocks import Block
 from models.diffloss import DiffLoss
 from models.indexing import gather_rows, gather_tokens, positions, scattered_tokens
-from models.runner import Attention, run_blocks
+from models.runner import AttentionStep, run_blocks
 from models.schedules import check_sampling_settings, guidance_on, guidance_scale, plain_mask_lens
 
 MASK_RATIO_STD = 0.25  # std of the truncated Gaussian over training mask ratios, centred at 1.0
@@ -143,7 +145,7 @@ class MAR(nn.Module):
         bsz, c, h, w = x.shape
         p = self.patch_size
         x = x.reshape(bsz, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwcpq", x)
+        x = x.permute(0, 2, 4, 1, 3, 5)  # nchpwq -> nhwcpq; not einsum, which CUDA autocast runs in bf16/fp16
         return x.reshape(bsz, (h // p) * (w // p), c * p ** 2)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ class MAR(nn.Module):
         bsz = x.shape[0]
         p, c = self.patch_size, self.vae_embed_dim
         x = x.reshape(bsz, self.seq_h, self.seq_w, c, p, p)
-        x = torch.einsum("nhwcpq->nchpwq", x)
+        x = x.permute(0, 3, 1, 4, 2, 5)  # nhwcpq -> nchpwq, kept in float32 under autocast (see patchify)
         return x.reshape(bsz, c, self.seq_h * p, self.seq_w * p)
 
     def sample_orders(self, bsz: int, generator: torch.Generator | None = None,
@@ -205,13 +207,26 @@ class MAR(nn.Module):
         x[:, :self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
         return self.z_proj_ln(x + self.encoder_pos_embed_learned)
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, attention: Attention | None = None, *,
+    # The block loop :meth:`run_blocks` runs; :meth:`compile_for_sampling` sets a compiled one on the instance.
+    block_runner = staticmethod(run_blocks)
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, attention: AttentionStep | None = None, *,
                    start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Blocks ``start .. stop - 1`` of ``blocks`` (``encoder_blocks`` or ``decoder_blocks``) over rows
         ``x``, with an attention step a technique may replace: :func:`models.runner.run_blocks`, the one
-        block loop of every sampler (what :meth:`compile_for_sampling` compiles)."""
-        return run_blocks(blocks, x, attention, start=start, stop=stop,
-                          checkpointed=self.grad_checkpointing and self.training)
+        block loop of every sampler (what :meth:`compile_for_sampling` compiles).
+
+        The step's state is allocated here (:meth:`AttentionStep.prepare`), before the loop and outside
+        compiled code. An empty range (LazyMAR's blocks after a similarity layer that is the last) returns
+        ``x`` without a call: a graph of no operation is nothing to compile.
+        """
+        stop = len(blocks) if stop is None else stop
+        if start >= stop:
+            return x
+        if attention is not None:
+            attention.prepare(blocks, x)
+        return self.block_runner(blocks, x, attention, start=start, stop=stop,
+                                 checkpointed=self.grad_checkpointing and self.training)
 
     def known_positions(self, mask: torch.Tensor, n_known: int | None = None) -> torch.Tensor:
         """(B, buf + known) ascending positions of the buffer and the known tokens (mask == 0).
@@ -301,6 +316,8 @@ class MAR(nn.Module):
 
         The random draws stay outside the compiled code, so the random stream is the eager one; the
         fused arithmetic rounds differently in the last bits (tests hold it to the vector tolerance).
+        What the compiled code writes lives in tensors allocated before it runs (:meth:`run_blocks`,
+        :class:`~models.diffloss.HeadStepCache`), so a second call with the same shapes reuses its graphs.
         Sampling only: training keeps the eager, checkpointable blocks. Undo with :meth:`eager_sampling`.
         ``backend``: torch.compile's (tests count compiled frames with their own).
         """
@@ -309,11 +326,11 @@ class MAR(nn.Module):
         self.eager_sampling()
         net = self.diffloss.net
         net.forward_modulated = _compiled(net.forward_modulated, mode, backend)
-        self.run_blocks = _compiled(self.run_blocks, mode, backend)
+        self.block_runner = _compiled(run_blocks, mode, backend)
 
     def eager_sampling(self) -> None:
         """Back to the eager methods after :meth:`compile_for_sampling` (the instance attributes go)."""
-        for obj, name in ((self.diffloss.net, "forward_modulated"), (self, "run_blocks")):
+        for obj, name in ((self.diffloss.net, "forward_modulated"), (self, "block_runner")):
             obj.__dict__.pop(name, None)
 
     @torch.no_grad()
@@ -389,28 +406,39 @@ class MAR(nn.Module):
         if bsz < 1:
             raise ValueError(f"bsz must be >= 1, got {bsz}")
         check_sampling_settings(num_iter, cfg, cfg_schedule, temperature)
+        # The value checks read the tensors on the host: once per call, before any work is queued. A fake
+        # tensor (torch's FakeTensorMode: shapes and devices without data, how the tests sample on a CUDA
+        # device that is not there) has no values to check, and reading them would raise.
         if labels is not None:
             if labels.shape != (bsz,):
                 raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            if labels.numel() and not is_fake(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(f"labels must be in [0, {self.num_classes}), got range "
                                  f"[{int(labels.min())}, {int(labels.max())}]")
         if orders is not None:
             if orders.shape != (bsz, self.seq_len):
                 raise ValueError(f"orders must have shape ({bsz}, {self.seq_len}), got {tuple(orders.shape)}")
             expected = torch.arange(self.seq_len, device=orders.device).expand(bsz, -1)
-            if not torch.equal(orders.sort(dim=1).values, expected):
+            if not is_fake(orders) and not torch.equal(orders.sort(dim=1).values, expected):
                 raise ValueError("each row of orders must be a permutation of range(seq_len)")
 
 
 def _compiled(fn: Callable, mode: str, backend: str | Callable) -> Callable:
-    """``torch.compile(fn)`` for sampling, allowed :data:`SAMPLING_RECOMPILE_LIMIT` graphs: every technique
-    runs the blocks with its own attention step over its own block ranges, one graph each (dynamo's
-    default of 8 would send the later ones back to eager, silently but for a warning)."""
-    compiled = torch.compile(fn, dynamic=True, mode=mode, backend=backend)
+    """``torch.compile(fn)`` for sampling.
+
+    - ``fullgraph``: each call is one graph; a step that dynamo cannot trace is an error, not a frame left
+      to eager whose inner calls then compile one by one (and fail their guards at the next call).
+    - :data:`SAMPLING_RECOMPILE_LIMIT` graphs: every technique runs the blocks with its own attention
+      step over its own block ranges, one graph each (dynamo's default of 8 would send the later ones
+      back to eager, silently but for a warning).
+    - no duck shaping: sizes that happen to be equal at the first call (the batch and a head count, a
+      stride and an offset) are not assumed equal, which would take another graph when they differ.
+    """
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, mode=mode, backend=backend)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(recompile_limit=SAMPLING_RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=SAMPLING_RECOMPILE_LIMIT), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
             return compiled(*args, **kwargs)
 
     return run

@@ -3,22 +3,28 @@
 Every sampler (plain MAR, and each acceleration technique) runs blocks through :meth:`MAR.run_blocks`,
 which is :func:`run_blocks` on one of the model's block stacks. What a technique changes is the
 attention step of a block, and it changes it the way diffusers swaps attention processors: it passes an
-``attention`` callable that receives the block's queries, keys and values and returns the attention
+:class:`AttentionStep` that receives the block's queries, keys and values and returns the attention
 output of the rows that go on (by default plain self-attention over the rows themselves). The loop, the
 projections and the MLPs stay here, so compiling this one function (``MAR.compile_for_sampling``)
 compiles the transformer of every technique, and a fix to the loop lands once.
 
 The caches are gpt-fast's ``KVCache`` made position-indexed: :class:`PositionBuffer` holds a value per
-sequence position (buffer + image tokens), allocated at its first write from the activations' shape,
-dtype and device; :class:`KVCache` holds one key and one value buffer per block. A step writes the
-fresh keys/values of the rows it runs and reads those of the positions its queries attend to
-(:class:`CachedAttention`): positions that did not run contribute what they cached when they last ran.
+sequence position (buffer + image tokens); :class:`KVCache` holds one key and one value buffer per block. A
+step writes the fresh keys/values of the rows it runs and reads those of the positions its queries attend
+to (:class:`CachedAttention`): positions that did not run contribute what they cached when they last ran.
 Positions are (R, n) long tensors of ascending indices into buffer + sequence, the same count in every
 row (masked decoding plans its counts), so nothing here reads a tensor into Python.
+
+What compiled code sees: :meth:`MAR.run_blocks` calls an attention step's :meth:`AttentionStep.prepare`
+before the blocks run, outside compiled code, and the step allocates there every buffer it will write.
+The compiled blocks then only index into tensors that exist, in objects whose layout is the same at every
+call (dynamo guards on that layout: a cache whose buffers appear during the first call, or a step whose
+fields alias by chance, would need another graph at every fresh call), and CUDA graphs
+(``--cuda_graph``) never own a cache's memory.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -26,21 +32,36 @@ from torch.utils.checkpoint import checkpoint
 
 from models.blocks import Block
 
-# ``(layer, block, x, q, k, v) -> (x, out)``: the attention of ``block`` (the ``layer``-th of its stack)
-# for rows ``x`` (R, n, D) with their per-head queries, keys and values (R, H, n, d). Returns the rows
-# that go on through the rest of the block (``x`` itself, or rows taken out or brought in) and their
-# attention output before the projection (R, n', D).
-Attention = Callable[[int, Block, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                     tuple[torch.Tensor, torch.Tensor]]
+class AttentionStep:
+    """The attention step a technique passes to :func:`run_blocks` in place of plain self-attention."""
+
+    def prepare(self, blocks: nn.ModuleList, x: torch.Tensor) -> None:
+        """Allocate what the step writes while ``blocks`` run over rows ``x`` (R, n, D), before they run and
+        outside compiled code (:meth:`MAR.run_blocks` calls it). Nothing by default."""
+
+    def __call__(self, layer: int, block: Block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention of ``block`` (the ``layer``-th of its stack) for rows ``x`` (R, n, D) with their
+        per-head queries, keys and values (R, H, n, d): the rows that go on through the rest of the block
+        (``x`` itself, or rows taken out or brought in) and their attention output before the projection
+        (R, n', D)."""
+        raise NotImplementedError
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attention: Attention | None = None, *,
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a linear layer's output for float32 weights and input ``x``: autocast's where it is on
+    for ``x``'s device (bf16/fp16 sampling), else ``x``'s. Keys, values and the head's features have it."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attention: AttentionStep | None = None, *,
                start: int = 0, stop: int | None = None, checkpointed: bool = False) -> torch.Tensor:
     """Blocks ``start .. stop - 1`` of ``blocks`` over rows ``x`` (R, n, D) -> (R, n', D).
 
     Args:
-        attention: the blocks' attention step (see :data:`Attention`); None is plain self-attention
-            over the rows themselves, i.e. ``block(x)``.
+        attention: the blocks' attention step, its state allocated (:meth:`AttentionStep.prepare`); None
+            is plain self-attention over the rows themselves, i.e. ``block(x)``.
         checkpointed: recompute each block's activations in the backward pass (training).
     """
     for layer in range(start, len(blocks) if stop is None else stop):
@@ -58,9 +79,9 @@ class PositionBuffer:
     """A tensor indexed by sequence position along ``dim``: (R, P, D) tokens (``dim=1``) or (R, H, P, d)
     per-head keys/values (``dim=2``).
 
-    Allocated (zeros, the rows, dtype and device of its first write) when first written; later writes
-    and reads may cover fewer rows (the first ``R``: the conditional half, when the condition cache runs
-    it alone), never more.
+    Allocated (zeros) by :meth:`allocate`, or in eager code by the first write (its rows, dtype and
+    device); later writes and reads may cover fewer rows (the first ``R``: the conditional half, when the
+    condition cache runs it alone), never more.
     """
 
     def __init__(self, num_positions: int, dim: int) -> None:
@@ -68,15 +89,23 @@ class PositionBuffer:
         self.dim = dim
         self.data: torch.Tensor | None = None
 
+    def allocate(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Zeros for values of ``shape`` (its size along ``dim`` replaced by every position), unless
+        allocated already."""
+        if self.data is None:
+            shape = list(shape)
+            shape[self.dim] = self.num_positions
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
+        elif shape[0] > self.data.shape[0]:
+            raise ValueError(f"{shape[0]} rows for a buffer allocated for {self.data.shape[0]}")
+
     def write(self, positions: torch.Tensor | None, x: torch.Tensor) -> None:
         """Store ``x`` at ``positions`` (R, n) of its rows; ``None``: ``x`` covers every position."""
-        if self.data is None:
-            shape = list(x.shape)
-            shape[self.dim] = self.num_positions
-            self.data = x.new_zeros(shape)
-        elif x.shape[0] > self.data.shape[0]:
-            raise ValueError(f"{x.shape[0]} rows written to a buffer allocated for {self.data.shape[0]}")
-        buf = self.data[:x.shape[0]]
+        if self.data is None and torch.compiler.is_compiling():
+            raise RuntimeError("a buffer written by compiled blocks must be allocated before they run "
+                               "(AttentionStep.prepare)")
+        self.allocate(x.shape, x.dtype, x.device)
+        buf = self.rows(x.shape[0])
         if positions is None:
             buf.copy_(x)
         else:
@@ -85,9 +114,15 @@ class PositionBuffer:
     def read(self, positions: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
         """The values at ``positions`` (R, n), or at every position of the first ``rows`` rows."""
         if positions is None:
-            return self.data[:rows]
-        buf = self.data[:positions.shape[0]]
+            return self.data if rows is None else self.rows(rows)
+        buf = self.rows(positions.shape[0])
         return buf.gather(self.dim, _index(positions, buf.shape, self.dim))
+
+    def rows(self, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows. ``narrow`` rather than ``[:rows]``: compiled with dynamic shapes, a
+        slice's size is ``min(rows, allocated)``, which dynamo settles by fixing both sizes (a graph
+        per batch size); ``narrow`` asks only that they fit."""
+        return self.data.narrow(0, 0, rows)
 
 
 def _index(positions: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
@@ -99,18 +134,26 @@ def _index(positions: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor
 
 
 class KVCache:
-    """Per-block keys and values (R, H, P, d) of every position P of one block stack."""
+    """Per-block keys and values (R, H, P, d) of every position P of one block stack, allocated for every
+    block at once (:meth:`allocate`) before the blocks run."""
 
     def __init__(self, num_positions: int) -> None:
         self.num_positions = num_positions
-        self.k: dict[int, PositionBuffer] = {}
-        self.v: dict[int, PositionBuffer] = {}
+        self.k: list[PositionBuffer] = []
+        self.v: list[PositionBuffer] = []
+
+    def allocate(self, blocks: nn.ModuleList, x: torch.Tensor) -> None:
+        """Zeros for every block of ``blocks`` running over rows ``x`` (R, n, D), in the dtype their keys
+        and values have (:func:`compute_dtype`); nothing when allocated (later calls may run fewer rows)."""
+        attn = blocks[0].attn
+        shape = (x.shape[0], attn.num_heads, self.num_positions, attn.head_dim)  # (R, H, P, d)
+        if not self.k:
+            self.k, self.v = ([PositionBuffer(self.num_positions, dim=2) for _ in blocks] for _ in range(2))
+        for buf in (*self.k, *self.v):
+            buf.allocate(shape, compute_dtype(x), x.device)
 
     def update(self, layer: int, positions: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store block ``layer``'s fresh keys/values (R, H, n, d) at ``positions`` (None: every position)."""
-        if layer not in self.k:
-            self.k[layer] = PositionBuffer(self.num_positions, dim=2)
-            self.v[layer] = PositionBuffer(self.num_positions, dim=2)
         self.k[layer].write(positions, k)
         self.v[layer].write(positions, v)
 
@@ -120,25 +163,31 @@ class KVCache:
         return self.k[layer].read(positions, rows), self.v[layer].read(positions, rows)
 
 
-class CachedAttention:
+class CachedAttention(AttentionStep):
     """Attention through a :class:`KVCache`: the rows that run write their fresh keys/values at their
     ``positions``, then their queries attend to the cached keys/values at ``keys``.
 
     Args:
         cache: the stack's cache.
         positions: (R, n) positions of the rows that run; None: every position.
-        keys: (R, m) positions the queries attend to, in this order; None: every position. When it is
-            ``positions`` itself (the same object), the rows attend to their own fresh keys/values and the
-            cache is only written (a step that recomputes everything it attends to).
+        keys: (R, m) positions the queries attend to, in this order; None: every position.
+        write_only: the rows attend to their own fresh keys/values and the cache is only written (a step
+            that recomputes everything it attends to); ``keys`` is then not read.
     """
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor | None = None,
-                 keys: torch.Tensor | None = None) -> None:
-        self.cache, self.positions, self.keys = cache, positions, keys
+    def __init__(self, cache: KVCache, positions: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                 *, write_only: bool = False) -> None:
+        # Written only, ``keys`` is not read: not kept, so that no field aliases another (dynamo would guard
+        # on the aliasing).
+        self.cache, self.positions, self.write_only = cache, positions, write_only
+        self.keys = None if write_only else keys
+
+    def prepare(self, blocks: nn.ModuleList, x: torch.Tensor) -> None:
+        self.cache.allocate(blocks, x)
 
     def __call__(self, layer: int, block: Block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.cache.update(layer, self.positions, k, v)
-        if self.keys is not self.positions:
+        if not self.write_only:
             k, v = self.cache.read(layer, self.keys, rows=x.shape[0])
         return x, block.attn.attend(q, k, v)
