@@ -31,9 +31,9 @@ permutation seeded by ``(seed, epoch)``. So a run stopped after any step and aut
 uninterrupted run, provided the kernels are the same: same ``--threads``, CPU capability and torch
 (``execution``). With another thread count (or CPU, or torch) the run goes on with the same settings
 and random draws, but float sums round differently from that step on (LayerNorm's and softmax's
-backward split their sums by thread): the losses then agree to float rounding, not bit for bit, and the
-resume says so and records it (``execution_changes``; demo/TRAINING.md, "Resume"). The RNG state is also
-stored (``rng``) and restored.
+backward split their sums by thread): the losses then agree to float rounding, not bit for bit, and
+the resume says so and records it (``execution_changes``; demo/TRAINING.md, "Resume and the CPU's
+kernels"). The RNG state is also stored (``rng``) and restored.
 
 ``--precision auto`` (the default) is resolved once, when the run starts, to ``bf16`` on a CPU that
 multiplies bf16 natively (AVX-512 BF16 or AMX) and to ``fp32`` elsewhere (``util.precision``); the

@@ -340,8 +340,8 @@ def format_comparison(rows: list[Row], floor: dict | None) -> str:
 
 def format_markdown(rows: list[Row], floor: dict | None) -> str:
     """The table of ``rows`` summarized over seeds: means, with the range over seeds when there are several
-    (rows measured against plain MAR: :func:`format_comparison`)."""
-    if any(r.vs_plain is not None for r in rows):
+    (rows of one seed measured against plain MAR: :func:`format_comparison`)."""
+    if any(r.vs_plain is not None for r in rows) and len({r.seed for r in rows}) == 1:
         return format_comparison(rows, floor)
     summaries = summarize(rows)
     speculative = any(r.acceptance_rate is not None for r in summaries)  # a column for them only then

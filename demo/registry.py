@@ -39,7 +39,7 @@ def _mar_recipe(model: str, output_dir: str, export: str) -> str:
     """The CPU recipe of a demo MAR (demo/TRAINING.md) for ``--model model``, then its export."""
     return (f"python train.py --model {model} --patch_size 2 --data_style simple --num_per_class 5000 --epochs 10 "
             "--batch_size 64 --lr 1e-3 --min_lr_ratio 0.05 --warmup_steps 200 --ema_rate 0.999 --ema_warmup "
-            "--noise_schedule linear --pos_init sincos --precision bf16 --diffusion_batch_mul 1 --threads 2 "
+            "--noise_schedule linear --pos_init sincos --precision auto --diffusion_batch_mul 1 --threads 2 "
             f"--output_dir {output_dir} --save_every_minutes 10 && "
             f"python train.py --output_dir {output_dir} --export pretrained_models/demo/{export} --export_dtype fp32")
 

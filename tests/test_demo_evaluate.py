@@ -124,8 +124,9 @@ def test_a_one_batch_row_is_timed_after_an_untimed_warm_up(tiny_generator, monke
         calls.append(len(lab))
         return real(gen, lab, *args, **kwargs)
     monkeypatch.setattr(ev, "generate_batches", spy)
-    images, seconds = ev.row_images(tiny_generator, labels, settings, seed=0, bsz=NUM_CLASSES)
-    assert calls == [NUM_CLASSES] and seconds > 0  # the warm-up goes through generate_images, then one timed batch
+    row = ev.row_images(tiny_generator, labels, settings, seed=0, bsz=NUM_CLASSES)
+    images, seconds = row.images, row.seconds_per_image
+    assert calls == [NUM_CLASSES] and seconds > 0  # the warm-up goes through generate_set, then one timed batch
     plain, nan = generate_images(tiny_generator, labels, settings, seed=0, batch_size=NUM_CLASSES)
     assert np.isnan(nan) and np.array_equal(images, plain)
     rows = [Row("plain", 4, 1.0, s, 0.5, 10.0, 12, seed) for seed, s in enumerate((float("nan"), 2.0, 4.0))]
