@@ -16,6 +16,19 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (152, 223, 138), (255, 187, 120)]  # 14 colours: the comparison's 12 policies all differ
 
 
+def _legend_and_save(img: Image.Image, draw: ImageDraw.ImageDraw, policies: list[str], *, x: int, top: int,
+                     path: str | Path) -> Path:
+    """A colour legend of ``policies`` right of the plot area (from ``x``), then the PNG at ``path``."""
+    for i, name in enumerate(policies):
+        colour = PALETTE[i % len(PALETTE)]
+        draw.ellipse([x + 12, top + 8 + 16 * i, x + 20, top + 16 + 16 * i], fill=colour)
+        draw.text((x + 26, top + 5 + 16 * i), name, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
 def plot_quality_vs_flops(rows, path: str | Path, size: tuple[int, int] = (720, 480)) -> Path:
     """Write the scatter plot of ``rows`` (objects with ``policy``, ``num_iter``, ``tflops_per_image``,
     ``demo_fid``) to ``path`` as PNG and return the path."""
@@ -54,14 +67,7 @@ def plot_quality_vs_flops(rows, path: str | Path, size: tuple[int, int] = (720, 
             draw.line([px(x, lo), px(x, hi)], fill=colour, width=2)
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         draw.text((cx + 6, cy - 6), str(r.num_iter), fill=colour)
-    for i, name in enumerate(policies):  # legend
-        colour = PALETTE[i % len(PALETTE)]
-        draw.ellipse([W - right + 12, top + 8 + 16 * i, W - right + 20, top + 16 + 16 * i], fill=colour)
-        draw.text((W - right + 26, top + 5 + 16 * i), name, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return _legend_and_save(img, draw, policies, x=W - right, top=top, path=path)
 
 
 def plot_difference_vs_flops(rows, path: str | Path, size: tuple[int, int] = (760, 500), title: str = "",
@@ -117,11 +123,4 @@ def plot_difference_vs_flops(rows, path: str | Path, size: tuple[int, int] = (76
         cx, cy = px(x, y)
         draw.line([px(x, lo), px(x, hi)], fill=colour, width=2)
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
-    for i, name in enumerate(policies):
-        colour = PALETTE[i % len(PALETTE)]
-        draw.ellipse([W - right + 12, top + 8 + 16 * i, W - right + 20, top + 16 + 16 * i], fill=colour)
-        draw.text((W - right + 26, top + 5 + 16 * i), name, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return _legend_and_save(img, draw, policies, x=W - right, top=top, path=path)
