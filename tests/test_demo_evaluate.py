@@ -246,3 +246,16 @@ def test_saved_rows_are_strict_json_and_read_back(tmp_path):
     table = strict_json(shipped.read_text())
     rows, _ = load_done_rows(shipped, table["identity"])
     assert len(rows) == len(table["rows"]) and sum(np.isnan(r.seconds_per_image) for r in rows) == 24
+
+
+def test_the_difference_plot_needs_rows_compared_with_plain(tmp_path):
+    from PIL import Image
+
+    from demo.plot import plot_difference_vs_flops
+    plain = Row("plain", 64, 0.04, 0.5, 0.9, 10.0, 120, 0)
+    lazy = Row("lazymar", 64, 0.02, 0.2, 0.9, 10.5, 120, 0,
+               vs_plain={"difference": {"demo_fid": {"value": 0.5, "low": 0.1, "high": 0.9}}})
+    with Image.open(plot_difference_vs_flops([plain, lazy], tmp_path / "d.png", size=(400, 300))) as im:
+        assert im.size == (400, 300) and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
+    with pytest.raises(ValueError, match="no rows measured against plain"):
+        plot_difference_vs_flops([plain], tmp_path / "none.png")
