@@ -13,7 +13,7 @@ import contextlib
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, is_fake
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import lazymar
 import lazymar.gtr
@@ -80,11 +80,10 @@ def test_every_preset_samples_on_a_fake_cuda_device(name, precision):
     assert tokens.shape == (2, 16, 8, 8) and tokens.dtype == torch.float32  # tokens carried in float32
 
 
-@pytest.mark.xfail(raises=DataDependentOutputException, strict=True,
-                   reason="CSpD reads its acceptance on the host (issue 29, item 4); a device error still fails")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cspd_samples_on_a_fake_cuda_device(precision):
-    """Unconditional: CSpD checks the labels against the draft's classes on the host before anything runs;
-    so the draft's and the target's steps and the verification pass run before its first host read."""
+    """Unconditional: CSpD checks the labels against the draft's classes on the host before anything runs.
+    With fixed residual rounds (``cspd``'s default, issue 29 item 4) nothing after that reads the device:
+    its acceptance counts stay on the device until read after the generation."""
     tokens = fake_cuda_sample("cspd", precision, conditional=False)
     assert is_fake(tokens) and tokens.device.type == "cuda" and tokens.shape == (2, 16, 8, 8)
