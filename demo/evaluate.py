@@ -216,7 +216,7 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class
                     sample = RowSample.measure(generated.images, generated.tokens, labels.numpy(), classifier_path)
                     if samples_dir is not None and policy is None:  # only plain's is read back
                         samples_dir.mkdir(parents=True, exist_ok=True)
-                        sample.save(_sample_path(samples_dir, policy, num_iter, seed))
+                        sample.save(plain_sample_path(samples_dir, num_iter, seed))
                     if policy is None:
                         plain[num_iter, seed] = sample
                     if twin is not None:
@@ -237,25 +237,18 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class
     return [measured[p or "plain", n, s] for n in steps for p in policies for s in seeds]
 
 
-def _sample_path(folder: Path, policy: Any, num_iter: int, seed: int) -> Path:
-    """The file of a row's per-image data: named by the preset, or by a digest of a config's text."""
-    name = policy or "plain"
-    if not isinstance(name, str):
-        name = "config-" + hashlib.sha256(repr(name).encode()).hexdigest()[:16]
-    return Path(folder) / f"{name}-{num_iter}-{seed}.npz"
-
-
 def plain_sample_path(folder: Path, num_iter: int, seed: int) -> Path:
-    """Where :func:`evaluate` keeps plain MAR's per-image data at (steps, seed) under ``samples_dir``."""
-    return _sample_path(folder, None, num_iter, seed)
+    """Where :func:`evaluate` keeps plain MAR's per-image data at (steps, seed) under ``samples_dir`` (the
+    only row whose data is read back)."""
+    return Path(folder) / f"plain-{num_iter}-{seed}.npz"
 
 
 def _plain_sample(gen: Generator, labels: torch.Tensor, sampling: dict, num_iter: int, seed: int, bsz: int,
                   classifier_path: str, samples_dir: Path | None, bar: Any) -> RowSample:
     """Plain MAR's per-image data at (steps, seed) for a row measured after a resume: from ``samples_dir``
     when an earlier run kept it, else sampled again (the same images: generation is seeded per batch)."""
-    if samples_dir is not None and _sample_path(samples_dir, None, num_iter, seed).is_file():
-        return RowSample.load(_sample_path(samples_dir, None, num_iter, seed))
+    if samples_dir is not None and plain_sample_path(samples_dir, num_iter, seed).is_file():
+        return RowSample.load(plain_sample_path(samples_dir, num_iter, seed))
     bar.total += -(-len(labels) // bsz)
     generated = generate_set(gen, labels, SamplingSettings(num_iter=num_iter, **sampling), seed=seed,
                              batch_size=bsz, progress=bar)
