@@ -20,12 +20,16 @@ import numpy as np
 from demo.fidelity import ACCURACY_LAYER, FID_LAYER, extract_features
 from util.paired import feature_distance, psnr, ssim, token_relative_error
 from util.set_metrics import KID, Reference, accuracy, fid
-from util.stats import BOOTSTRAP_RESAMPLES, Interval, bootstrap_difference, bootstrap_value, mean_ci, verdict, wilson_ci
+from util.stats import (BOOTSTRAP_RESAMPLES, Interval, bootstrap_difference, bootstrap_value, images_needed, mean_ci,
+                        verdict, wilson_ci)
 
 # Metric -> whether higher is better (the sign a verdict reads).
 HIGHER_IS_BETTER = {"demo_fid": False, "kid": False, "class_accuracy": True}
 VERDICT_METRIC = "demo_fid"
 TWIN_DISTANCES = ("token_rel_err", "psnr", "ssim", "feature_distance")
+# The resolution the demo table is sized for: a difference's 95% interval within +-3% of plain MAR's value,
+# finer than the effects to judge (LazyMAR on MAR-H: +6% FID).
+RESOLUTION = 0.03
 
 
 @dataclass
@@ -91,6 +95,18 @@ def versus_plain(sample: RowSample, plain: RowSample, reference: Reference, *, p
                        "ssim": mean_ci(ssim(sample.images, plain.images)),
                        "feature_distance": mean_ci(feature_distance(sample.features, plain.features))}
     return out
+
+
+def images_to_resolve(difference: dict, num_images: int, plain_value: float,
+                      fraction: float = RESOLUTION) -> int | None:
+    """Images per row at which a difference's interval would be +-``fraction`` of plain MAR's value, from its
+    saved interval (``{value, low, high}``) on ``num_images`` images: the half-width, (high - low) / 2, falls
+    as 1/sqrt(n) (:func:`util.stats.images_needed`). None when the interval has no width to scale (a preset
+    identical to plain) or no finite end."""
+    low, high = difference.get("low"), difference.get("high")
+    if low is None or high is None or not high > low:
+        return None
+    return images_needed((high - low) / 2, num_images, fraction * abs(plain_value))
 
 
 def as_json(comparison: dict) -> dict:

@@ -1,11 +1,15 @@
 """The demo model's speed/quality table: step count x policy -> FLOPs, CPU latency, class accuracy, demo FID.
 
     python -m demo.evaluate --steps 16 32 64 --policies none lazymar lazymar-scaled --per_class 50
-    python -m demo.evaluate --policies comparison --seeds 0 1 2 --plot docs/demo_quality_vs_flops.png
+    python -m demo.evaluate --steps 64 --policies comparison cspd cspd-release --per_class 80 --bsz 120 \
+        --out docs/demo_quality_t04 --plot docs/demo_quality_t04.png
 
 Every row generates the same class-balanced labels from the same seeds, so rows differ only by the
-policy and step count. With several ``--seeds`` each (policy, steps) is measured once per seed and the
-table shows the mean with the range over seeds, the noise a difference between rows must exceed.
+policy and step count (common random numbers). With plain MAR (``none``) among the policies, every row
+is compared with it on those same images (:mod:`demo.compare`): the difference of demo FID, KID and class
+accuracy with a paired bootstrap interval, a verdict, the distances to its plain twin where the preset
+draws plain's random numbers, and the images a +-3% interval would take. With several ``--seeds`` each
+(policy, steps) is measured once per seed and the table shows the mean with the range over seeds.
 Class accuracy and demo FID come from the demo classifier (``demo.fidelity``); the "real data" row is
 the same measurement on held-out real images of the model's data style, the floor any generator can
 reach. Latency is per image on this machine, excluding the first (warm-up) batch; a row of one batch
@@ -32,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from demo.compare import RowSample, absolute, as_json, versus_plain
+from demo.compare import RESOLUTION, RowSample, absolute, as_json, images_to_resolve, versus_plain
 from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
 from demo.fidelity import FID_LAYER, demo_metrics, extract_features
 from util.generate import SEED_RULE, GeneratedSet, SamplingSettings, generate_batches, generate_set
@@ -203,9 +207,10 @@ def evaluate(gen: Generator, *, steps: list[int], policies: list[Any], per_class
                 accel, log = _accel(policy, draft)
                 settings = SamplingSettings(num_iter=num_iter, accel=accel, **sampling)
                 generated = row_images(gen, labels, settings, seed=seed, bsz=bsz, progress=bar)
-                # One generation per batch; a warm-up before them is not part of the row.
+                # One generation per batch, the row's last ones; a warm-up before them is not part of it.
+                batches = -(-len(labels) // bsz)
                 acceptance = None if log is None else summarize_cspd(
-                    [r.as_dict() for r in log.runs[-(-len(labels) // bsz):]])["acceptance_rate"]
+                    [r.as_dict() for r in log.runs[-batches:]])["acceptance_rate"]
                 cache = dict(zip(("cache_root", "reference_cache_name"), reference_cache or ()))
                 m = demo_metrics(generated.images, classifier_path, labels=labels.numpy(), reference=reference,
                                  compute_is=False, **cache)
@@ -304,14 +309,24 @@ def _ci(interval: dict | None, fmt: str, scale: float = 1.0) -> str:
     return text
 
 
+def _images_to_resolve(row: Row, plain: Row | None) -> str:
+    """The power column: images per row for a demo FID difference interval of +-RESOLUTION of plain's."""
+    diff = ((row.vs_plain or {}).get("difference") or {}).get("demo_fid")
+    if diff is None or plain is None:
+        return "-"
+    n = images_to_resolve(diff, row.num_images, plain.demo_fid)
+    return "-" if n is None else f"{n:,}"
+
+
 def format_comparison(rows: list[Row], floor: dict | None) -> str:
     """The table of rows measured against plain MAR (one per step count, policy and seed): each row's own
     values with 95% intervals, its difference from plain at the same steps and seed with the paired
     bootstrap interval, the distances to its plain twin where it has one, and the verdict on demo FID."""
     plain = {(r.num_iter, r.seed): r for r in rows if r.policy == "plain"}
     lines = ["| steps | policy | paired | FLOPs vs plain | CPU speed-up | class accuracy | "
-             "demo FID | d accuracy | d demo FID | d KID x 1e3 | twin PSNR dB | twin SSIM | verdict (demo FID) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "demo FID | d accuracy | d demo FID | d KID x 1e3 | twin PSNR dB | twin SSIM | verdict (demo FID) | "
+             f"images for d demo FID +-{RESOLUTION:.0%} |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         base = plain.get((r.num_iter, r.seed))
         vs = r.vs_plain or {}
@@ -324,10 +339,11 @@ def format_comparison(rows: list[Row], floor: dict | None) -> str:
                      f"{speed} | {_ci(own.get('class_accuracy'), '.1%')} | {_ci(own.get('demo_fid'), '.2f')} | "
                      f"{_ci(diff.get('class_accuracy'), '+.1%')} | {_ci(diff.get('demo_fid'), '+.2f')} | "
                      f"{_ci(diff.get('kid'), '+.2f', 1e3)} | {_ci(twin.get('psnr'), '.1f')} | "
-                     f"{_ci(twin.get('ssim'), '.3f')} | {vs.get('verdict', {}).get('demo_fid', '-')} |")
+                     f"{_ci(twin.get('ssim'), '.3f')} | {vs.get('verdict', {}).get('demo_fid', '-')} | "
+                     f"{_images_to_resolve(r, base)} |")
     if floor:
         lines.append(f"| - | real held-out data | - | - | - | {floor['class_accuracy']:.1%} | {floor['demo_fid']:.2f} "
-                     f"| - | - | - | - | - | - |")
+                     f"| - | - | - | - | - | - | - |")
     return "\n".join(lines)
 
 

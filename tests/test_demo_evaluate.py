@@ -161,6 +161,13 @@ def test_speculative_decoding_rows_hold_their_own_acceptance(tiny_generator):
     settings = SamplingSettings(num_iter=8, accel=cspd_preset("cspd", other, on_stats=log), **SAMPLING)
     list(generate_batches(tiny_generator, torch.arange(12) % NUM_CLASSES, settings, seed=3, batch_size=12))
     assert 0.2 < small.acceptance_rate == summarize_cspd([log.last.as_dict()])["acceptance_rate"] < 0.95
+    # A row of several batches: every batch's generation, none left out (3 batches of 4 images).
+    (batched,) = evaluate(tiny_generator, policies=["cspd"], draft=other, **common | {"bsz": 4})
+    log = StatsLog()
+    settings = SamplingSettings(num_iter=8, accel=cspd_preset("cspd", other, on_stats=log), **SAMPLING)
+    list(generate_batches(tiny_generator, torch.arange(12) % NUM_CLASSES, settings, seed=3, batch_size=4))
+    assert len(log.runs) == 3
+    assert 0.2 < batched.acceptance_rate == summarize_cspd([r.as_dict() for r in log.runs])["acceptance_rate"] < 0.95
     assert small.tflops_per_image == pytest.approx(estimate(tiny_generator.mar, num_iter=8, cfg=2.0, bsz=12,
                                                             accel=cspd_preset("cspd", other)).total / 1e12)
     assert plain.tflops_per_image < same.tflops_per_image  # the same-size draft costs more than it saves
@@ -242,11 +249,6 @@ def test_saved_rows_are_strict_json_and_read_back(tmp_path):
     assert np.isnan(back[0].seconds_per_image) and back[1:] == rows[1:] and presets == identity["presets"]
     assert [asdict(r) for r in back][0] | {"seconds_per_image": 0} == asdict(rows[0]) | {"seconds_per_image": 0}
 
-    shipped = Path(__file__).resolve().parents[1] / "docs" / "demo_quality.json"
-    table = strict_json(shipped.read_text())
-    rows, _ = load_done_rows(shipped, table["identity"])
-    assert len(rows) == len(table["rows"]) and sum(np.isnan(r.seconds_per_image) for r in rows) == 24
-
 
 def test_the_difference_plot_needs_rows_compared_with_plain(tmp_path):
     from PIL import Image
@@ -259,3 +261,20 @@ def test_the_difference_plot_needs_rows_compared_with_plain(tmp_path):
         assert im.size == (400, 300) and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
     with pytest.raises(ValueError, match="no rows measured against plain"):
         plot_difference_vs_flops([plain], tmp_path / "none.png")
+
+
+def test_the_power_column_scales_the_measured_interval():
+    """Images for a +-3% interval: a difference interval of +-0.6 on 120 images, plain at 10.0 (target +-0.3),
+    needs 4x the images; a zero-width interval (a preset identical to plain) has nothing to scale."""
+    from demo.compare import images_to_resolve
+    from demo.evaluate import format_comparison
+    assert images_to_resolve({"value": 0.1, "low": -0.5, "high": 0.7}, 120, 10.0) == 480
+    assert images_to_resolve({"value": 0.1, "low": -0.5, "high": 0.7}, 120, -10.0) == 480
+    assert images_to_resolve({"value": 0.0, "low": 0.0, "high": 0.0}, 120, 10.0) is None
+    assert images_to_resolve({"value": 0.0, "low": None, "high": 0.2}, 120, 10.0) is None
+    plain = Row("plain", 64, 0.04, 0.5, 0.9, 10.0, 120, 0)
+    lazy = Row("lazymar", 64, 0.02, 0.2, 0.9, 10.1, 120, 0,
+               vs_plain={"paired": True, "difference": {"demo_fid": {"value": 0.1, "low": -0.1, "high": 0.3}},
+                         "verdict": {"demo_fid": "no detectable difference"}})
+    last = format_comparison([plain, lazy], None).splitlines()[-1].split("|")
+    assert last[-2].strip() == "54" and last[-3].strip() == "no detectable difference"  # 120 * (0.2 / 0.3)^2
