@@ -250,6 +250,36 @@ def test_saved_rows_are_strict_json_and_read_back(tmp_path):
     assert [asdict(r) for r in back][0] | {"seconds_per_image": 0} == asdict(rows[0]) | {"seconds_per_image": 0}
 
 
+SHIPPED_TABLES = {"demo_quality_t04": 0.4, "demo_quality_t10": 1.0}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_TABLES))
+def test_shipped_tables_compare_every_row_with_plain(name):
+    """The README's quality tables as shipped: strict JSON that reads back under its own identity, one plain
+    row, every other row measured against it on the same images with a verdict its interval implies, and
+    twin distances exactly for the presets that claim pairing (lazymar.names.pairs_with_plain)."""
+    from demo.compare import images_to_resolve
+    from demo.evaluate import COMPARISON
+    from lazymar.names import pairs_with_plain
+    from util.stats import Interval, verdict
+    path = Path(__file__).resolve().parents[1] / "docs" / f"{name}.json"
+    table = strict_json(path.read_text())
+    assert table["identity"]["temperature"] == SHIPPED_TABLES[name]
+    rows, _ = load_done_rows(path, table["identity"])
+    (plain,) = [r for r in rows if r.policy == "plain"]
+    others = [r for r in rows if r.policy != "plain"]
+    assert {r.policy for r in others} >= {p for p in COMPARISON if p != "none"} | {"cspd", "cspd-release"}
+    for r in others:
+        assert r.num_images == plain.num_images and r.seed == plain.seed
+        d = r.vs_plain["difference"]["demo_fid"]
+        assert d["low"] <= d["value"] <= d["high"]
+        assert d["value"] == pytest.approx(r.demo_fid - plain.demo_fid, abs=1e-3)
+        assert r.vs_plain["verdict"]["demo_fid"] == verdict(Interval(d["value"], d["low"], d["high"]),
+                                                            higher_is_better=False)
+        assert r.vs_plain["paired"] == pairs_with_plain(r.policy) == ("twin" in r.vs_plain)
+        assert images_to_resolve(d, r.num_images, plain.demo_fid) > 0
+
+
 def test_the_difference_plot_needs_rows_compared_with_plain(tmp_path):
     from PIL import Image
 
