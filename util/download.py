@@ -4,6 +4,7 @@ Usage::
 
     python -m util.download vae mar_base [--dest pretrained_models] [--overwrite]
     python -m util.download all
+    python -m util.download --source hf vae mar_base [--revision REV] [--cache_dir DIR] [--offline]
 
 Files land under ``--dest`` (default ``pretrained_models``) in the layout the
 rest of the project expects::
@@ -27,11 +28,23 @@ Why this is more than a one-line ``urlretrieve``:
 * Dropbox serves the file itself (instead of an HTML preview page) for
   ``dl=0`` links when the client looks like wget, so the upstream
   ``User-Agent`` header is sent.
+
+``--source hf`` fetches the community ``.safetensors`` upload on the Hugging
+Face Hub instead (for users who cannot reach Dropbox) through
+``huggingface_hub``: its cache (``HF_HUB_CACHE`` / ``HF_HOME`` or
+``--cache_dir``), its resume of interrupted transfers, and its offline mode
+(``HF_HUB_OFFLINE=1`` or ``--offline``: the cache only, no network). The
+files stay in that cache; each one's header is checked against the released
+key layout and shapes before its path is printed, and a file that differs is
+refused with its first differences. Which weights the upload holds (EMA or
+raw) is not stated by it and cannot be read from the files; this project has
+not measured their FID (see :data:`HUB_FILES`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import logging
 import os
@@ -40,10 +53,32 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Callable, NamedTuple, Optional, Sequence
 
+import huggingface_hub
+import huggingface_hub.constants
+import torch
+import torch.nn as nn
+from huggingface_hub.utils import (  # where 0.24 to 2.x all export them
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from tqdm import tqdm
+
+from models.mar import build_released
+from models.vae import KL16_CONFIG, AutoencoderKL
+from util.checkpoint import (
+    UNKNOWN_WEIGHTS_NOTE,
+    CheckpointError,
+    describe_mar_state_dict,
+    read_safetensors_shapes,
+    schema_differences,
+    shapes_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +148,79 @@ RELEASED_FILES: dict[str, ReleasedFile] = _registry(
         7191,
     ),
 )
+
+
+# --------------------------------------------------------------------------- #
+# The community upload on the Hugging Face Hub (``--source hf``)
+# --------------------------------------------------------------------------- #
+
+SOURCES = ("dropbox", "hf")
+HUB_REPO_ID = "jadechoghari/mar"
+HUB_REVISION = "main"  # no later commit hash is known here; the report prints the one resolved
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of the Hub upload and the released layout it must have.
+
+    Args:
+        name: CLI name, the same as in ``RELEASED_FILES``.
+        filename: Path inside the Hub repository.
+        build: Constructor of the module whose state-dict keys and shapes the file must have; called on the
+            meta device (shapes only, no memory). These are the released layouts, which
+            ``tests/test_reference.py`` holds equal to ``tests/data/*.state_dict.txt``.
+        flag: The sampling flag that takes the file (``--ckpt`` or ``--vae_path``).
+        approx_mb: Approximate size in megabytes, for the user's information.
+        extra_keys_ok: Keys the module lacks are not a difference (the VAE loader drops the
+            training-only keys of ``kl16.ckpt``); for the MAR every key must match (``strict=True``).
+    """
+
+    name: str
+    filename: str
+    build: Callable[[], nn.Module]
+    flag: str
+    approx_mb: int
+    extra_keys_ok: bool = False
+
+
+# File names and sizes as the Hub's pages listed them for jadechoghari/mar at ``main`` (read from stored
+# copies of those pages; nothing was downloaded here). What this project has not verified: that the keys
+# follow upstream's names (so each file is checked before use, and refused with its first differences if
+# not), and whether the MAR files hold the EMA or the raw weights (the upload does not say; its single
+# state dict per file, half the size of the two-dict .pth, is one of them). Override with --repo_id,
+# --revision and --filename.
+HUB_FILES: dict[str, HubFile] = {
+    "vae": HubFile("vae", "kl16.safetensors", functools.partial(AutoencoderKL, **KL16_CONFIG),
+                   "--vae_path", 266, extra_keys_ok=True),
+    "mar_base": HubFile("mar_base", "mar-base.safetensors", functools.partial(build_released, "mar_base"),
+                        "--ckpt", 832),
+    "mar_large": HubFile("mar_large", "mar-large.safetensors", functools.partial(build_released, "mar_large"),
+                         "--ckpt", 1913),
+    "mar_huge": HubFile("mar_huge", "mar-huge.safetensors", functools.partial(build_released, "mar_huge"),
+                        "--ckpt", 3770),
+}
+
+
+class HubCheckout(NamedTuple):
+    """A Hub file found in the cache and checked against the released layout.
+
+    Attributes:
+        name: CLI name.
+        path: The file in the Hugging Face cache (``.../snapshots/<commit>/<filename>``).
+        repo_id: Repository it came from.
+        commit: Commit hash the revision resolved to (pass it as ``--revision`` to pin it).
+        filename: Path inside the repository.
+        tensors: Number of tensors in the file.
+        dtypes: The tensor dtypes it holds, sorted (``'F32'`` for the released weights).
+    """
+
+    name: str
+    path: Path
+    repo_id: str
+    commit: str
+    filename: str
+    tensors: int
+    dtypes: tuple[str, ...]
 
 
 class _WritePlan(NamedTuple):
@@ -463,6 +571,155 @@ def download(
     return download_file(entry.url, dest, progress=progress)
 
 
+def expected_shapes(entry: HubFile) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the released layout of ``entry`` (its module built on the meta device).
+
+    Args:
+        entry: The Hub file.
+    """
+    with torch.device("meta"):
+        return shapes_of(entry.build().state_dict())
+
+
+def _commit_of(path: Path, filename: str) -> str:
+    """The snapshot folder name (the commit hash) of a cached ``.../snapshots/<commit>/<filename>``."""
+    return path.parents[len(PurePosixPath(filename).parts) - 1].name
+
+
+def verify_hub_file(entry: HubFile, path: Path, *, repo_id: str, filename: str) -> HubCheckout:
+    """Check the header of a downloaded Hub file against the released layout; refuse a file that differs.
+
+    Only the header is read (keys, shapes, dtypes), so this costs milliseconds for any size.
+
+    Args:
+        entry: What the file should be.
+        path: The file in the cache.
+        repo_id: Repository it came from (for messages).
+        filename: Path inside the repository (for messages).
+
+    Raises:
+        DownloadError: the file is unreadable, or its keys or shapes differ from the released ones; the
+            message names the first differences and what to do.
+    """
+    commit = _commit_of(path, filename)
+    try:
+        shapes, dtypes = read_safetensors_shapes(path)
+    except CheckpointError as err:
+        raise DownloadError(f"{filename} of {repo_id}@{commit}: {err} (run with --overwrite to fetch it again)"
+                            ) from err
+    differences = schema_differences(expected_shapes(entry), shapes, allow_extra=entry.extra_keys_ok)
+    if differences is not None:
+        raise DownloadError(
+            f"{filename} of {repo_id}@{commit} ({path}) does not have the released {entry.name} layout: "
+            f"{differences}. The file holds {len(shapes)} tensors ({describe_mar_state_dict(shapes)}). "
+            "This project loads upstream's key names and shapes only and does not rename keys by guess, so "
+            "the file is not used (it stays in the Hugging Face cache). Check --repo_id / --revision / "
+            "--filename, or use the released files: `--source dropbox`.")
+    return HubCheckout(entry.name, path, repo_id, commit, filename, len(shapes), tuple(sorted(set(dtypes.values()))))
+
+
+def _hub_error(err: Exception, *, filename: str, repo_id: str, revision: str, cache_dir: Path,
+               offline: bool) -> DownloadError:
+    """Explain a ``huggingface_hub`` failure in a user-actionable way.
+
+    Args:
+        err: What ``hf_hub_download`` raised.
+        filename: Path inside the repository.
+        repo_id: Repository.
+        revision: Revision asked for.
+        cache_dir: The cache searched.
+        offline: Offline mode was on (``--offline`` or ``HF_HUB_OFFLINE``).
+    """
+    what = f"{filename} of {repo_id} (revision {revision})"
+    if isinstance(err, LocalEntryNotFoundError) and offline:
+        return DownloadError(
+            f"{what} is not in the Hugging Face cache {cache_dir}, and offline mode is on (--offline or "
+            f"HF_HUB_OFFLINE=1), so nothing was downloaded. Run the same command once where the Hub is "
+            f"reachable, without --offline and with HF_HUB_OFFLINE unset, to fill the cache (or copy the "
+            f"cache folder from a machine that has the file), then run offline again.")
+    if isinstance(err, LocalEntryNotFoundError):
+        return DownloadError(
+            f"could not reach {huggingface_hub.constants.ENDPOINT} for {what}, and it is not in the cache "
+            f"{cache_dir}. Check your network (huggingface_hub honours HTTPS_PROXY, and HF_ENDPOINT for a "
+            f"mirror), or use the released files: `--source dropbox`.")
+    if isinstance(err, RevisionNotFoundError):
+        return DownloadError(f"{repo_id} has no revision {revision!r}; pass an existing branch, tag or commit "
+                             f"with --revision.")
+    if isinstance(err, RepositoryNotFoundError):
+        return DownloadError(f"repository {repo_id} not found on the Hub (or private / gated: log in with "
+                             f"`hf auth login`); check --repo_id.")
+    if isinstance(err, EntryNotFoundError):
+        return DownloadError(f"{what} does not exist on the Hub; the upload may have renamed it: pass the "
+                             f"current name with --filename.")
+    return DownloadError(f"Hugging Face Hub error for {what}: {err}")
+
+
+def download_from_hub(
+    name: str,
+    *,
+    repo_id: str = HUB_REPO_ID,
+    revision: str = HUB_REVISION,
+    filename: Optional[str] = None,
+    cache_dir: Optional[Path] = None,
+    offline: bool = False,
+    overwrite: bool = False,
+) -> HubCheckout:
+    """Fetch one file of the Hub upload into the Hugging Face cache and check it before use.
+
+    ``huggingface_hub`` does the transfer: a cached file is not fetched again, an interrupted one resumes,
+    and offline mode reads the cache only.
+
+    Args:
+        name: Key of ``HUB_FILES`` (e.g. ``mar_base``).
+        repo_id: Hub repository.
+        revision: Branch, tag or commit hash.
+        filename: Path inside the repository; None: ``HUB_FILES[name].filename``.
+        cache_dir: Hugging Face cache; None: huggingface_hub's (``HF_HUB_CACHE``, ``HF_HOME``).
+        offline: Cache only, no network; ``HF_HUB_OFFLINE=1`` turns it on as well.
+        overwrite: Fetch again even if cached.
+
+    Returns:
+        The verified file.
+
+    Raises:
+        DownloadError: the file cannot be had (message says what to do) or does not fit the released layout.
+    """
+    try:
+        entry = HUB_FILES[name]
+    except KeyError:
+        raise DownloadError(f"unknown file {name!r}; choose from {', '.join(HUB_FILES)}") from None
+    filename = filename or entry.filename
+    offline = offline or huggingface_hub.constants.HF_HUB_OFFLINE
+    cache = Path(cache_dir) if cache_dir is not None else Path(huggingface_hub.constants.HF_HUB_CACHE)
+    logger.info("%s: %s of %s (revision %s, ~%d MB) via the Hugging Face cache %s%s", name, filename, repo_id,
+                revision, entry.approx_mb, cache, " (offline)" if offline else "")
+    try:
+        path = huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
+                                               local_files_only=offline, force_download=overwrite)
+    # Hub errors before ValueError: in huggingface_hub 0.x LocalEntryNotFoundError is a ValueError too.
+    except (EntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise _hub_error(err, filename=filename, repo_id=repo_id, revision=revision, cache_dir=cache,
+                         offline=offline) from err
+    except ValueError as err:  # huggingface_hub's validation of the repo id, revision or file name
+        raise DownloadError(f"cannot ask the Hub for {filename} of {repo_id} (revision {revision}): {err}"
+                            ) from err
+    return verify_hub_file(entry, Path(path), repo_id=repo_id, filename=filename)
+
+
+def hub_report(got: HubCheckout) -> str:
+    """What the command prints for a verified Hub file: where it is, what was checked, how to use it.
+
+    Args:
+        got: The verified file.
+    """
+    entry = HUB_FILES[got.name]
+    weights = ("" if entry.flag == "--vae_path" else
+               "\n  weights: one state dict; EMA or raw is not stated by the upload (FID not measured here)")
+    return (f"{got.name}: {got.filename} of {got.repo_id}@{got.commit} matches the released layout "
+            f"({got.tensors} tensors, {'/'.join(got.dtypes)}){weights}\n"
+            f"  path: {got.path}\n  use: {entry.flag} {got.path}")
+
+
 def resolve_names(names: Sequence[str]) -> list[str]:
     """Expand ``all`` and drop duplicates, keeping the order given.
 
@@ -481,11 +738,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("names", nargs="+", choices=[*RELEASED_FILES, ALL], metavar="name",
                         help=f"one or more of: {', '.join([*RELEASED_FILES, ALL])}")
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST,
-                        help=f"destination root (default: {DEFAULT_DEST})")
+    parser.add_argument("--source", choices=SOURCES, default="dropbox",
+                        help="dropbox: upstream's .pth files (default); hf: the community .safetensors "
+                             f"upload on the Hugging Face Hub ({HUB_REPO_ID}), checked against the released "
+                             "layout; whether it holds EMA or raw weights is not stated")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help=f"destination root of --source dropbox (default: {DEFAULT_DEST})")
     parser.add_argument("--overwrite", action="store_true",
                         help="re-download files that already exist")
+    hub = parser.add_argument_group("--source hf")
+    hub.add_argument("--repo_id", default=None, help=f"Hub repository (default: {HUB_REPO_ID})")
+    hub.add_argument("--revision", default=None,
+                     help=f"branch, tag or commit (default: {HUB_REVISION}); the report prints the commit")
+    hub.add_argument("--filename", default=None,
+                     help="file inside the repository, for a single name (default: the known name)")
+    hub.add_argument("--cache_dir", type=Path, default=None,
+                     help="Hugging Face cache (default: huggingface_hub's, from HF_HUB_CACHE / HF_HOME)")
+    hub.add_argument("--offline", action="store_true",
+                     help="the cache only, no network (as HF_HUB_OFFLINE=1)")
     return parser
+
+
+_HUB_ONLY = ("repo_id", "revision", "filename", "cache_dir", "offline")
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
+    """Refuse flags the chosen source would ignore, instead of ignoring them."""
+    if args.source == "dropbox":
+        given = [f"--{k}" for k in _HUB_ONLY if getattr(args, k) not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --source hf")
+        return
+    if args.dest is not None:
+        parser.error("--dest applies to --source dropbox; Hub files stay in the Hugging Face cache "
+                     "(--cache_dir), and the command prints their paths")
+    if args.filename is not None and len(names) != 1:
+        parser.error("--filename names the file of one name; give exactly one")
+    if args.overwrite and (args.offline or huggingface_hub.constants.HF_HUB_OFFLINE):
+        parser.error("--overwrite needs the network; drop --offline / HF_HUB_OFFLINE")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -494,11 +784,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Args:
         argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    names = resolve_names(args.names)
+    _check_flags(parser, args, names)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it has a handler of its own: no double lines
     try:
-        for name in resolve_names(args.names):
-            download(name, args.dest, overwrite=args.overwrite)
+        for name in names:
+            if args.source == "dropbox":
+                download(name, args.dest or DEFAULT_DEST, overwrite=args.overwrite)
+                continue
+            got = download_from_hub(
+                name, repo_id=args.repo_id or HUB_REPO_ID, revision=args.revision or HUB_REVISION,
+                filename=args.filename, cache_dir=args.cache_dir, offline=args.offline,
+                overwrite=args.overwrite)
+            print(hub_report(got))
+        if args.source == "hf" and any(HUB_FILES[n].flag == "--ckpt" for n in names):
+            print(f"note: {UNKNOWN_WEIGHTS_NOTE}")
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

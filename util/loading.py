@@ -3,8 +3,10 @@
 ``load_generator(name)`` understands
 
 * ``mar_base`` / ``mar_large`` / ``mar_huge`` - the released architectures with the released weights
-  (default paths from :mod:`util.checkpoint`; ``ckpt`` / ``vae_path`` override them). Missing or
-  malformed files raise :class:`util.checkpoint.CheckpointError`, whose message says how to download.
+  (default paths from :mod:`util.checkpoint`; ``ckpt`` / ``vae_path`` override them, with ``.pth`` files or
+  the ``.safetensors`` ones ``python -m util.download --source hf`` prints, one state dict each, EMA or raw
+  unknown). Missing or malformed files raise :class:`util.checkpoint.CheckpointError`, whose message says
+  how to download.
 * ``tiny-random`` - a tiny randomly initialised MAR (32x32 images, VAE stride 4 -> 8x8 = 64 tokens,
   2+2 blocks of width 32, head 2x32, 10 classes) with a tiny random KL autoencoder of matching stride.
   Deterministic (seeded, without touching the global RNG state). Used by the tests and as the
