@@ -26,9 +26,11 @@ settings and thread count) skips the rows already measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +41,7 @@ import torch
 from demo.compare import RESOLUTION, RowSample, absolute, as_json, images_to_resolve, versus_plain
 from demo.dataset import FLOOR_SEED, HELDOUT_SEED, NUM_CLASSES, make_split
 from demo.fidelity import FID_LAYER, demo_metrics, extract_features
+from lazymar.config import AccelConfig
 from util.generate import SEED_RULE, GeneratedSet, SamplingSettings, generate_batches, generate_set
 from util.loading import Generator
 from util.set_metrics import Reference
@@ -47,7 +50,7 @@ from util.stats import BOOTSTRAP_RESAMPLES
 REFERENCE_PER_CLASS = 500
 # The methods compared in the README: plain MAR, each method, and the combinations.
 COMPARISON = ["none", "lazymar", "gtr", "marche", "disa", "recap", "gtr+lazymar", "marche+lazymar", "gtr+marche+lazymar",
-              "disa+lazymar", "recap+lazymar", "gtr+disa+lazymar"]
+              "disa+lazymar", "recap+lazymar", "gtr+disa+lazymar", "interval", "interval+lazymar"]
 
 
 @dataclass
@@ -371,6 +374,18 @@ def format_markdown(rows: list[Row], floor: dict | None) -> str:
     return "\n".join(lines)
 
 
+# A technique written out as off (``name=None``): how definitions were saved before
+# ``AccelConfig.definition`` left off techniques out.
+_OFF_TECHNIQUE = re.compile(r"\b(?:%s)=None(?:, )?" % "|".join(
+    f.name for f in dataclasses.fields(AccelConfig) if "technique" in f.metadata))
+
+
+def same_definition(mine: str, saved: str) -> bool:
+    """Whether a preset's definition now and the one a saved row was measured with name the same config;
+    a technique written out as off in either is no difference (it did not exist, or was off)."""
+    return _OFF_TECHNIQUE.sub("", mine) == _OFF_TECHNIQUE.sub("", saved)
+
+
 def load_done_rows(path: Path, identity: dict) -> tuple[list[Row], dict[str, str]]:
     """The rows saved at ``path`` by an earlier run with the same ``identity`` (model files and settings),
     and the preset definitions they were measured with (to be saved again beside the new ones).
@@ -388,7 +403,8 @@ def load_done_rows(path: Path, identity: dict) -> tuple[list[Row], dict[str, str
     mine = {k: v for k, v in identity.items() if k != "presets"}
     # A preset counts only when both runs used it: a rerun may add or drop policies.
     shared = set(identity.get("presets", {})) & set(saved["identity"].get("presets", {}))
-    changed = sorted(p for p in shared if identity["presets"][p] != saved["identity"]["presets"][p])
+    changed = sorted(p for p in shared
+                     if not same_definition(identity["presets"][p], saved["identity"]["presets"][p]))
     if theirs != mine or changed:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)) + [
             f"preset {p}" for p in changed]

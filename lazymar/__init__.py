@@ -12,6 +12,7 @@ from lazymar.cspd import CSPD_PRESETS, CSpDConfig, CSpDStats, StatsLog, cspd_pre
 from lazymar.disa import DiSAConfig
 from lazymar.gtr import GtRConfig
 from lazymar.head_cache import HeadCacheConfig
+from lazymar.interval_guidance import IntervalGuidanceConfig
 from lazymar.marche import MARcheConfig
 from lazymar.names import preset
 from lazymar.recap import ReCAPConfig
@@ -22,5 +23,6 @@ from models.mar import register_preset_names
 register_preset_names(preset)  # accel="<name>" for callers of the names
 
 __all__ = ["PRESETS", "AccelConfig", "preset", "GtRConfig", "MARcheConfig", "TokenCacheConfig",
-           "ConditionCacheConfig", "HeadCacheConfig", "DiSAConfig", "ReCAPConfig", "released_config",
+           "ConditionCacheConfig", "HeadCacheConfig", "DiSAConfig", "ReCAPConfig", "IntervalGuidanceConfig",
+           "released_config",
            "CSpDConfig", "CSpDStats", "StatsLog", "CSPD_PRESETS", "cspd_preset"]

@@ -3,7 +3,8 @@
 An :class:`AccelConfig` switches each technique on (a config) or off (``None``): LazyMAR's three caches
 (token, condition, diffusion head) with the refresh schedule the transformer caches share, GtR's
 staged schedules (:mod:`lazymar.gtr`), MARche's cache-aware attention (:mod:`lazymar.marche`), DiSA's
-head step annealing (:mod:`lazymar.disa`) and ReCAP's cheap steps (:mod:`lazymar.recap`).
+head step annealing (:mod:`lazymar.disa`), ReCAP's cheap steps (:mod:`lazymar.recap`) and eMIGM's interval
+guidance (:mod:`lazymar.interval_guidance`).
 A technique is registered by its field here (:func:`technique`). Techniques compose where they decide
 different parts of a step, or where one declares that it yields to the other (DiSA's annealing
 replaces GtR's stage-aware head counts); where two would decide the same thing without such a rule,
@@ -13,8 +14,9 @@ the config is rejected with a message that names both (:func:`lazymar.technique.
 ``lazymar-scaled`` scales them with the step count; the single-cache presets are the paper's
 ablations; ``lazymar-off`` has everything disabled and is plain MAR by construction (a test holds it
 to that). ``gtr*`` and ``marche*`` are GtR, MARche and their ablations, ``disa`` the DiSA release's
-README setting, ``recap`` the ReCAP release's MAR-H setting at any step count, and ``+`` names
-combinations. The names the acceleration planner chose by measurement (``fast``, ``balanced``) are not
+README setting, ``recap`` the ReCAP release's MAR-H setting at any step count, ``interval`` guidance only
+where at most 75% of the tokens are masked (not a paper's setting: eMIGM's windows are for its own models),
+and ``+`` names combinations. The names the acceleration planner chose by measurement (``fast``, ``balanced``) are not
 code (:mod:`lazymar.planned`); :func:`lazymar.names.preset` looks up every kind of name.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lazymar.condition_cache import ConditionCache, ConditionCacheConfig
 from lazymar.disa import DiSA, DiSAConfig
 from lazymar.gtr import PAPER_STAGE_STEPS, GtR, GtRConfig
 from lazymar.head_cache import HeadCache, HeadCacheConfig
+from lazymar.interval_guidance import IntervalGuidance, IntervalGuidanceConfig
 from lazymar.marche import MARche, MARcheConfig
 from lazymar.recap import ReCAP, ReCAPConfig
 from lazymar.schedules import is_refresh_step
@@ -52,6 +55,7 @@ class AccelConfig:
         marche: MARche's cache-aware attention and selective KV refresh, or None.
         disa: DiSA's annealed head step counts, or None.
         recap: ReCAP's cheap steps over cached context keys/values, or None.
+        interval: guidance only on the steps inside an interval of the masked fraction, or None.
         refresh_warmup: fraction of the MAR steps at the start that are all full. Release: 5/64.
         refresh_interval: after the warm-up, a full step every ``refresh_interval * num_iter`` steps.
             Release: 9/64. Smaller = more faithful, slower.
@@ -70,6 +74,7 @@ class AccelConfig:
     marche: MARcheConfig | None = technique(MARche)
     disa: DiSAConfig | None = technique(DiSA)
     recap: ReCAPConfig | None = technique(ReCAP)
+    interval: IntervalGuidanceConfig | None = technique(IntervalGuidance)
     refresh_warmup: float = 5 / 64
     refresh_interval: float = 9 / 64
     schedule_steps: int | None = 64
@@ -105,6 +110,12 @@ class AccelConfig:
 
     def is_refresh(self, step: int, num_iter: int) -> bool:
         return is_refresh_step(step, self.schedule_length(num_iter), self.refresh_warmup, self.refresh_interval)
+
+    def definition(self) -> str:
+        """The config as text for run identities: ``repr`` without the techniques that are off, so that a
+        technique added later leaves the identities of the runs that do not use it unchanged."""
+        on = [f for f in fields(self) if not ("technique" in f.metadata and getattr(self, f.name) is None)]
+        return f"AccelConfig({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in on)})"
 
     @property
     def pairs_with_plain(self) -> bool:
@@ -144,4 +155,6 @@ PRESETS: dict[str, AccelConfig] = {
     "gtr+disa+lazymar": replace(LAZYMAR, gtr=GtRConfig(), disa=DiSAConfig(), schedule_steps=None),
     "recap": replace(OFF, recap=ReCAPConfig()),
     "recap+lazymar": replace(LAZYMAR, token_cache=None, recap=ReCAPConfig(), schedule_steps=None),
+    "interval": replace(OFF, interval=IntervalGuidanceConfig()),
+    "interval+lazymar": replace(LAZYMAR, interval=IntervalGuidanceConfig()),
 }

@@ -230,10 +230,11 @@ def preset_settings(name: str) -> dict[str, Any]:
 def definition(name: str) -> str:
     """The full definition of the acceleration ``name`` as text, for run identities: the preset's config,
     or for a CSpD preset every setting of its config but the draft, whose weights an identity records by
-    digest (``repr`` of the :class:`CSpDConfig` it samples with)."""
+    digest (``repr`` of the :class:`CSpDConfig` it samples with). A preset's config is written without the
+    techniques that are off (:meth:`AccelConfig.definition`)."""
     if name in CSPD_PRESETS:
         return f"CSpDConfig({', '.join(f'{k}={v!r}' for k, v in preset_settings(name).items())})"
-    return repr(preset(name))
+    return preset(name).definition()
 
 
 def _resolve(accel: AccelConfig | str | None) -> AccelConfig | None:

@@ -274,7 +274,8 @@ class MARche(Technique):
     def plan_transformer(self, p: StepPlan) -> dict:
         # Reads the rows phase: a step where the condition cache records the guidance residual runs the
         # unconditional half, whose cached keys/values are as old as the last such step.
-        self.full[p.step] = p.step == 0 or self.config.is_refresh(p.step) or p.uncond_refresh
+        # A step that runs rows the cache does not hold (interval guidance) recomputes everything too.
+        self.full[p.step] = p.step == 0 or self.config.is_refresh(p.step) or p.uncond_refresh or p.new_rows
         return {"decoder": self, "encoder": self} if self.config.cache_encoder else {"decoder": self}
 
     def encoder_full(self, p: StepPlan) -> bool:

@@ -141,8 +141,10 @@ class Phase:
 
 
 # The phases of a step's plan, in the order they run; each field is decided in exactly one of them, and a
-# phase may read what the earlier ones decided (the condition cache's rows are read by MARche and ReCAP).
+# phase may read what the earlier ones decided (the condition cache's rows are read by MARche and ReCAP;
+# every later phase reads whether the step is guided).
 STEP_PHASES = (
+    Phase("guidance", ("guided",), "whether the step runs classifier-free guidance (its unconditional half)"),
     Phase("rows", ("halves", "uncond_refresh"), "which guidance halves run through the transformer"),
     Phase("transformer", ("encoder", "decoder", "transformer"),
           "who runs the encoder, the decoder or the whole transformer"),
@@ -166,8 +168,12 @@ class StepPlan:
         step / num_steps: index of the step and number of steps run.
         n_known: tokens known before the step; n_pred: predicted now; n_prev: predicted at the
             previous step (0 at the first).
-        guided: classifier-free guidance is on (the batch has an unconditional half).
+        guidance_len: the masked count the step's guidance scale is read at (``Schedule.guidance_lens``).
+        guided: classifier-free guidance runs this step (the batch has an unconditional half); decided
+            in the first phase (interval guidance), the run's guidance by default.
         refresh: LazyMAR's transformer caches refresh (every step when they are off).
+        new_rows: the step runs rows no earlier step ran since they were last run (a guided step after
+            unguided ones): every cache recomputes them, so ``refresh`` is set too.
         reuses: the earlier step whose transformer context this step runs over (``Schedule.reuses``).
         halves: guidance halves that run through the transformer (1 = the conditional one).
         uncond_refresh: the condition cache records the guidance residual this step.
@@ -190,6 +196,8 @@ class StepPlan:
     decoder: "Technique"
     head_runner: "Technique"
     reuses: int | None = None
+    guidance_len: int = 0
+    new_rows: bool = False
     halves: int = 1
     transformer: "Technique | None" = None
     uncond_refresh: bool = False

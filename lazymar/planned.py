@@ -35,10 +35,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild ``cls`` from :func:`config_to_dict`'s output: nested configs by their field types,
-    lists as tuples (every sequence field of the configs is a tuple). Raises ``ValueError`` naming a
-    field that is missing or unknown."""
+    lists as tuples (every sequence field of the configs is a tuple); a technique field the stored config
+    lacks is off. Raises ``ValueError`` naming another field that is missing, or one that is unknown."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    # A technique added after the config was stored was not in it: it is off there.
+    data = {f.name: None for f in dataclasses.fields(cls) if "technique" in f.metadata} | data
     missing, unknown = sorted(set(names) - set(data)), sorted(set(data) - set(names))
     if missing or unknown:
         raise ValueError(f"{cls.__name__}: the stored config does not match the code (missing fields {missing}, "

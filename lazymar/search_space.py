@@ -35,6 +35,7 @@ from lazymar.disa import ANNEALING, DiSAConfig
 from lazymar.flops import estimate
 from lazymar.gtr import DEFAULT_STAGE_STEPS, PAPER_STAGE_STEPS, GtRConfig
 from lazymar.head_cache import HeadCacheConfig
+from lazymar.interval_guidance import IntervalGuidanceConfig
 from lazymar.marche import MARcheConfig
 from lazymar.planned import config_to_dict
 from lazymar.recap import ReCAPConfig
@@ -164,13 +165,29 @@ class MARcheSpace:
 
 
 @dataclass(frozen=True)
+class IntervalSpace:
+    """Interval guidance (:class:`lazymar.IntervalGuidanceConfig`): guidance only while at most ``t_max``
+    of the tokens are masked; empty ``t_max``: off only.
+
+    Attributes:
+        t_max: the masked fractions above which steps run unguided. At 64 steps on 256 tokens 0.75 skips
+            the first 29 (scales below ~1.5 at cfg 2.9), 0.5 the first 42 (scales up to ~2).
+    """
+
+    t_max: tuple[float, ...] = (0.75, 0.5)
+
+    def options(self) -> list[dict[str, Any]]:
+        return [{}] + [{"interval": IntervalGuidanceConfig(t_max=t)} for t in self.t_max]
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """Every setting the planner may try: the cross product of its dimensions.
 
     Attributes:
         num_iter: MAR step counts.
         cfg: guidance scales (the demo model's schedule, linear, is kept).
-        lazymar, gtr, disa, recap, marche: each technique's settings (:class:`LazyMARSpace`, ...).
+        lazymar, gtr, disa, recap, marche, interval: each technique's settings (:class:`LazyMARSpace`, ...).
     """
 
     num_iter: tuple[int, ...] = (16, 32, 64)
@@ -180,6 +197,7 @@ class SearchSpace:
     disa: DiSASpace = field(default_factory=DiSASpace)
     recap: ReCAPSpace = field(default_factory=ReCAPSpace)
     marche: MARcheSpace = field(default_factory=MARcheSpace)
+    interval: IntervalSpace = field(default_factory=IntervalSpace)
 
     def __post_init__(self) -> None:
         if not self.num_iter or min(self.num_iter) < 1:
@@ -189,7 +207,7 @@ class SearchSpace:
 
     def dimensions(self) -> list[Any]:
         """The technique dimensions, each with ``options()``."""
-        return [self.lazymar, self.gtr, self.disa, self.recap, self.marche]
+        return [self.lazymar, self.gtr, self.disa, self.recap, self.marche, self.interval]
 
     def size(self) -> int:
         """Combinations before pruning."""
@@ -211,7 +229,7 @@ SPACES: dict[str, SearchSpace] = {
                          gtr=GtRSpace(stage_steps=(DEFAULT_STAGE_STEPS,), fts=(True,)),
                          disa=DiSASpace(bounds=((50, 5),), annealing=("linear",)),
                          recap=ReCAPSpace(full_fraction=(0.5,), cheap_steps=(1,)),
-                         marche=MARcheSpace(active_fraction=(0.25,))),
+                         marche=MARcheSpace(active_fraction=(0.25,)), interval=IntervalSpace(t_max=(0.75,))),
 }
 
 

@@ -52,6 +52,7 @@ class AccelSteps:
         self.num_steps = self.schedule.num_steps
         head = decide("head_model", self.techniques, lambda t: t.head_model())
         self.head_runner, self.head_factory = (self.plain, None) if head is None else head
+        self._guided_before = guided  # whether the step before the one being planned was guided
         self.plans = [self._plan_step(step) for step in range(self.num_steps)]
         self.prev_pred: torch.Tensor | None = None  # (B, L) tokens predicted at the previous step
         self.bsz = 0
@@ -65,8 +66,8 @@ class AccelSteps:
         refresh = step == 0 or not config.caches_transformer or config.is_refresh(step, self.num_steps)
         p = StepPlan(step=step, num_steps=self.num_steps, n_known=seq_len - masked, n_pred=n_pred, n_prev=n_prev,
                      guided=self.guided, refresh=refresh, reuses=sched.reused_by(step),
-                     halves=2 if self.guided else 1, encoder=self.plain, decoder=self.plain,
-                     head_runner=self.head_runner, head=[HeadCall(n_pred)])
+                     guidance_len=sched.guidance_lens[step], halves=2 if self.guided else 1, encoder=self.plain,
+                     decoder=self.plain, head_runner=self.head_runner, head=[HeadCall(n_pred)])
         for phase in STEP_PHASES:
             claims: dict[str, list[tuple[Technique, Any]]] = {}
             for t in self.techniques:
@@ -79,6 +80,8 @@ class AccelSteps:
                 t, value = resolve(field, field_claims)
                 setattr(p, field, value)
                 p.decided_by[field] = t
+            if phase.name == "guidance":
+                self._follow_guidance(p)
         if len(p.head) > 1 and not splits_head(p.decided_by.get("head", self.plain)):
             by = p.decided_by.get("head", self.plain)
             raise ValueError(f"{by.label} plans {len(p.head)} head calls at step {step} but does not say which "
@@ -88,6 +91,15 @@ class AccelSteps:
                 call.steps = p.head_steps
             call.max_timestep = p.max_timestep
         return p
+
+    def _follow_guidance(self, p: StepPlan) -> None:
+        """What the step's guidance implies for the phases after it: its rows, and a refresh of every
+        cache where unconditional rows come back (a guided step after unguided ones: their cached
+        values are missing or stale)."""
+        p.halves = 2 if p.guided else 1
+        p.new_rows = p.guided and p.step > 0 and not self._guided_before
+        p.refresh = p.refresh or p.new_rows
+        self._guided_before = p.guided
 
     # ---------------------------------------------------------------------------------- schedule
     def mask_lens(self) -> list[int]:

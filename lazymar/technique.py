@@ -6,8 +6,8 @@ in each; a hook's default decides nothing, so a technique implements only what i
 
 - once per generation: ``schedule`` (the step layout, with ``arrange_orders`` for the orders it
   follows: GtR, ReCAP) and ``head_model`` (the head's model function: the head cache);
-- per step, in the phases of :data:`lazymar.plan.STEP_PHASES`, in this order: ``plan_rows`` (which
-  guidance halves run), ``plan_transformer`` (who runs the encoder, the decoder or the whole
+- per step, in the phases of :data:`lazymar.plan.STEP_PHASES`, in this order: ``plan_guidance``
+  (whether the step is guided: interval guidance), ``plan_rows`` (which guidance halves run), ``plan_transformer`` (who runs the encoder, the decoder or the whole
   transformer), ``plan_head_calls`` (how the predicted tokens split among head calls) and
   ``plan_head_steps`` (their diffusion step counts). Each returns the fields it decides; a later
   phase reads what an earlier one decided.
@@ -68,10 +68,11 @@ class Hidden:
 
 
 # The plan fields that change which random numbers a generation draws, or in which order: the step
-# schedule and orders (GtR, ReCAP), how the predicted tokens split among head calls (GtR's stages), and
-# the head's step counts (DiSA, GtR, ReCAP: each diffusion step draws noise). A technique that decides none
+# schedule and orders (GtR, ReCAP), how the predicted tokens split among head calls (GtR's stages),
+# the head's step counts (DiSA, GtR, ReCAP: each diffusion step draws noise) and whether a step is guided
+# (interval guidance: a guided head step draws noise for both halves). A technique that decides none
 # of them draws exactly what plain MAR draws from the same generator, so its images have plain twins.
-DRAW_FIELDS = frozenset({"schedule", "head", "head_steps"})
+DRAW_FIELDS = frozenset({"schedule", "head", "head_steps", "guided"})
 
 
 class Technique:
@@ -112,6 +113,9 @@ class Technique:
         """The head's model-function factory (``DiffLoss.sample``'s ``model_fn_factory``; None: the
         technique keeps the plain one)."""
         return None
+
+    def plan_guidance(self, p: StepPlan) -> dict[str, Any]:
+        return {}
 
     def plan_rows(self, p: StepPlan) -> dict[str, Any]:
         return {}

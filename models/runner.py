@@ -81,7 +81,9 @@ class PositionBuffer:
 
     Allocated (zeros) by :meth:`allocate`, or in eager code by the first write (its rows, dtype and
     device); later writes and reads may cover fewer rows (the first ``R``: the conditional half, when the
-    condition cache runs it alone), never more.
+    condition cache runs it alone). A write over more rows than allocated reallocates (zeros, the old
+    rows kept): a step that brings rows back (a guided step after unguided ones) recomputes and writes
+    every position of them, which is the caller's duty (``StepPlan.new_rows`` forces a refresh).
     """
 
     def __init__(self, num_positions: int, dim: int) -> None:
@@ -91,13 +93,13 @@ class PositionBuffer:
 
     def allocate(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
         """Zeros for values of ``shape`` (its size along ``dim`` replaced by every position), unless
-        allocated already."""
-        if self.data is None:
+        allocated already for at least its rows."""
+        if self.data is None or shape[0] > self.data.shape[0]:
             shape = list(shape)
             shape[self.dim] = self.num_positions
-            self.data = torch.zeros(shape, dtype=dtype, device=device)
-        elif shape[0] > self.data.shape[0]:
-            raise ValueError(f"{shape[0]} rows for a buffer allocated for {self.data.shape[0]}")
+            old, self.data = self.data, torch.zeros(shape, dtype=dtype, device=device)
+            if old is not None:
+                self.data[:old.shape[0]] = old
 
     def write(self, positions: torch.Tensor | None, x: torch.Tensor) -> None:
         """Store ``x`` at ``positions`` (R, n) of its rows; ``None``: ``x`` covers every position."""
@@ -144,7 +146,7 @@ class KVCache:
 
     def allocate(self, blocks: nn.ModuleList, x: torch.Tensor) -> None:
         """Zeros for every block of ``blocks`` running over rows ``x`` (R, n, D), in the dtype their keys
-        and values have (:func:`compute_dtype`); nothing when allocated (later calls may run fewer rows)."""
+        and values have (:func:`compute_dtype`); nothing when allocated for at least these rows."""
         attn = blocks[0].attn
         shape = (x.shape[0], attn.num_heads, self.num_positions, attn.head_dim)  # (R, H, P, d)
         if not self.k:

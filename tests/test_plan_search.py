@@ -21,8 +21,8 @@ from lazymar.config import PRESETS
 from lazymar.names import preset
 from lazymar.flops import estimate
 from lazymar.planned import write_planned
-from lazymar.search_space import (Candidate, DiSASpace, GtRSpace, LazyMARSpace, MARcheSpace, ReCAPSpace,
-                                  SearchSpace, candidates)
+from lazymar.search_space import (Candidate, DiSASpace, GtRSpace, IntervalSpace, LazyMARSpace, MARcheSpace,
+                                  ReCAPSpace, SearchSpace, candidates)
 from models.vae import AutoencoderKL
 from util.loading import Generator
 
@@ -35,7 +35,7 @@ SPACE = SearchSpace(num_iter=(4,), cfg=(2.0,),
                     gtr=GtRSpace(stage_steps=((0.5, 0.25, 0.25),), head_steps=((10, 5, 5),), fts=(False,)),
                     disa=DiSASpace(bounds=((10, 2),), annealing=("linear",)),
                     recap=ReCAPSpace(full_fraction=(0.5,), cheap_steps=(1,)),
-                    marche=MARcheSpace(active_fraction=()))
+                    marche=MARcheSpace(active_fraction=()), interval=IntervalSpace(t_max=()))
 SETTINGS = PlanSettings(reference=(4, 2.0), rungs=(1, 2), eta=3, max_configs=20, select_seeds=(0,),
                         report_seeds=(1, 2), report_per_class=1, bsz=6)
 ANCHORS = {"lazymar": PRESETS["lazymar"]}

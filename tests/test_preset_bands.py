@@ -21,8 +21,9 @@ Three kinds of preset, three kinds of band, each from the value measured here (i
   [measured / 2, 1.5 x measured] rounded outwards to 0.1: the lower bound fails a preset that returns
   plain MAR's tokens (0) or approximates them (<= 1.2e-2 above); the upper bound one that blows up (NaN
   fails every comparison) or scales the tokens (a lost DiSA clamp moves them by alpha_bar ratios).
-- equal to plain by construction: ``lazymar-off``, and ``lazymar-cond`` without guidance (the condition
-  cache reuses the guidance residual; at cfg 1 there is none): exactly.
+- equal to plain by construction: ``lazymar-off``, and ``lazymar-cond`` and ``interval`` without guidance
+  (the condition cache reuses the guidance residual, interval guidance decides which steps are guided;
+  at cfg 1 there is neither): exactly.
 - combinations (``disa+lazymar``, ...): a band of the first two kinds would hold the combination's parts
   too (``disa`` measures 1.137309 against ``disa+lazymar``'s 1.137441), so a combination that silently
   dropped a technique would pass. Band: the measured error +- half its distance to the nearest part's
@@ -80,6 +81,10 @@ BANDS = {
     "gtr+disa+lazymar": (around(1.324065, 7e-5), around(1.200579, 3e-5)),
     "recap": ((0.6, 2.0), (0.8, 2.6)),  # 1.27 / 1.69
     "recap+lazymar": (around(1.270059, 5e-5), around(1.690931, 9e-5)),  # recap 1.270166 / 1.691122
+    # Interval guidance decides nothing without guidance (cfg 1), and draws other noise with it.
+    "interval": (EXACT, (0.8, 2.6)),  # 0 / 1.71
+    # interval 0 / 1.709794, lazymar 4.022378e-3 / 1.149336e-2 (at cfg 1 the combination is lazymar exactly)
+    "interval+lazymar": (around(4.022378e-3, 2e-3), around(1.710569, 3e-4)),
 }
 
 
@@ -120,6 +125,7 @@ ON_TOP = {
     ("recap+lazymar", "recap"): ((3e-4, 7e-3), (9e-4, 2e-2)),  # 1.63e-3 / 4.64e-3
     # GtR + DiSA without LazyMAR's caches is no preset: the same config with the caches off.
     ("gtr+disa+lazymar", "gtr+disa"): ((4e-4, 9e-3), (5e-4, 2e-2)),  # 2.09e-3 / 2.55e-3
+    ("interval+lazymar", "interval"): ((8e-4, 2e-2), (1e-3, 3e-2)),  # 4.02e-3 / 5.48e-3
 }
 NO_CACHES = dict(token_cache=None, condition_cache=None, head_cache=None)
 PARTS = {"gtr+disa": replace(PRESETS["gtr+disa+lazymar"], **NO_CACHES),
@@ -156,10 +162,13 @@ DROPPED = {
     "disa+lazymar": ("disa", "lazymar"),
     "recap+lazymar": ("recap", "lazymar"),
     "gtr+disa+lazymar": ("gtr+disa", "gtr+lazymar", "disa+lazymar", "gtr", "disa", "lazymar"),
+    "interval+lazymar": ("interval", "lazymar"),
 }
 # (combination, part, cfg) whose errors against plain MAR differ by less than SEPARATION (measured: 5e-7,
 # the same token's error, and 1.1e-5).
 UNSEPARATED = {("gtr+marche+lazymar", "gtr+marche", 1.0), ("gtr+marche+lazymar", "gtr", 3.0)}
+# (combination, part, cfg) equal by construction: interval guidance without guidance decides nothing.
+IDENTICAL = {("interval+lazymar", "lazymar", 1.0)}
 
 
 def test_every_combination_names_its_parts():
@@ -173,6 +182,9 @@ def test_a_combination_that_drops_a_technique_fails_its_band(combo, part, cfg):
     lies outside the combination's band; the pairs no band can separate differ directly (by 3.2e-3 and
     1.07, against a float floor of 8e-7)."""
     out = tokens(PARTS.get(part, part), cfg)
+    if (combo, part, cfg) in IDENTICAL:
+        assert torch.equal(tokens(combo, cfg), out), (combo, part, cfg)
+        return
     if (combo, part, cfg) in UNSEPARATED:
         assert rel_err(tokens(combo, cfg), out) > 1e-4, (combo, part, cfg)
         return
