@@ -1,4 +1,5 @@
-"""Every Python example of the README runs as written, each in a fresh interpreter.
+"""Every Python example of the README and of the pages in docs/ runs as written, each in a fresh
+interpreter; every relative link of those pages resolves; the README's layout matches the tree.
 
 One substitution, so that an example runs in seconds on a CPU: ``mar_base``, ``mar_large`` and
 ``mar_huge`` build the tests' tiny MAR (``conftest.TINY_MAR``: the same class at test sizes, 10 head
@@ -32,29 +33,72 @@ assert "lazymar" not in sys.modules
 """
 
 
-def examples() -> list[str]:
-    return BLOCK.findall((ROOT / "README.md").read_text())
+def pages() -> list[Path]:
+    """The README and every page in docs/: where the examples and the links live."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def examples() -> list[tuple[str, str]]:
+    """(an id naming the page and the example's place in it, the example's code)."""
+    found = []
+    for page in pages():
+        name = page.relative_to(ROOT).as_posix()
+        found += [(f"{name}:{i}", code) for i, code in enumerate(BLOCK.findall(page.read_text()))]
+    return found
 
 
 def test_the_readme_has_examples():
-    assert len(examples()) >= 3
+    ids = [name for name, _ in examples()]
+    assert len(ids) >= 3
+    assert any(name.startswith("README.md:") for name in ids)  # the README itself shows the API
 
 
-@pytest.mark.parametrize("index", range(len(examples())))
-def test_readme_example_runs(index, tmp_path):
-    script = tmp_path / f"example_{index}.py"
-    script.write_text(PRELUDE.format(root=str(ROOT), tests=str(ROOT / "tests")) + examples()[index])
+@pytest.mark.parametrize("name, code", examples(), ids=[name for name, _ in examples()])
+def test_readme_example_runs(name, code, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(PRELUDE.format(root=str(ROOT), tests=str(ROOT / "tests")) + code)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0, f"README example {index} failed:\n{examples()[index]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"example {name} failed:\n{code}\n{done.stderr[-3000:]}"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)|<img [^>]*src=\"([^\"]+)\"")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = FENCE.sub("", page.read_text())
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_relative_links_resolve():
+    """Every relative link and image of the README and of docs/*.md names a file that exists, and a link
+    to a heading (``page.md#heading``, ``#heading``) names a heading of that page."""
+    broken = []
+    for page in pages():
+        for match in LINK.finditer(FENCE.sub("", page.read_text())):
+            target = match.group(1) or match.group(2)
+            if re.match(r"[a-z]+:", target):  # https:, mailto:: not ours to check offline
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 PACKAGES = ("models", "lazymar", "util", "evaluation", "benchmarks", "demo")
 
 
 def layout() -> str:
+    """The README's layout section: from its heading to the next section's."""
     text = (ROOT / "README.md").read_text()
-    return text[text.index("## Layout"):text.index("## License")]
+    start = text.index("## Layout")
+    return text[start:text.index("\n## ", start)]
 
 
 def test_layout_matches_the_tree():
