@@ -48,7 +48,7 @@ from util.set_metrics import Reference
 from util.stats import BOOTSTRAP_RESAMPLES
 
 REFERENCE_PER_CLASS = 500
-# The methods compared in the README: plain MAR, each method, and the combinations.
+# The methods compared in docs/quality.md: plain MAR, each method, and the combinations.
 COMPARISON = ["none", "lazymar", "gtr", "marche", "disa", "recap", "gtr+lazymar", "marche+lazymar", "gtr+marche+lazymar",
               "disa+lazymar", "recap+lazymar", "gtr+disa+lazymar", "interval", "interval+lazymar"]
 

@@ -2,7 +2,7 @@
 
 One point per (policy, step count): x = TFLOPs per image (log scale), y = demo FID (lower is better),
 colour by policy, labelled with the step count; a vertical bar spans the range over seeds where the
-points carry one (``demo_fid_range``). Small and plain on purpose: it goes in the README.
+points carry one (``demo_fid_range``). Small and plain on purpose: it goes in docs/quality.md.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Two ways to count, held to the same number by the tests:
 
 What is counted: multiply-adds x 2 of linear layers, attention products (QK^T and AV) and
 convolutions. Not counted: normalisations, activations, softmax, elementwise guidance arithmetic,
-gathers (a few percent of the total; see the README for how this relates to the papers' counts).
+gathers (a few percent of the total; docs/techniques.md, "FLOPs of LazyMAR against the paper", relates it to the papers' counts).
 
 The command line is :mod:`benchmarks.flops` (``python -m benchmarks.flops --model mar_huge --accel lazymar``).
 """

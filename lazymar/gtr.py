@@ -32,7 +32,7 @@ from models.schedules import next_mask_len
 # Stage step counts at 64 MAR steps. The paper's generation rates r = {2.67, 10.67, 64} tokens per step
 # (K = 3) read as 24 / 6 / 2 steps (:data:`PAPER_STAGE_STEPS`) reach only ~2.5x fewer FLOPs in our
 # count, not its 3.7x; the default keeps its 4:1 split of the structure stages and reconstructs in one
-# step, which reaches 3.7x (README, "GtR and MARche", has the counts).
+# step, which reaches 3.7x (docs/techniques.md, "GtR and MARche", has the counts).
 PAPER_STAGE_STEPS = (24 / 64, 6 / 64, 2 / 64)
 DEFAULT_STAGE_STEPS = (15 / 64, 4 / 64, 1 / 64)
 

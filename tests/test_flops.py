@@ -79,7 +79,7 @@ def test_attention_products_are_counted(monkeypatch):
 def test_mar_base_equals_upstreams_own_count_less_the_exact_savings():
     """Upstream MAR-B, 64 steps, guidance on, counted with FlopCounterMode around its own sampler:
     14.65T (tests/data/UPSTREAM_NOTES.md, "FLOPs of the upstream code"). Ours differs only by two exact
-    savings in the head (README "Faithfulness"), written out here for 256 tokens, guidance (512 rows),
+    savings in the head (docs/faithfulness.md), written out here for 256 tokens, guidance (512 rows),
     100 diffusion steps, 64 MAR steps, head width W = 1024, condition width 768:
     - cond_embed(z) once per MAR step instead of once per diffusion step: 99 x 512 x 768 x W MACs saved;
     - the timestep embedding (256 -> W -> W) once per diffusion step for the batch instead of per row:

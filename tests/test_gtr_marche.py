@@ -393,6 +393,6 @@ def test_composed_preset_is_cheaper_than_gtr_alone_on_mar_huge():
         model = build_released("mar_huge")
     base = estimate(model, num_iter=64, cfg=3.25).total
     gtr = estimate(model, num_iter=64, cfg=3.25, accel="gtr").total
-    assert round(base / gtr, 2) == 3.67  # the default stage steps' ratio (lazymar/gtr.py, README)
+    assert round(base / gtr, 2) == 3.67  # the default stage steps' ratio (lazymar/gtr.py, docs/techniques.md)
     for combo in ("gtr+lazymar", "gtr+marche+lazymar"):
         assert estimate(model, num_iter=64, cfg=3.25, accel=combo).total < gtr
