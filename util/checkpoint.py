@@ -106,6 +106,21 @@ def _download_hint(download_name: str | None, path: Path) -> str:
             f"and put it at {path}.")
 
 
+@contextmanager
+def _reading(path: Path, kind: str, errors: tuple[type[BaseException], ...],
+             download_name: str | None) -> Iterator[None]:
+    """A missing file, and a read that fails with one of ``errors``, as a :class:`CheckpointError` that
+    says what to do (``kind``: what the file should have been)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}.{_download_hint(download_name, path)}")
+    try:
+        yield
+    except errors as e:
+        raise CheckpointError(
+            f"{path} ({path.stat().st_size} bytes) is truncated or not a {kind}: {e}. "
+            f"Delete it and fetch it again.{_download_hint(download_name, path)}") from e
+
+
 def read_checkpoint(path: Path | str, *, download_name: str | None = None) -> dict[str, Any]:
     """``torch.load`` a checkpoint dict on the CPU, turning every failure into a :class:`CheckpointError`.
 
@@ -114,15 +129,10 @@ def read_checkpoint(path: Path | str, *, download_name: str | None = None) -> di
         download_name: registry name in ``util.download`` to mention when the file is missing or broken.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}.{_download_hint(download_name, path)}")
-    try:
+    with _reading(path, "PyTorch checkpoint",
+                  (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError), download_name):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(
-            f"{path} ({path.stat().st_size} bytes) is truncated or not a PyTorch checkpoint: {e}. "
-            f"Delete it and fetch it again.{_download_hint(download_name, path)}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
@@ -138,16 +148,10 @@ def read_safetensors(path: Path | str, *, download_name: str | None = None
         download_name: registry name in ``util.download`` to mention when the file is missing or broken.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}.{_download_hint(download_name, path)}")
-    try:
+    with _reading(path, "safetensors file", (safetensors.SafetensorError, OSError), download_name):
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (safetensors.SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{path} ({path.stat().st_size} bytes) is truncated or not a safetensors file: {e}. "
-            f"Delete it and fetch it again.{_download_hint(download_name, path)}") from e
     return sd, metadata
 
 
