@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast sampling and decoding (weights stay float32; see docs/REPRODUCING.md on "
                         "upstream's fp16 autocast); part of the output folder name unless fp32")
     p.add_argument("--lazy_mar", action="store_true", help="same as --accel lazymar")
+    p.add_argument("--plan_from_other_model", action="store_true",
+                   help="allow a planned preset (--accel fast / balanced) on a model it was not chosen on "
+                        "(refused by default: it was measured on another model)")
     p.add_argument("--accel", default=None, choices=ACCEL_NAMES,
                    help="acceleration preset (cspd / cspd-release: speculative decoding, with --draft_model)")
     p.add_argument("--draft_model", default=None, choices=model_choices(),

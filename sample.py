@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from demo.registry import DEMO_MODEL  # also registers the demo models (and their sampling defaults) with util.loading
 from lazymar.cspd import CSpDConfig, StatsLog, describe, named_accel
 from lazymar.names import ACCEL_NAMES, check_draft_flags
+from lazymar.planned import check_planned_model
 from models.schedules import check_sampling_settings
 from util.compile import add_compile_args, apply_compile, compile_mode
 from util.device import best_device
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion steps of the head (default: the model's own: 100, the demo's from its "
                         "checkpoint; 20 for the untrained tiny-random fallback)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan_from_other_model", action="store_true",
+                   help="allow a planned preset (--accel fast / balanced) on a model it was not chosen on "
+                        "(refused by default: it was measured on another model)")
     p.add_argument("--accel", default=None, choices=ACCEL_NAMES,
                    help="acceleration preset (cspd / cspd-release: speculative decoding, with --draft_model)")
     p.add_argument("--draft_model", default=None, choices=model_choices(),
@@ -126,6 +130,7 @@ def main(args: argparse.Namespace) -> Image.Image:
     if args.draft_ckpt is not None and args.draft_model is None:
         raise ValueError("--draft_ckpt needs --draft_model (the model whose weights it holds)")
     check_draft_flags(accel, args.draft_model)
+    check_planned_model(accel, args.model, other_model=args.plan_from_other_model)
     mode = compile_mode(args, args.device)
     gen = _load(args)
     args.precision = resolve_precision(args.precision, next(gen.mar.parameters()).device)  # "auto" decided once

@@ -20,6 +20,7 @@ from PIL import Image
 
 from lazymar.cspd import definition
 from lazymar.names import CSPD_PRESETS, check_draft_flags
+from lazymar.planned import check_planned_model, plan_origin
 from util.checkpoint import atomic_path
 from util.compile import compile_mode
 from util.generate import SEED_RULE, sampling_flags
@@ -48,6 +49,7 @@ def accel_name(args: argparse.Namespace) -> str | None:
     if args.draft_ckpt is not None and args.draft_model is None:
         raise ValueError("--draft_ckpt needs --draft_model (the model whose weights it holds)")
     check_draft_flags(accel, args.draft_model)
+    check_planned_model(accel, args.model, other_model=args.plan_from_other_model)
     return accel
 
 
@@ -139,6 +141,9 @@ def run_identity(args: argparse.Namespace, accel: str | None, gen: Generator, de
         "temperature": args.temperature, "num_sampling_steps": gen.mar.diffloss.num_sampling_steps,
         "precision": args.precision, "compile": compile_mode(args, device), "accel": accel,
         "accel_config": accel_definition(args, accel),
+        # A planned preset used on a model it was not chosen on (--plan_from_other_model): what it was chosen on.
+        "plan_from_other_model": (plan_origin(accel) if args.plan_from_other_model and accel is not None
+                                  else None),
         "seed": args.seed, "seed_rule": SEED_RULE, "eval_bsz": args.eval_bsz, "num_images": args.num_images,
         "labels": f"image i has class i % {num_classes}",
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

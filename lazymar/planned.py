@@ -8,8 +8,12 @@ paper preset; a planned name with no entry in the file is refused with the comma
 
 Configs are stored as plain dicts of their fields (:func:`config_to_dict`) and rebuilt field by field
 from the dataclasses' own types (:func:`config_from_dict`), so a file that no longer matches the
-configs (a field added or removed since it was written) is refused, naming the field, rather than
-read into a different configuration.
+configs (a field removed since it was written, or a non-technique field added) is refused, naming the
+field, rather than read into a different configuration; a technique added since is off in it.
+
+A planned preset is a measurement on one model (the file's ``about``: its name and weights' digest) at
+the steps and guidance of its entry; on another model the techniques' savings and losses differ (token
+count, size), so the scripts refuse it there (:func:`check_planned_model`) unless the user opts in.
 """
 from __future__ import annotations
 
@@ -90,6 +94,40 @@ def planned_preset(name: str, path: Path | None = None) -> AccelConfig:
         raise ValueError(f"acceleration preset {name!r} is chosen by measurement and {path} has no entry for it "
                          f"({held}); produce it with `{PLAN_COMMAND}` (see README, 'Planning an acceleration')")
     raise ValueError(f"unknown acceleration preset {name!r}; choose one of {sorted(PRESETS) + planned_names(path)}")
+
+
+def plan_origin(name: str, path: Path | None = None) -> dict[str, Any] | None:
+    """What planned preset ``name`` was chosen on: ``model``, ``mar_sha256``, ``num_iter``, ``cfg`` and the
+    configuration's ``label``; None when ``name`` has no entry in the file (a paper preset, or unmeasured)."""
+    path = PLANNED_FILE if path is None else Path(path)
+    entries = read_planned(path)
+    if name not in entries:
+        return None
+    about = json.loads(path.read_text()).get("about", {})
+    e = entries[name]
+    return {"model": about.get("model"), "mar_sha256": about.get("mar_sha256"), "num_iter": e.get("num_iter"),
+            "cfg": e.get("cfg"), "label": e.get("label")}
+
+
+def check_planned_model(name: str | None, model: str, *, other_model: bool = False,
+                        path: Path | None = None) -> dict[str, Any] | None:
+    """Refuse planned preset ``name`` on ``model`` when it was chosen on another model, unless
+    ``other_model`` (the scripts' ``--plan_from_other_model``); returns its origin (None for any other
+    name) for the run's record.
+
+    Raises ``ValueError`` saying what it was chosen on, how to plan for ``model``, and the two ways on.
+    """
+    origin = None if name is None else plan_origin(name, path)
+    if origin is None or origin["model"] == model or other_model:
+        return origin
+    chosen_on = f"the {origin['model']} model" if origin["model"] else "a model the file does not record"
+    techniques = origin["label"].split(" @ ")[0] if origin["label"] else ""
+    named = f", or name the techniques yourself (--accel {techniques})" if techniques in PRESETS else ""
+    raise ValueError(
+        f"--accel {name} is the planner's choice for {chosen_on} ({origin['label']}), measured there, not on "
+        f"{model}: a technique's savings and losses depend on the model's token count and size. The planner "
+        f"measures the demo model only so far (`{PLAN_COMMAND}`). To sample {model} with that choice anyway add "
+        f"--plan_from_other_model (recorded with the run){named}")
 
 
 def write_planned(path: Path, entries: dict[str, dict[str, Any]], about: dict[str, Any]) -> Path:

@@ -231,7 +231,7 @@ def test_exported_presets_load_and_sample(planned, generator, tmp_path, monkeypa
 
     file = tmp_path / "planned_presets.json"
     entries = preset_entries(result, SETTINGS, TARGETS)
-    write_planned(file, entries, about={"test": True})
+    write_planned(file, entries, about={"model": "tiny-random"})  # what the planner records: the model it measured
     monkeypatch.setattr(planned_module, "PLANNED_FILE", file)
     for name, pick in result.picks.items():
         assert preset(name) == (pick.cand.accel or PRESETS["lazymar-off"])
@@ -382,3 +382,48 @@ def test_the_measurement_code_digest_covers_what_makes_a_measurement(tmp_path):
         path.write_bytes(original)
     (root / "demo/plan_search.py").write_bytes(b"# edited\n")
     assert measurement_code_sha256(root) == base
+
+
+# ------------------------------------------------------------------------ a plan on another model
+@pytest.mark.parametrize("script", ["eval", "sample"])
+def test_a_planned_preset_is_refused_on_a_model_it_was_not_chosen_on(script, monkeypatch):
+    """The shipped fast/balanced were measured on the demo model: on mar_huge the scripts refuse them
+    before loading anything, saying what they were chosen on and the two ways on; on the demo, or with
+    --plan_from_other_model, they run (eval.py then records what the plan was chosen on)."""
+    import importlib
+
+    import models.mar
+    from lazymar.planned import check_planned_model, plan_origin
+    mod = importlib.import_module(script)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the plan's model was checked")
+    monkeypatch.setattr(models.mar, "build_released", no_model)
+    monkeypatch.setattr(mod, "_load", no_model, raising=False)
+    args = mod.build_parser().parse_args(["--model", "mar_huge", "--accel", "fast"])
+    with pytest.raises(ValueError) as e:
+        mod.main(args)
+    message = str(e.value)
+    assert "the planner's choice for the demo model (gtr+disa+lazymar @ 64 steps, cfg 3)" in message
+    assert "not on mar_huge" in message and "--plan_from_other_model" in message
+    assert "--accel gtr+disa+lazymar" in message
+    origin = plan_origin("fast")
+    assert origin["model"] == "demo" and origin["num_iter"] == 64 and len(origin["mar_sha256"]) == 64
+    assert check_planned_model("fast", "demo") == origin
+    assert check_planned_model("fast", "mar_huge", other_model=True) == origin
+    assert check_planned_model("lazymar", "mar_huge") is None and check_planned_model(None, "mar_huge") is None
+
+
+def test_the_opt_in_is_recorded_in_the_run_identity():
+    from evaluation.run import accel_name, run_identity
+    from util.loading import load_generator
+    import eval as eval_script
+    args = eval_script.build_parser().parse_args(["--model", "tiny-random", "--accel", "fast",
+                                                  "--plan_from_other_model", "--output_dir", "unused"])
+    assert accel_name(args) == "fast"
+    gen = load_generator("tiny-random")
+    identity = run_identity(args, "fast", gen, torch.device("cpu"), 10)
+    assert identity["plan_from_other_model"]["model"] == "demo"
+    args.plan_from_other_model = False
+    with pytest.raises(ValueError, match="not on tiny-random"):
+        accel_name(args)
