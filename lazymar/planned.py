@@ -100,11 +100,12 @@ def plan_origin(name: str, path: Path | None = None) -> dict[str, Any] | None:
     """What planned preset ``name`` was chosen on: ``model``, ``mar_sha256``, ``num_iter``, ``cfg`` and the
     configuration's ``label``; None when ``name`` has no entry in the file (a paper preset, or unmeasured)."""
     path = PLANNED_FILE if path is None else Path(path)
-    entries = read_planned(path)
-    if name not in entries:
+    if not path.is_file():
         return None
-    about = json.loads(path.read_text()).get("about", {})
-    e = entries[name]
+    stored = json.loads(path.read_text())
+    if name not in stored["presets"]:
+        return None
+    about, e = stored.get("about", {}), stored["presets"][name]
     return {"model": about.get("model"), "mar_sha256": about.get("mar_sha256"), "num_iter": e.get("num_iter"),
             "cfg": e.get("cfg"), "label": e.get("label")}
 

@@ -52,8 +52,9 @@ class AccelSteps:
         self.num_steps = self.schedule.num_steps
         head = decide("head_model", self.techniques, lambda t: t.head_model())
         self.head_runner, self.head_factory = (self.plain, None) if head is None else head
-        self._guided_before = guided  # whether the step before the one being planned was guided
-        self.plans = [self._plan_step(step) for step in range(self.num_steps)]
+        self.plans: list[StepPlan] = []  # planned in order: a step's plan reads the one before it
+        for step in range(self.num_steps):
+            self.plans.append(self._plan_step(step))
         self.prev_pred: torch.Tensor | None = None  # (B, L) tokens predicted at the previous step
         self.bsz = 0
 
@@ -97,9 +98,8 @@ class AccelSteps:
         cache where unconditional rows come back (a guided step after unguided ones: their cached
         values are missing or stale)."""
         p.halves = 2 if p.guided else 1
-        p.new_rows = p.guided and p.step > 0 and not self._guided_before
+        p.new_rows = p.guided and p.step > 0 and not self.plans[p.step - 1].guided
         p.refresh = p.refresh or p.new_rows
-        self._guided_before = p.guided
 
     # ---------------------------------------------------------------------------------- schedule
     def mask_lens(self) -> list[int]:
